@@ -1,0 +1,66 @@
+"""Exit distribution of the learned gate and the released selection modes (SPEC section 2).
+
+Every function takes gate logits with the recurrent-step axis first, `[T, ...]`, and computes in
+float32. p(t) = lambda_t * prod_{j<t} (1 - lambda_j) for t < T, and the last step takes the rest.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def exit_log_pdf(gate_logits: jax.Array) -> jax.Array:
+    """log p(t) for t = 1..T, `[T, ...]`; the last step's gate is never used."""
+    z = gate_logits.astype(jnp.float32)
+    log_continue = jax.nn.log_sigmoid(-z[:-1])                       # log(1 - lambda_t), t < T
+    log_survival = jnp.cumsum(log_continue, axis=0)                  # log S_t, t = 1..T-1
+    log_survival_before = jnp.concatenate([jnp.zeros_like(z[:1]), log_survival], axis=0)  # log S_{t-1}
+    log_exit_here = jnp.concatenate([jax.nn.log_sigmoid(z[:-1]), jnp.zeros_like(z[:1])], axis=0)
+    return log_exit_here + log_survival_before
+
+
+def exit_pdf(gate_logits: jax.Array) -> jax.Array:
+    """p(t), `[T, ...]`, summing to 1 over the step axis."""
+    return jnp.exp(exit_log_pdf(gate_logits))
+
+
+def exit_cdf(gate_logits: jax.Array) -> jax.Array:
+    """CDF(n) = 1 - S_n for n < T and exactly 1 at the last step, `[T, ...]`."""
+    z = gate_logits.astype(jnp.float32)
+    survival = jnp.exp(jnp.cumsum(jax.nn.log_sigmoid(-z[:-1]), axis=0))
+    return jnp.concatenate([1.0 - survival, jnp.ones_like(z[:1])], axis=0)
+
+
+def exit_entropy(gate_logits: jax.Array) -> jax.Array:
+    """H(p) = -sum_t p(t) log p(t), `[...]`."""
+    log_p = exit_log_pdf(gate_logits)
+    return -jnp.sum(jnp.exp(log_p) * log_p, axis=0)
+
+
+def q_exit_step(gate_logits: jax.Array, threshold: float) -> jax.Array:
+    """0-based step of the Q-exit rule: the first t with CDF(t) >= q (the last step if none)."""
+    reached = exit_cdf(gate_logits) >= threshold
+    return jnp.argmax(reached, axis=0).astype(jnp.int32)  # the last CDF is 1, so some step is reached
+
+
+def select_logits(step_logits: jax.Array, gate_logits: jax.Array, *, exit_at_step: int | None = None,
+                  exit_threshold: float | None = None, use_weighted_exit: bool = False) -> jax.Array:
+    """Logits `[..., V]` from per-step logits `[T, ..., V]` by the released priority.
+
+    exit_at_step (0-based) > exit_threshold (per-token Q-exit) > use_weighted_exit > last step.
+    The released models pass their config's `early_exit_threshold` (1.0) as `exit_threshold`
+    unless told otherwise, so there `use_weighted_exit` only acts with `exit_threshold=None`.
+    """
+    num_steps = step_logits.shape[0]
+    if exit_at_step is not None:
+        if not 0 <= exit_at_step < num_steps:
+            raise ValueError(f"exit_at_step must lie in [0, {num_steps}), got {exit_at_step}")
+        return step_logits[exit_at_step]
+    if exit_threshold is not None:
+        step = q_exit_step(gate_logits, exit_threshold)
+        return jnp.take_along_axis(step_logits, step[None, ..., None], axis=0)[0]
+    if use_weighted_exit:
+        weights = exit_pdf(gate_logits)[..., None]
+        return jnp.sum(weights * step_logits.astype(jnp.float32), axis=0)
+    return step_logits[-1]

@@ -1,0 +1,310 @@
+"""The Ouro looped language model in Flax Linen (SPEC section 1).
+
+    h = embed[ids]
+    for t in 1..T:              # the same N layers, the same weights, every step
+        h = final_norm(layers(h))   # the normed state is both the step output and the next input
+        gate_logit[t] = exit_gate(h); logits[t] = lm_head(h)
+
+The N layers are an `nn.scan` with stacked parameters (logical axis 'layers'); the T recurrent steps
+are an `nn.scan` with broadcast parameters, so one copy of the weights serves every step and the
+per-step head work (hidden states, gate, training loss) happens inside the loop body.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from ouro_jax.config import OuroConfig
+from ouro_jax.losses import chunked_cross_entropy
+
+Array = jax.Array
+KV = tuple[Array, Array]  # (keys, values), each [..., B, L, num_kv_heads, head_dim]
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer: recompute it in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_proj": jax.checkpoint_policies.save_only_these_names(
+        "query", "key", "value", "attention_out", "mlp_hidden"),
+}
+
+
+class OuroOutput(NamedTuple):
+    """What a forward pass returns; every per-step field has the recurrent-step axis first."""
+
+    gate_logits: Array                 # [T, B, S] float32, before the sigmoid
+    hidden_states: Array | None        # [T, B, S, d] normed state after each step
+    step_ce: Array | None              # [T, B, S] float32 cross-entropy per step, when targets given
+    kv: KV | None                      # [T, N, B, S, KVH, hd] keys/values, when return_kv
+
+
+def _weight_init(cfg: OuroConfig, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+def default_positions(attention_mask: Array | None, segment_ids: Array | None, shape) -> Array:
+    """Position ids: cumsum(mask) - 1 under left padding, per-document offsets under packing."""
+    idx = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+    if attention_mask is not None:
+        return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    if segment_ids is not None:
+        starts = jnp.concatenate(
+            [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx
+
+
+def causal_mask(attention_mask: Array | None, segment_ids: Array | None, shape) -> Array:
+    """Boolean [B, 1, S, S]: causal, no padded keys (mask 0 or segment 0), no cross-document keys."""
+    batch, length = shape
+    idx = jnp.arange(length)
+    mask = jnp.broadcast_to(idx[:, None] >= idx[None, :], (batch, length, length))
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids != 0)[:, None, :]
+    return mask[:, None]
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, rotate-half convention; x [B, S, H, hd], positions [B, S]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, S, hd/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Softmax attention in float32 with grouped KV heads; q [B,Sq,H,hd], k/v [B,Sk,KVH,hd]."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+class RMSNorm(nn.Module):
+    """g * x / sqrt(mean(x^2) + eps), normalized in float32 and cast back before the gain."""
+
+    cfg: OuroConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.cfg.weight_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA and RoPE; optionally writes into and reads a KV cache."""
+
+    cfg: OuroConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv_cache: KV | None = None, cache_index=None):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        d, heads, kv_heads, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        wq = self.param("q_proj", _weight_init(cfg, ("embed", "q_heads", "head_dim")), (d, heads, hd), cfg.weight_dtype)
+        wk = self.param("k_proj", _weight_init(cfg, ("embed", "kv_heads", "head_dim")), (d, kv_heads, hd), cfg.weight_dtype)
+        wv = self.param("v_proj", _weight_init(cfg, ("embed", "kv_heads", "head_dim")), (d, kv_heads, hd), cfg.weight_dtype)
+        wo = self.param("o_proj", _weight_init(cfg, ("q_heads", "head_dim", "embed")), (heads, hd, d), cfg.weight_dtype)
+        x = x.astype(dt)
+        q = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wq.astype(dt)), "query")
+        k = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt)), "key")
+        v = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt)), "value")
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        if kv_cache is not None:  # insert this chunk's K/V at cache_index and attend over the cache
+            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_index, axis=1)
+        out = checkpoint_name(attend(q, k.astype(dt), v.astype(dt), mask), "attention_out")
+        return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt)), (k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: OuroConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        shape_in, shape_out = (cfg.hidden_size, cfg.intermediate_size), (cfg.intermediate_size, cfg.hidden_size)
+        w_gate = self.param("gate_proj", _weight_init(cfg, ("embed", "mlp")), shape_in, cfg.weight_dtype)
+        w_up = self.param("up_proj", _weight_init(cfg, ("embed", "mlp")), shape_in, cfg.weight_dtype)
+        w_down = self.param("down_proj", _weight_init(cfg, ("mlp", "embed")), shape_out, cfg.weight_dtype)
+        x = x.astype(dt)
+        hidden = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
+        hidden = checkpoint_name(nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp")), "mlp_hidden")
+        return hidden @ w_down.astype(dt)
+
+
+class DecoderLayer(nn.Module):
+    """Sandwich-norm block: h += N2(attn(N1(h))); h += N4(mlp(N3(h)))."""
+
+    cfg: OuroConfig
+    return_kv: bool = False
+
+    @nn.compact
+    def __call__(self, h, positions, mask, kv_cache=None, cache_index=None):
+        cfg = self.cfg
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
+        attn_out, kv = Attention(cfg, name="self_attn")(
+            RMSNorm(cfg, name="input_layernorm")(h), positions, mask, kv_cache, cache_index)
+        h = h + RMSNorm(cfg, name="input_layernorm_2")(attn_out)
+        mlp_out = MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(h))
+        h = h + RMSNorm(cfg, name="post_attention_layernorm_2")(mlp_out)
+        return h, (kv if self.return_kv or kv_cache is not None else None)
+
+
+class LayerStack(nn.Module):
+    """The N shared layers: `nn.scan` with stacked params, or a Python loop over `layers_{i}`."""
+
+    cfg: OuroConfig
+
+    @nn.compact
+    def __call__(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
+        cfg = self.cfg
+        layer = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                            length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            return stack(cfg, return_kv, name="layers")(h, positions, mask, kv_cache, cache_index)
+        kvs = []
+        for i in range(cfg.num_hidden_layers):
+            cache_i = None if kv_cache is None else jax.tree.map(lambda c: c[i], kv_cache)
+            h, kv = layer(cfg, return_kv, name=f"layers_{i}")(h, positions, mask, cache_i, cache_index)
+            kvs.append(kv)
+        return h, (None if kvs[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *kvs))
+
+
+class ExitGate(nn.Module):
+    """gate_logit = w . h + b, in float32: the only bias of the model."""
+
+    cfg: OuroConfig
+
+    @nn.compact
+    def __call__(self, h):
+        w = self.param("kernel", _weight_init(self.cfg, ("embed", None)), (self.cfg.hidden_size, 1), self.cfg.weight_dtype)
+        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (1,), self.cfg.weight_dtype)
+        return (h.astype(jnp.float32) @ w.astype(jnp.float32) + b.astype(jnp.float32))[..., 0]
+
+
+class Ouro(nn.Module):
+    """The looped LM. `__call__` runs the whole loop; `embed`, `step` and `logits` are its parts."""
+
+    cfg: OuroConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = self.param("embed_tokens", _weight_init(cfg, ("vocab", "embed")),
+                                       (cfg.vocab_size, cfg.hidden_size), cfg.weight_dtype)
+        self.decoder = LayerStack(cfg)
+        self.final_norm = RMSNorm(cfg)
+        self.exit_gate = ExitGate(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", _weight_init(cfg, ("embed", "vocab")),
+                                      (cfg.hidden_size, cfg.vocab_size), cfg.weight_dtype)
+
+    def embed(self, input_ids: Array) -> Array:
+        """Token embeddings [B, S, d] in the compute dtype (no scaling)."""
+        return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.cfg.compute_dtype)
+
+    def head_kernel(self) -> Array:
+        """The output projection [d, V] (the transposed embedding when tied)."""
+        return self.embed_tokens.T if self.cfg.tie_word_embeddings else self.lm_head
+
+    def logits(self, hidden: Array) -> Array:
+        """float32 logits [..., V] of normed hidden states [..., d]."""
+        dt = self.cfg.compute_dtype
+        return jnp.einsum("...d,dv->...v", hidden.astype(dt), self.head_kernel().astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def step(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
+        """One recurrent step: the layer stack, the final norm, the exit gate -> (h, gate_logit, kv)."""
+        h, kv = self.decoder(h, positions, mask, kv_cache, cache_index, return_kv)
+        h = self.final_norm(h)
+        return h, self.exit_gate(h), kv
+
+    def __call__(self, input_ids: Array, *, positions: Array | None = None, attention_mask: Array | None = None,
+                 segment_ids: Array | None = None, num_steps: int | None = None, targets: Array | None = None,
+                 return_hidden: bool = True, return_kv: bool = False, ce_chunk_size: int = 1024) -> OuroOutput:
+        """Runs `num_steps` recurrent steps (default total_ut_steps; any number >= 1).
+
+        attention_mask [B, S] (1 = token, 0 = left padding) and segment_ids [B, S] (packed documents,
+        0 = padding) shape the causal mask; positions default to the matching per-row offsets.
+        With `targets` [B, S] the per-step cross-entropy is computed inside the loop, chunked over
+        the sequence, so no [T, B, S, V] array exists.
+        """
+        num_steps = self.cfg.total_ut_steps if num_steps is None else int(num_steps)
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if positions is None:
+            positions = default_positions(attention_mask, segment_ids, input_ids.shape)
+        mask = causal_mask(attention_mask, segment_ids, input_ids.shape)
+        h = self.embed(input_ids)
+
+        def body(model: Ouro, h, _, positions, mask, targets):
+            h, gate_logits, kv = model.step(h, positions, mask, return_kv=return_kv)
+            step_ce = None
+            if targets is not None:
+                step_ce = chunked_cross_entropy(h, model.head_kernel().astype(model.cfg.compute_dtype),
+                                                targets, ce_chunk_size)
+            return h, (gate_logits, h if return_hidden else None, step_ce, kv)
+
+        if self.cfg.scan_steps:
+            loop = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
+                           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=num_steps)
+            _, outputs = loop(self, h, None, positions, mask, targets)
+        else:
+            per_step = []
+            for _ in range(num_steps):
+                h, out = body(self, h, None, positions, mask, targets)
+                per_step.append(out)
+            outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+        return OuroOutput(*outputs)
+
+
+def init_params(cfg: OuroConfig, rng: Array, seq_len: int = 8) -> dict[str, Any]:
+    """Randomly initialized parameters (unboxed from their partitioning metadata)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return nn.unbox(Ouro(cfg).init(rng, ids, num_steps=1)["params"])
+
+
+def abstract_params(cfg: OuroConfig) -> dict[str, Any]:
+    """Shapes and dtypes of the parameters, with their logical partitioning; nothing is materialized."""
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return jax.eval_shape(lambda rng, x: Ouro(cfg).init(rng, x, num_steps=1), jax.random.key(0), ids)["params"]
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Stacked-layer params (scan_layers=True) -> `layers_{i}` params (scan_layers=False)."""
+    stacked = params["decoder"]["layers"]
+    decoder = {f"layers_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)}
+    return {**params, "decoder": decoder}
+
+
+def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """`layers_{i}` params -> stacked-layer params; the inverse of `unstack_layers`."""
+    layers = [params["decoder"][f"layers_{i}"] for i in range(num_layers)]
+    return {**params, "decoder": {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}}

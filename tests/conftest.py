@@ -1,0 +1,32 @@
+"""Test setup: CPU with 8 fake devices (set before jax is imported), and the golden reference."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "golden" / "ouro_tiny"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+    if not GOLDEN_DIR.is_dir():
+        raise FileNotFoundError(f"golden reference not found at {GOLDEN_DIR} (expected ../shared beside the repo)")
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def golden(golden_dir):
+    return dict(np.load(golden_dir / "expected.npz"))
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden_dir):
+    from ouro_jax.hf import load_hf
+
+    return load_hf(golden_dir)
