@@ -1,0 +1,43 @@
+"""Export a checkpoint to a Hugging Face directory: `python -m ouro_jax.export CHECKPOINT OUT_DIR`.
+
+CHECKPOINT is an ouro_jax params checkpoint (`ouro_jax.checkpoint.save_params`) or an HF Ouro
+directory (re-exported with our remote code and the correct special ids). The result loads with
+`AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ouro_jax.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ouro_jax.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="ouro_jax params checkpoint or HF Ouro directory")
+    parser.add_argument("out_dir", help="HF directory to create")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default=None,
+                        help="stored weight dtype (default: the checkpoint's)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help="split the weights into shards with an index above this size (bytes, or e.g. 5GB)")
+    parser.add_argument("--tokenizer", default=None, help="directory (or file) of tokenizer files to copy")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
+                                overwrite=args.overwrite)
+    except (OSError, ValueError) as e:  # existing target, missing/corrupt checkpoint, bad size or config
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
