@@ -1,0 +1,284 @@
+"""Tokenize plain text, JSONL and Parquet files into ArrayRecord shards (see `shards.py`).
+
+    python -m ouro_jax.data.prepare corpus/ extra.jsonl.gz --output /data/tok --tokenizer /models/Ouro-1.4B
+
+Inputs are files or directories (searched recursively, sorted). Formats by extension: `.txt`,
+`.md` (plain text), `.jsonl`, `.ndjson` (one JSON object per line), `.parquet`; `.gz` for text
+and JSONL. Plain text splits into documents at blank lines (`--text-split paragraph`, default),
+at every line, or not at all (`file`); JSONL and Parquet take the string field `--text-field`.
+Each document gets `<|endoftext|>` appended (unless `--no-eos`), empty documents are skipped and
+counted. The manifest records counts per input and shard, the tokenizer and SHA-256 hashes.
+Output is deterministic: the same inputs and options give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import pathlib
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ouro_jax.data import shards as shards_lib
+from ouro_jax.data.tokenizer import load_tokenizer
+
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
+           ".parquet": "parquet"}
+TEXT_SPLITS = ("paragraph", "line", "file")
+
+
+class PrepareError(ValueError):
+    """Unreadable or malformed input, or an unusable output directory."""
+
+
+def input_format(path: pathlib.Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+        if suffixes and FORMATS.get(suffixes[-1]) == "parquet":
+            raise PrepareError(f"{path}: gzipped Parquet is not supported (Parquet compresses internally)")
+    fmt = FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise PrepareError(f"{path}: unknown input type; expected one of {sorted(FORMATS)} (optionally .gz)")
+    return fmt
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:
+    """Files as given; directories expanded to their files of known types, recursively and sorted."""
+    files = []
+    for item in inputs:
+        p = pathlib.Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _known(f))
+            if not found:
+                raise PrepareError(f"{p}: directory holds no files of a known type {sorted(FORMATS)}")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise PrepareError(f"{p}: no such file or directory")
+    return files
+
+
+def _known(path: pathlib.Path) -> bool:
+    try:
+        input_format(path)
+        return True
+    except PrepareError:
+        return False
+
+
+class _Input:
+    """One input file: yields documents, hashes its bytes, reports bytes read for the progress bar."""
+
+    def __init__(self, path: pathlib.Path, text_field: str, text_split: str):
+        self.path, self.text_field, self.text_split = path, text_field, text_split
+        self.format = input_format(path)
+        self.size = path.stat().st_size
+        self.bytes_done = 0
+        self.documents = self.tokens = self.skipped_empty = 0
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        with open(self.path, "rb") as raw_file:
+            f = gzip.GzipFile(fileobj=raw_file) if self.path.suffix.lower() == ".gz" else raw_file
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise PrepareError(f"{self.path}:{lineno}: invalid UTF-8 at byte {e.start} of the line "
+                                       f"({e.reason})") from None
+                self.bytes_done = raw_file.tell()
+                yield lineno, line
+
+    def documents_iter(self) -> Iterator[str]:
+        try:
+            yield from {"text": self._text, "jsonl": self._jsonl, "parquet": self._parquet}[self.format]()
+        except (OSError, EOFError) as e:
+            if isinstance(e, PermissionError):
+                raise PrepareError(f"{self.path}: permission denied") from None
+            raise PrepareError(f"{self.path}: cannot read ({e})") from None
+
+    def _text(self) -> Iterator[str]:
+        if self.text_split == "line":
+            for _, line in self._lines():
+                yield line.rstrip("\r\n")
+            return
+        paragraph: list[str] = []
+        for _, line in self._lines():
+            if self.text_split == "paragraph" and not line.strip():
+                yield "".join(paragraph).strip("\r\n")
+                paragraph = []
+            else:
+                paragraph.append(line)
+        yield "".join(paragraph).strip("\r\n") if self.text_split == "paragraph" else "".join(paragraph)
+
+    def _jsonl(self) -> Iterator[str]:
+        for lineno, line in self._lines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{self.path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict) or self.text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise PrepareError(f"{self.path}:{lineno}: no field {self.text_field!r} (found {keys}); "
+                                   "choose the field with --text-field")
+            text = record[self.text_field]
+            if text is None:
+                yield ""
+            elif not isinstance(text, str):
+                raise PrepareError(f"{self.path}:{lineno}: field {self.text_field!r} is "
+                                   f"{type(text).__name__}, not a string")
+            else:
+                yield text
+
+    def _parquet(self) -> Iterator[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+        except (pa.ArrowException, OSError) as e:
+            raise PrepareError(f"{self.path}: not a readable Parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        if self.text_field not in names:
+            raise PrepareError(f"{self.path}: no column {self.text_field!r} (columns: {names}); "
+                               "choose the column with --text-field")
+        kind = pf.schema_arrow.field(self.text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise PrepareError(f"{self.path}: column {self.text_field!r} has type {kind}, not string")
+        rows, done = max(pf.metadata.num_rows, 1), 0
+        try:
+            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+                for text in batch.column(0).to_pylist():
+                    yield text or ""
+                done += batch.num_rows
+                self.bytes_done = self.size * done // rows
+        except pa.ArrowException as e:
+            raise PrepareError(f"{self.path}: corrupt Parquet data ({e})") from None
+
+    def record(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "bytes": self.size,
+                "sha256": shards_lib.file_sha256(self.path), "documents": self.documents, "tokens": self.tokens,
+                "skipped_empty": self.skipped_empty}
+
+
+def _prepare_output(output: pathlib.Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise PrepareError(f"output {output} exists and is not a directory")
+    output.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in output.iterdir() if p.name == shards_lib.MANIFEST or p.suffix == ".array_record"]
+    if ours and not overwrite:
+        raise PrepareError(f"output {output} already holds prepared shards; pass --overwrite to replace them")
+    for p in ours:
+        p.unlink()
+
+
+def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str = "byte",
+            text_field: str = "text", text_split: str = "paragraph", append_eos: bool = True,
+            max_shard_tokens: int = 1 << 27, batch_docs: int = 1024, progress: bool = True,
+            overwrite: bool = False) -> dict:
+    """Tokenizes `inputs` into shards under `output`; returns the manifest (also written as JSON)."""
+    from tqdm import tqdm
+
+    if text_split not in TEXT_SPLITS:
+        raise PrepareError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
+    if max_shard_tokens < 1 or batch_docs < 1:
+        raise PrepareError("max_shard_tokens and batch_docs must be >= 1")
+    files = expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer)
+    if append_eos and tok.eos_id is None:
+        raise PrepareError("the tokenizer has no <|endoftext|> token; pass --no-eos to store documents without one")
+    sources = [_Input(f, text_field, text_split) for f in files]
+    output = pathlib.Path(output)
+    _prepare_output(output, overwrite)
+    dtype = shards_lib.token_dtype(tok.vocab_size)
+    writer = shards_lib.ShardWriter(output, dtype, max_shard_tokens)
+    bar = tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True, disable=not progress,
+               desc="tokenizing", file=sys.stderr)
+    try:
+        for src in sources:
+            bar.set_description(src.path.name)
+            base = bar.n
+            batch: list[str] = []
+            for text in src.documents_iter():
+                if not text:
+                    src.skipped_empty += 1
+                    continue
+                batch.append(text)
+                if len(batch) >= batch_docs:
+                    _write_batch(tok, batch, src, writer, append_eos)
+                    batch = []
+                    bar.update(base + src.bytes_done - bar.n)
+                    bar.set_postfix(docs=sum(s.documents for s in sources), tokens=_total_tokens(writer))
+            _write_batch(tok, batch, src, writer, append_eos)
+            bar.update(base + src.size - bar.n)
+        shard_records = writer.close()
+    except BaseException:
+        writer.close()
+        for p in output.glob("*.array_record"):
+            p.unlink()
+        raise
+    finally:
+        bar.close()
+    manifest = {
+        "format": shards_lib.FORMAT, "version": shards_lib.VERSION,
+        "tokenizer": tok.fingerprint(), "token_dtype": dtype.str,
+        "append_eos": append_eos, "eos_id": tok.eos_id if append_eos else None,
+        "text_split": text_split, "text_field": text_field,
+        "documents": sum(s.documents for s in sources), "tokens": sum(s.tokens for s in sources),
+        "skipped_empty": sum(s.skipped_empty for s in sources),
+        "inputs": [s.record() for s in sources], "shards": shard_records,
+    }
+    (output / shards_lib.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _total_tokens(writer: shards_lib.ShardWriter) -> int:
+    return sum(s["tokens"] for s in writer.shards)
+
+
+def _write_batch(tok, texts: list[str], src: _Input, writer: shards_lib.ShardWriter, append_eos: bool) -> None:
+    for ids in tok.encode_batch(texts):
+        if append_eos:
+            ids = np.append(ids, np.int32(tok.eos_id))
+        writer.write(ids)
+        src.documents += 1
+        src.tokens += len(ids)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ouro_jax.data.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="input files or directories")
+    parser.add_argument("--output", required=True, help="output directory for shards and manifest.json")
+    parser.add_argument("--tokenizer", default="byte",
+                        help="'byte', or a tokenizer.json / model directory holding one (default: byte)")
+    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    parser.add_argument("--text-split", default="paragraph", choices=TEXT_SPLITS,
+                        help="documents of a plain-text file: blank-line separated, lines, or the whole file")
+    parser.add_argument("--no-eos", action="store_true", help="do not append <|endoftext|> to documents")
+    parser.add_argument("--max-shard-tokens", type=int, default=1 << 27, help="start a new shard past this")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        manifest = prepare(args.inputs, args.output, tokenizer=args.tokenizer, text_field=args.text_field,
+                           text_split=args.text_split, append_eos=not args.no_eos,
+                           max_shard_tokens=args.max_shard_tokens, progress=not args.no_progress,
+                           overwrite=args.overwrite)
+    except (PrepareError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {manifest['documents']} documents, {manifest['tokens']} tokens in "
+          f"{len(manifest['shards'])} shard(s) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Tokenized document shards on disk: ArrayRecord files of one document per record + `manifest.json`.
+
+A record is a document's token ids as little-endian `uint16` (vocabularies up to 65536) or
+`uint32`, ending with `<|endoftext|>` unless the manifest says otherwise. `TokenShards(dir)` is the
+pipeline source over a directory written by `python -m ouro_jax.data.prepare`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "ouro_jax.token_shards"
+VERSION = 1
+SHARD_PATTERN = "shard-{:05d}.array_record"
+# One record per chunk: random access (global shuffling) reads exactly one document.
+ARRAY_RECORD_OPTIONS = "group_size:1"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Appends documents to numbered shards, starting a new one past `max_shard_tokens`."""
+
+    def __init__(self, directory: str | os.PathLike, dtype: np.dtype, max_shard_tokens: int):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self._writer_cls = ArrayRecordWriter
+        self.directory = pathlib.Path(directory)
+        self.dtype, self.max_shard_tokens = np.dtype(dtype), max_shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._writer = None
+
+    def write(self, ids: np.ndarray) -> None:
+        if self._writer is None or self.shards[-1]["tokens"] >= self.max_shard_tokens:
+            self._close_current()
+            name = SHARD_PATTERN.format(len(self.shards))
+            self._writer = self._writer_cls(str(self.directory / name), ARRAY_RECORD_OPTIONS)
+            self.shards.append({"path": name, "documents": 0, "tokens": 0})
+        self._writer.write(np.asarray(ids).astype(self.dtype).tobytes())
+        self.shards[-1]["documents"] += 1
+        self.shards[-1]["tokens"] += len(ids)
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            shard = self.shards[-1]
+            shard["sha256"] = file_sha256(self.directory / shard["path"])
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close_current()
+        return self.shards
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeRecord:
+    """bytes -> document dict (picklable for grain workers)."""
+
+    dtype: str
+
+    def __call__(self, record: bytes) -> dict[str, np.ndarray]:
+        ids = np.frombuffer(record, self.dtype).astype(np.int32)
+        return {"input_ids": ids, "target_weight": np.ones(len(ids), np.int32)}
+
+
+class TokenShards:
+    """Pipeline source over a prepared directory; every next token of a document is a target."""
+
+    keep_whole = False  # long documents may be split across rows
+    is_finite = True
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = pathlib.Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.directory} has no {MANIFEST}: not a directory written by "
+                                    "`python -m ouro_jax.data.prepare`")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+            raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, got "
+                             f"{self.manifest.get('format')!r} version {self.manifest.get('version')!r}")
+        self.paths = [str(self.directory / s["path"]) for s in self.manifest["shards"]]
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"shards listed in {path} are missing: {missing}")
+        if not self.paths:
+            raise ValueError(f"{path} lists no shards (no documents were prepared)")
+        self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
+        self.num_documents = self.manifest["documents"]
+        self.num_tokens = self.manifest["tokens"]
+
+    def __repr__(self) -> str:
+        return f"TokenShards({str(self.directory)!r}, documents={self.num_documents}, tokens={self.num_tokens})"
+
+    def verify(self) -> None:
+        """Recomputes every shard's SHA-256 against the manifest; raises ValueError on a mismatch."""
+        for shard, path in zip(self.manifest["shards"], self.paths):
+            if file_sha256(path) != shard["sha256"]:
+                raise ValueError(f"{path} does not match the SHA-256 in its manifest (corrupted or replaced)")
+
+    def documents(self, seed: int):
+        """grain MapDataset of `{"input_ids", "target_weight"}`, in file order (the pipeline shuffles)."""
+        del seed
+        import grain
+
+        source = grain.sources.ArrayRecordDataSource(self.paths)
+        return grain.MapDataset.source(source).map(_DecodeRecord(self.manifest["token_dtype"]))
