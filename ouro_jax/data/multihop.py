@@ -37,8 +37,8 @@ class MultiHopQA(SyntheticTask):
     def __init__(self, hops: int = 3, num_layers: int = 5, entities_per_layer: int = 100,
                  num_relations: int = 20, num_train_questions: int = 20000, test_fraction: float = 0.1,
                  seed: int = 0):
-        if not 1 <= hops < num_layers:
-            raise ValueError(f"hops must be in [1, num_layers - 1] = [1, {num_layers - 1}], got {hops}")
+        if not 2 <= hops < num_layers:  # 1-hop questions are the atomic facts, which are all trained on
+            raise ValueError(f"hops must be in [2, num_layers - 1] = [2, {num_layers - 1}], got {hops}")
         if entities_per_layer < 1 or num_relations < 1:
             raise ValueError("entities_per_layer and num_relations must be >= 1")
         if not 0.0 < test_fraction < 1.0:

@@ -6,9 +6,9 @@ Inputs are files or directories (searched recursively, sorted). Formats by exten
 `.md` (plain text), `.jsonl`, `.ndjson` (one JSON object per line), `.parquet`; `.gz` for text
 and JSONL. Plain text splits into documents at blank lines (`--text-split paragraph`, default),
 at every line, or not at all (`file`); JSONL and Parquet take the string field `--text-field`.
-Each document gets `<|endoftext|>` appended (unless `--no-eos`), empty documents are skipped and
-counted. The manifest records counts per input and shard, the tokenizer and SHA-256 hashes.
-Output is deterministic: the same inputs and options give byte-identical shards.
+Each document gets `<|endoftext|>` appended (unless `--no-eos`); empty or null JSONL/Parquet
+records are skipped and counted. The manifest records counts per input and shard, the tokenizer
+and SHA-256 hashes. The same inputs and options give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -103,18 +103,22 @@ class _Input:
             raise PrepareError(f"{self.path}: cannot read ({e})") from None
 
     def _text(self) -> Iterator[str]:
+        """Documents of a plain-text file; blank lines separate, they are never documents themselves."""
         if self.text_split == "line":
             for _, line in self._lines():
-                yield line.rstrip("\r\n")
+                if line.strip():
+                    yield line.rstrip("\r\n")
             return
         paragraph: list[str] = []
         for _, line in self._lines():
             if self.text_split == "paragraph" and not line.strip():
-                yield "".join(paragraph).strip("\r\n")
+                if paragraph:
+                    yield "".join(paragraph).rstrip("\r\n")
                 paragraph = []
             else:
                 paragraph.append(line)
-        yield "".join(paragraph).strip("\r\n") if self.text_split == "paragraph" else "".join(paragraph)
+        if paragraph:
+            yield "".join(paragraph).rstrip("\r\n") if self.text_split == "paragraph" else "".join(paragraph)
 
     def _jsonl(self) -> Iterator[str]:
         for lineno, line in self._lines():

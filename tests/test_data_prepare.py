@@ -1,0 +1,152 @@
+"""The preparation CLI: text / JSONL / Parquet -> ArrayRecord shards + manifest; errors; determinism."""
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ouro_jax.data import ByteTokenizer, HFTokenizer, TokenShards
+from ouro_jax.data.prepare import PrepareError, main, prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT_DOCS = ["First paragraph,\nwith two lines.", "Second: ünïcødé ✓", "Third one."]
+JSON_DOCS = ["json doc one", "", "json doc three 🤖", None]  # empty and null documents are skipped
+PARQUET_DOCS = [f"parquet row {i} " + "x" * i for i in range(50)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("\n\n".join(TEXT_DOCS) + "\n\n\n")
+    with gzip.open(d / "b.jsonl.gz", "wt") as f:
+        for i, t in enumerate(JSON_DOCS):
+            f.write(json.dumps({"id": i, "text": t}) + "\n")
+        f.write("\n")  # blank lines are ignored
+    pq.write_table(pa.table({"text": PARQUET_DOCS, "n": list(range(50))}), d / "c.parquet", row_group_size=7)
+    return d
+
+
+def read_back(out):
+    src = TokenShards(out)
+    src.verify()
+    return [d["input_ids"] for d in src.documents(0)], src
+
+
+def test_prepare_text_jsonl_parquet(corpus, tmp_path):
+    manifest = prepare([str(corpus)], tmp_path / "out", max_shard_tokens=500, progress=False)
+    expected = TEXT_DOCS + ["json doc one", "json doc three 🤖"] + PARQUET_DOCS
+    tok = ByteTokenizer()
+    docs, src = read_back(tmp_path / "out")
+    assert len(docs) == len(expected) == manifest["documents"]
+    for ids, text in zip(docs, expected):  # inputs in sorted order, documents in file order
+        assert ids[-1] == 0 and tok.decode(ids[:-1]) == text
+    assert manifest["tokens"] == sum(len(d) for d in docs) == src.num_tokens
+    assert manifest["skipped_empty"] == 2 and len(manifest["shards"]) > 1
+    assert [i["format"] for i in manifest["inputs"]] == ["text", "jsonl", "parquet"]
+    assert [i["documents"] for i in manifest["inputs"]] == [3, 2, 50]
+    for i in manifest["inputs"]:
+        assert i["sha256"] == hashlib.sha256(open(i["path"], "rb").read()).hexdigest()
+    assert manifest["tokenizer"] == {"kind": "byte", "vocab_size": 259} and manifest["token_dtype"] == "<u2"
+    assert manifest == json.loads((tmp_path / "out" / "manifest.json").read_text())
+
+
+def test_rerun_is_byte_identical(corpus, tmp_path):
+    a = prepare([str(corpus)], tmp_path / "a", max_shard_tokens=400, progress=False)
+    b = prepare([str(corpus)], tmp_path / "b", max_shard_tokens=400, progress=False)
+    assert a == b
+    for shard in a["shards"]:
+        assert (tmp_path / "a" / shard["path"]).read_bytes() == (tmp_path / "b" / shard["path"]).read_bytes()
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_text_split_modes(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("l1\nl2\n\nl3\n")
+    counts = {}
+    for mode in ("paragraph", "line", "file"):
+        counts[mode] = prepare([str(f)], tmp_path / mode, text_split=mode, progress=False)["documents"]
+    assert counts == {"paragraph": 2, "line": 3, "file": 1}
+    docs, _ = read_back(tmp_path / "file")
+    assert ByteTokenizer().decode(docs[0][:-1]) == "l1\nl2\n\nl3\n"
+
+
+def test_hf_tokenizer_and_no_eos(corpus, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(PARQUET_DOCS + TEXT_DOCS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    m = prepare([str(corpus / "c.parquet")], tmp_path / "out", tokenizer=str(tmp_path), append_eos=False, progress=False)
+    hf = HFTokenizer(tmp_path)
+    assert m["tokenizer"]["kind"] == "hf" and m["tokenizer"]["sha256"] == hf.sha256 and m["eos_id"] is None
+    docs, _ = read_back(tmp_path / "out")
+    assert [hf.decode(d) for d in docs] == PARQUET_DOCS
+
+
+def test_cli_progress_and_manifest(corpus, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "ouro_jax.data.prepare", str(corpus / "a.txt"), str(corpus / "c.parquet"),
+                        "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 53 documents" in r.stdout
+    assert "100%" in r.stderr and "B/s" in r.stderr  # the progress bar, on stderr
+    assert json.loads((out / "manifest.json").read_text())["documents"] == 53
+    r = subprocess.run([sys.executable, "-m", "ouro_jax.data.prepare", str(corpus / "a.txt"), "--output", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "already holds prepared shards" in r.stderr and "Traceback" not in r.stderr
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("bad.txt", b"fine line\nbad \xff byte\n", r"bad.txt:2: invalid UTF-8 at byte 4"),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n', r"bad.jsonl:2: invalid JSON"),
+    ("field.jsonl", b'{"body": "x"}\n', r"field.jsonl:1: no field 'text' \(found \['body'\]\)"),
+    ("type.jsonl", b'{"text": 5}\n', r"type.jsonl:1: field 'text' is int, not a string"),
+    ("fake.parquet", b"this is not parquet", r"fake.parquet: not a readable Parquet file"),
+    ("trunc.jsonl.gz", gzip.compress(b'{"text": "x"}\n' * 100)[:40], r"trunc.jsonl.gz: cannot read"),
+    ("data.csv", b"a,b\n", r"data.csv: unknown input type"),
+])
+def test_unreadable_inputs_give_clear_errors(tmp_path, name, data, message):
+    path = write(tmp_path / name, data)
+    with pytest.raises(PrepareError, match=message):
+        prepare([path], tmp_path / "out", progress=False)
+    assert not any((tmp_path / "out").glob("*"))  # nothing half-written
+
+
+def test_more_errors(tmp_path, capsys):
+    pq.write_table(pa.table({"content": ["a"]}), tmp_path / "c.parquet")
+    with pytest.raises(PrepareError, match=r"no column 'text' \(columns: \['content'\]\)"):
+        prepare([str(tmp_path / "c.parquet")], tmp_path / "out", progress=False)
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    with pytest.raises(PrepareError, match="has type int64, not string"):
+        prepare([str(tmp_path / "n.parquet")], tmp_path / "out", progress=False)
+    assert main([str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "missing.txt: no such file or directory" in capsys.readouterr().err
+    good = write(tmp_path / "g.txt", b"hello\n")
+    prepare([good], tmp_path / "ok", progress=False)
+    with pytest.raises(PrepareError, match="already holds prepared shards"):
+        prepare([good], tmp_path / "ok", progress=False)
+    prepare([good], tmp_path / "ok", progress=False, overwrite=True)
+    shard = tmp_path / "ok" / "shard-00000.array_record"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the SHA-256"):
+        TokenShards(tmp_path / "ok").verify()
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        TokenShards(tmp_path)
