@@ -1,0 +1,120 @@
+"""Ahead-of-time compilation of the real train step for TPU topologies, on a machine without a TPU.
+
+    python -m ouro_jax.aot --config configs/ouro_1p4b.py --topology v5p:2x2x1 --batch_per_chip 2
+    python -m ouro_jax.aot --config configs/ouro_1p4b.py --topology v6e:2x2 --find_max_batch
+
+libtpu (`pip install "jax[tpu]"`) describes the topology; XLA compiles the sharded train step for
+it and reports the memory each chip needs, whether it fits the chip's HBM, and the collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+
+from ouro_jax import sharding as shd
+from ouro_jax.trainer import build_train_program
+
+HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16 * 2**30, "v5p": 95 * 2**30, "v6e": 32 * 2**30}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    topology: str
+    chips: int
+    global_batch: int
+    seq_len: int
+    bytes_per_chip: int        # arguments + outputs - donated aliases + temporaries
+    hbm_bytes: int
+    collectives: dict[str, int]  # op -> count in the compiled program
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_per_chip <= self.hbm_bytes
+
+    def __str__(self) -> str:
+        gib = lambda b: f"{b / 2**30:.2f} GiB"
+        ops = ", ".join(f"{k} x{v}" for k, v in self.collectives.items() if v)
+        return (f"{self.topology}: {self.chips} chips, global batch {self.global_batch} x {self.seq_len} tokens, "
+                f"{gib(self.bytes_per_chip)} per chip of {gib(self.hbm_bytes)} HBM -> "
+                f"{'fits' if self.fits else 'DOES NOT FIT'}; collectives: {ops or 'none'}")
+
+
+def topology_devices(topology: str):
+    """Abstract devices of a TPU topology such as 'v5p:2x2x1', 'v6e:2x2' or 'v5p:4x4x4'."""
+    from jax.experimental import topologies
+
+    generation = topology.split(":")[0]
+    if generation not in HBM_BYTES:
+        raise ValueError(f"unknown TPU generation {generation!r} in {topology!r}; known: {sorted(HBM_BYTES)}")
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    return desc.devices
+
+
+def _count_collectives(hlo_text: str) -> dict[str, int]:
+    return {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo_text)) for op in COLLECTIVES}
+
+
+def compile_train_step(config, topology: str, batch_per_chip: int) -> CompileReport:
+    """Compiles the train step of `config` for `topology` with `batch_per_chip` sequences per chip."""
+    devices = topology_devices(topology)
+    config = config.copy_and_resolve_references()
+    config.data.batch_size = batch_per_chip * len(devices) * int(config.train.grad_accum)
+    mesh = shd.make_mesh(dict(config.mesh), devices)
+    program = build_train_program(config, mesh)
+    compiled = program.step.lower(program.abstract_state, program.abstract_batch).compile()
+    memory = compiled.memory_analysis()
+    per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                + memory.temp_size_in_bytes)
+    return CompileReport(topology=topology, chips=len(devices), global_batch=config.data.batch_size,
+                         seq_len=int(config.data.seq_len), bytes_per_chip=int(per_chip),
+                         hbm_bytes=HBM_BYTES[topology.split(":")[0]],
+                         collectives=_count_collectives(compiled.as_text()))
+
+
+def max_batch_per_chip(config, topology: str, limit: int = 256) -> tuple[int, list[CompileReport]]:
+    """The largest per-chip batch whose train step fits in HBM (doubling, then bisection)."""
+    reports = []
+
+    def fits(batch: int) -> bool:
+        reports.append(compile_train_step(config, topology, batch))
+        print(reports[-1], flush=True)
+        return reports[-1].fits
+
+    if not fits(1):
+        return 0, reports
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low, reports
+
+
+def main(argv) -> int:
+    del argv
+    config, topology = FLAGS.config, FLAGS.topology
+    if FLAGS.find_max_batch:
+        best, _ = max_batch_per_chip(config, topology)
+        print(f"largest batch per chip that fits on {topology}: {best} ({best * int(config.data.seq_len)} tokens per chip)")
+        return 0 if best else 1
+    report = compile_train_step(config, topology, FLAGS.batch_per_chip)
+    print(report)
+    return 0 if report.fits else 1
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=False)
+    flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:2x2x1, v6e:2x2, v5p:4x4x4")
+    flags.DEFINE_integer("batch_per_chip", 1, "sequences per chip (per microbatch with grad_accum)")
+    flags.DEFINE_bool("find_max_batch", False, "search the largest per-chip batch that fits")
+    flags.mark_flags_as_required(["config"])
+    app.run(lambda argv: sys.exit(main(argv)))
