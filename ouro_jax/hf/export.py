@@ -8,7 +8,9 @@
 one at a time (fetched from device memory just before they are written). The directory appears
 atomically: everything is written into a hidden temporary directory beside the target and renamed into
 place at the end, so a failed or interrupted export leaves no directory behind (and, with overwrite=True,
-the previous export stays until the new one is complete).
+the previous export stays until the new one is complete). Only a hard kill (SIGKILL, power loss) can
+leave a hidden `.NAME.tmp-*` directory beside the target, never a half-written target. Export runs on one
+host: every tensor must be fetchable from this process (params loaded without cross-host sharding).
 """
 
 from __future__ import annotations
@@ -182,7 +184,10 @@ def _publish(tmp: str, out_dir: str) -> None:
             os.rename(old, out_dir)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.islink(old):
+            os.unlink(old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any], *, dtype: str | None = None,

@@ -254,8 +254,8 @@ class OuroModel(OuroPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs) -> OuroModelOutput:
-        """attention_mask [B, past + S] (1 = token, 0 = padding); position_ids [B, S] default to
-        cumsum(mask) - 1 (left padding) or the cache offset."""
+        """attention_mask [B, past + S] (1 = token, 0 = padding), or prepared 4D masks; position_ids [B, S]
+        default to cumsum(mask) - 1 (left padding) or the cache offset."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Ouro: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -273,9 +273,13 @@ class OuroModel(OuroPreTrainedModel):
             else:
                 past = past_key_values.get_seq_length() if past_key_values is not None else 0
                 position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device)[None]
-        # One mask for every step: all slots hold the same tokens before this call.
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        # One mask for every step: all slots hold the same tokens before this call. `generate` passes
+        # ready-made masks by layer type when the cache is static.
+        if isinstance(attention_mask, dict):
+            mask = attention_mask["full_attention"]
+        else:
+            mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      past_key_values=past_key_values, position_ids=position_ids)
         theta = float((self.config.rope_parameters or {}).get("rope_theta", self.config.default_theta))
         position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, theta)
 
