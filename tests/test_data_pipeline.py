@@ -79,9 +79,9 @@ def test_concat_packing_loses_and_duplicates_nothing():
     breaks = np.flatnonzero(np.diff(flat) != 1) + 1
     assert all(int(flat[i]) in doc_starts for i in breaks)
     assert sum(b["segment_ids"].astype(bool).sum() for b in batches[:-1]) == 64 * 4 * (len(batches) - 1)  # no padding
-    # A document cut at a row end continues as segment 1 of the next row.
-    b = batches[0]
-    assert b["input_ids"][1, 0] == b["input_ids"][0, -1] + 1 or int(b["input_ids"][1, 0]) in doc_starts
+    # Documents crossing a row end continue in the next row (as segment 1, positions from 0: checked above).
+    row_heads = [int(b["input_ids"][r, 0]) for b in batches for r in range(4) if b["segment_ids"][r, 0] > 0]
+    assert sum(h not in doc_starts for h in row_heads) > len(row_heads) // 2
 
 
 def test_first_fit_packs_whole_task_examples_with_loss_on_answers_only():
@@ -203,13 +203,15 @@ def assert_same(xs, ys):
 @pytest.mark.parametrize("kind", ["concat", "first_fit_mixture"])
 def test_resume_gives_identical_batches(kind):
     if kind == "concat":
-        sources, kw = InMemoryDocuments(unique_docs(50)), dict(seq_len=64, batch_size=2)  # crosses epochs
+        sources, kw = InMemoryDocuments(unique_docs(50)), dict(seq_len=64, batch_size=4)  # crosses an epoch
     else:
         sources = [Mano(max_len=6), InMemoryDocuments(unique_docs(30, max_len=30))]
         kw = dict(seq_len=32, batch_size=4, weights=[2, 1], packing="first_fit")
     it = make_batch_iterator(sources, process_index=0, process_count=1, seed=11, **kw)
     take(it, 5)
     state = json.loads(json.dumps(it.get_state()))  # the state is JSON (what orbax writes)
+    if kind == "concat":
+        assert state["token"] > 0  # resumes in the middle of a document
     expected = take(it, 8)
     it.close()
     fresh = make_batch_iterator(sources, process_index=0, process_count=1, seed=11, **kw)
@@ -256,3 +258,16 @@ def test_pipeline_errors():
         make_batch_iterator("no/such/dir", seq_len=64, **common)
     with pytest.raises(ValueError, match="one weight per token"):
         InMemoryDocuments([np.arange(3)], [np.ones(2)])
+
+
+def test_chat_documents_carry_loss_on_assistant_tokens_only():
+    from ouro_jax.data import encode_chat
+
+    tok = ByteTokenizer()
+    chats = [[{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]
+             for i in range(20)]
+    ids, masks = zip(*[encode_chat(tok, chat) for chat in chats])
+    source = InMemoryDocuments(ids, masks, keep_whole=True)
+    batches = run(source, seq_len=128, batch_size=2, num_epochs=1, shuffle=False)
+    learned = "".join(tok.decode(b["targets"][b["loss_mask"] > 0]) for b in batches)
+    assert learned == "".join(f"answer {i}.<|im_end|>" for i in range(20))
