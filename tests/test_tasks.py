@@ -19,8 +19,8 @@ def training_examples(task, n, seed=0):
     return out
 
 
-def mano_value(task, text):
-    """Hand-written recursive reference for tiny expressions given as text, e.g. '* + 3 4 5'."""
+def mano_prompt(task, text):
+    """The prompt of an expression written as text, e.g. "* + 3 4 5"."""
     names = {task.token_name(t): t for t in range(task.vocab_size)}
     tokens = [names[w] for w in text.split()]
     return np.array([BOS, task.len_base + sum(w in "+-*" for w in text.split()) - 1, *tokens, ANS])
@@ -30,7 +30,7 @@ def test_mano_known_expressions():
     task = Mano(max_len=4)
     assert task.vocab_size == 3 + 23 + 3 + 4
     for text, value in [("* + 3 4 5", 12), ("- 3 5", 21), ("* 22 22", 1), ("+ - 0 1 * 2 3", 5)]:
-        assert task.solve(mano_value(task, text)).tolist() == [task.value_base + value]
+        assert task.solve(mano_prompt(task, text)).tolist() == [task.value_base + value]
 
 
 def test_mano_answers_verified_by_evaluator():
@@ -79,13 +79,13 @@ def test_mano_determinism_and_streams():
 def test_mano_evaluator_rejects_malformed():
     task = Mano(max_len=4)
     with pytest.raises(ValueError, match="malformed"):
-        task.solve(mano_value(task, "+ 3")[[0, 1, 2, 3, 4]])  # operator missing an operand
-    bad_len = mano_value(task, "+ 3 4")
+        task.solve(mano_prompt(task, "+ 3"))  # operator missing an operand
+    bad_len = mano_prompt(task, "+ 3 4")
     bad_len[1] += 1
     with pytest.raises(ValueError, match="wrong length token"):
         task.solve(bad_len)
     with pytest.raises(ValueError, match="expected predictions"):
-        task.evaluate([mano_value(task, "+ 3 4")], np.zeros((1, 2)))
+        task.evaluate([mano_prompt(task, "+ 3 4")], np.zeros((1, 2)))
 
 
 def test_multihop_answers_verified_by_evaluator():
