@@ -76,7 +76,8 @@ class OuroConfig(PreTrainedConfig):
         if rope_type != "default":
             raise ValueError(f"Ouro: only the default RoPE is supported, got rope_type={rope_type!r}")
         if self.early_exit_threshold is not None and not 0.0 <= self.early_exit_threshold <= 1.0:
-            raise ValueError(f"Ouro: early_exit_threshold must lie in [0, 1] or be None, got {self.early_exit_threshold}")
+            raise ValueError(f"Ouro: early_exit_threshold must lie in [0, 1] or be None, "
+                             f"got {self.early_exit_threshold}")
 
 
 __all__ = ["OuroConfig"]

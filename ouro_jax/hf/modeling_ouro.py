@@ -57,7 +57,7 @@ def exit_cdf(gate_logits: torch.Tensor) -> torch.Tensor:
 def q_exit_step(gate_logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """0-based Q-exit step per token: the first t with CDF(t) >= threshold (the last step if none)."""
     reached = exit_cdf(gate_logits) >= threshold
-    return reached.to(torch.uint8).argmax(0)  # argmax returns the first maximum; the last CDF is 1
+    return reached.float().argmax(0)  # argmax returns the first maximum; the last CDF is 1
 
 
 # ---- layers -------------------------------------------------------------------------------------------
@@ -79,7 +79,8 @@ class OuroRMSNorm(nn.Module):
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos/sin `[B, 1, S, head_dim]` of rotate-half RoPE for positions `[B, S]`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     angles = position_ids.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
@@ -140,8 +141,9 @@ class OuroAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, cache_slot)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attention(self, query, key, value, attention_mask,
-                                 dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+        dropout = self.attention_dropout if self.training else 0.0
+        out, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling,
+                                 **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
