@@ -1,0 +1,146 @@
+"""Text generation: `python -m ouro_jax.generate --model DIR --prompt "..."`.
+
+The engine lives in `ouro_jax.inference` (KV-cache policies, prefill/decode with early exit,
+sampling); this module re-exports it and adds the command line. The model directory is an HF Ouro
+directory or a params checkpoint of ours; text is tokenized with the directory's `tokenizer.json`
+when present, else with the byte-level tokenizer (or `--prompt-ids` gives the ids directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ouro_jax.inference import (POLICIES, GenerationResult, cache_bytes, default_cache_length, generate, prompt_bucket,
+                                trace_count)
+
+__all__ = ["GenerationResult", "POLICIES", "cache_bytes", "default_cache_length", "generate", "main", "prompt_bucket", "trace_count"]
+
+
+def _parse_ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit(f"error: {what} must be integers separated by commas or spaces, got {text!r}")
+
+
+def _tokenizer(model_dir: str, spec: str | None):
+    from ouro_jax.data.tokenizer import load_tokenizer
+
+    if spec is not None:
+        return load_tokenizer(spec)
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        return load_tokenizer(model_dir)
+    return load_tokenizer("byte")
+
+
+class _TextStream:
+    """Prints the decoded text of row 0 as tokens arrive (holding back half-decoded characters)."""
+
+    def __init__(self, tokenizer, stop_ids: Sequence[int]):
+        self.tokenizer, self.stop_ids, self.enabled = tokenizer, set(stop_ids), False
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, index: int, tokens: np.ndarray, live: np.ndarray) -> None:
+        if not (self.enabled and live[0]) or self.tokenizer is None:
+            return
+        if int(tokens[0]) not in self.stop_ids:
+            self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[self.printed:])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ouro_jax.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="HF Ouro directory or ouro_jax params checkpoint")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. '1,5,9' (no tokenizer involved)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the ChatML template (chat checkpoints)")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--tokenizer", help="tokenizer.json, a directory holding one, or 'byte' (default: the model's, else byte)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--policy", default="full", help=f"decode KV-cache policy: {', '.join(POLICIES)}")
+    p.add_argument("--exit-threshold", type=float, help="Q-exit threshold q in [0, 1] (default: the config's; 1 = off)")
+    p.add_argument("--depth", type=int, help="recurrent steps (default: the trained T; more extrapolates)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-ids", help="stop token ids (default: <|im_end|> with --chat, none otherwise)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of token by token")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> GenerationResult:
+    args = build_parser().parse_args(argv)
+    from ouro_jax.checkpoint import load_model
+
+    if args.policy not in POLICIES:
+        raise SystemExit(f"error: unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
+    cfg, params = load_model(args.model, **({"dtype": args.dtype} if args.dtype else {}))
+    tokenizer = None
+    if args.prompt_ids is not None:
+        if args.chat:
+            raise SystemExit("error: --chat needs --prompt text, not --prompt-ids")
+        ids = _parse_ids(args.prompt_ids, "--prompt-ids")
+    else:
+        tokenizer = _tokenizer(args.model, args.tokenizer)
+        if args.chat:
+            from ouro_jax.data.chatml import encode_chat
+
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages.append({"role": "user", "content": args.prompt})
+            ids = encode_chat(tokenizer, messages, add_generation_prompt=True)[0].tolist()
+        else:
+            ids = tokenizer.encode(args.prompt).tolist()
+    if args.stop_ids is not None:
+        stop_ids = _parse_ids(args.stop_ids, "--stop-ids")
+    elif args.chat:
+        stop_ids = [tokenizer.im_end_id]
+    else:
+        stop_ids = []
+
+    stream = _TextStream(tokenizer, stop_ids) if not args.no_stream else None
+    options = dict(policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   stop_token_ids=stop_ids, stream=stream)
+    options["cache_length"] = default_cache_length(len(ids), args.max_new_tokens)
+    try:  # a one-token run compiles the program (same shapes) that the timed run then reuses
+        started = time.perf_counter()
+        generate(cfg, params, [ids], max_new_tokens=1, **options)
+        compile_s = time.perf_counter() - started
+        if stream is not None:
+            stream.enabled = True
+        started = time.perf_counter()
+        result = generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, **options)
+        seconds = time.perf_counter() - started
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+    generated = result.rows()[0]
+    if stream is None or tokenizer is None:
+        text = (tokenizer.decode([t for t in generated if t not in stop_ids]) if tokenizer is not None
+                else " ".join(map(str, generated)))
+        print(text, end="")
+    print()
+    depth = args.depth or cfg.total_ut_steps
+    print(f"[{len(generated)} tokens in {seconds:.3f} s: {len(generated) / seconds:.1f} tokens/s "
+          f"(first call incl. compile {compile_s:.1f} s); mean depth {result.mean_depth:.2f} of {depth}; "
+          f"decode layer applications {result.decode_layer_applications}; "
+          f"KV cache {result.cache_bytes / 2**20:.2f} MiB ({args.policy})]")
+    return result
+
+
+if __name__ == "__main__":
+    main()

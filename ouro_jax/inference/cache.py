@@ -1,0 +1,110 @@
+"""The decode KV cache and its policies (SPEC section 5).
+
+Layout: keys and values `[slots, N, B, L, KVH, hd]`. The `full` policy keeps one slot per recurrent
+step (the released layout, index t*N + l flattened); the shared policies keep one slot for all steps:
+
+- `full`:    step t reads and writes slot t.
+- `last`:    one slot, overwritten at every executed step: it ends up holding a token's last
+             executed step's K/V (the "last exited" rule for rows that stop early).
+- `first`:   one slot, written by step 0 only; deeper steps see earlier tokens' step-0 K/V.
+- `average`: one slot holding the running mean over the executed steps' K/V.
+
+Prefill always computes every step; it stores all of them (`full`) or their reduction (the last, the
+first, the mean). During decode at step t every policy attends to its view of earlier tokens plus the
+current token's own step-t K/V, which `Ouro.step` inserts into the view.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ouro_jax.config import OuroConfig
+
+POLICIES = ("full", "last", "first", "average")
+
+
+class KVCache(NamedTuple):
+    keys: jax.Array    # [slots, N, B, L, KVH, hd]
+    values: jax.Array  # [slots, N, B, L, KVH, hd]
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown KV-cache policy {policy!r}; choose from {POLICIES}")
+    return policy
+
+
+def num_slots(policy: str, depth: int) -> int:
+    """Cache slots per layer: one per recurrent step for `full`, one shared slot otherwise."""
+    return depth if check_policy(policy) == "full" else 1
+
+
+def cache_shape(cfg: OuroConfig, policy: str, depth: int, batch: int, length: int) -> tuple[int, ...]:
+    return (num_slots(policy, depth), cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+
+
+def cache_bytes(cfg: OuroConfig, policy: str, depth: int, batch: int, length: int) -> int:
+    """Bytes of keys plus values of a cache (compute dtype)."""
+    size = 1
+    for dim in cache_shape(cfg, policy, depth, batch, length):
+        size *= dim
+    return 2 * size * cfg.compute_dtype.itemsize
+
+
+def init_cache(cfg: OuroConfig, policy: str, depth: int, batch: int, length: int) -> KVCache:
+    shape = cache_shape(cfg, policy, depth, batch, length)
+    return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+
+
+def _reduce_steps(policy: str, kv: jax.Array) -> jax.Array:
+    """Per-step K/V `[D, N, B, S, KVH, hd]` -> what the policy stores, `[slots, ...]`."""
+    if policy == "full":
+        return kv
+    if policy == "last":
+        return kv[-1:]
+    if policy == "first":
+        return kv[:1]
+    return jnp.mean(kv.astype(jnp.float32), axis=0, keepdims=True).astype(kv.dtype)
+
+
+def write_prefill(cache: KVCache, policy: str, kv: tuple[jax.Array, jax.Array]) -> KVCache:
+    """Stores the prompt's per-step K/V (from `Ouro(return_kv=True)`) at cache positions [0, S)."""
+    return KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, _reduce_steps(policy, x).astype(c.dtype), 0, axis=3)
+                     for c, x in zip(cache, kv)))
+
+
+def step_view(cache: KVCache, policy: str, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The `(keys, values)` `[N, B, L, KVH, hd]` that recurrent step `step` attends to."""
+    slot = step if policy == "full" else 0
+    return tuple(jax.lax.dynamic_index_in_dim(c, slot, axis=0, keepdims=False) for c in cache)
+
+
+def write_step(cache: KVCache, policy: str, updated: tuple[jax.Array, jax.Array], index: jax.Array,
+               step: jax.Array, active: jax.Array) -> KVCache:
+    """Merges the current token's step-`step` K/V (at cache position `index` of `updated`
+    `[N, B, L, KVH, hd]`) into the persistent cache; rows with `active` [B] False are left as they are.
+
+    `full` writes slots step..slots-1, so a row that stops after this step leaves its exit step's K/V
+    in every deeper slot (a deeper step overwrites its own slot if the row goes on).
+    """
+    out = []
+    for c, u in zip(cache, updated):
+        column = jax.lax.dynamic_index_in_dim(c, index, axis=3, keepdims=True)   # [slots, N, B, 1, KVH, hd]
+        new = jax.lax.dynamic_index_in_dim(u, index, axis=2, keepdims=True)[None].astype(c.dtype)
+        rows = active[None, None, :, None, None, None]
+        if policy == "full":
+            slots = jnp.arange(c.shape[0])[:, None, None, None, None, None]
+            column = jnp.where(rows & (slots >= step), new, column)
+        elif policy == "last":
+            column = jnp.where(rows, new, column)
+        elif policy == "first":
+            column = jnp.where(rows & (step == 0), new, column)
+        else:  # average: running mean over the executed steps (exact copy at step 0)
+            col32 = column.astype(jnp.float32)
+            mean = col32 + (new.astype(jnp.float32) - col32) / (step + 1).astype(jnp.float32)
+            column = jnp.where(rows, jnp.where(step == 0, new, mean.astype(c.dtype)), column)
+        out.append(jax.lax.dynamic_update_slice_in_dim(c, column, index, axis=3))
+    return KVCache(*out)

@@ -1,0 +1,162 @@
+"""The generation API around the engine: sampling, stop tokens, streaming, one compilation, errors, CLI."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ouro_jax import generate as cli
+from ouro_jax.inference import SamplingParams, filter_logits, generate, sample_tokens, trace_count
+
+
+@pytest.fixture(scope="module")
+def prompt(golden):
+    return golden["input_ids"][0].tolist()
+
+
+def test_filter_logits_keeps_top_k_and_the_nucleus():
+    logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    kept = lambda k, p: np.isfinite(np.asarray(filter_logits(logits, jnp.int32(k), jnp.float32(p))))[0]
+    np.testing.assert_array_equal(kept(0, 1.0), [1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(kept(2, 1.0), [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(kept(0, 0.6), [0, 1, 0, 1, 0])    # 0.4 < 0.6 <= 0.7
+    np.testing.assert_array_equal(kept(0, 0.75), [0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(kept(0, 1e-6), [0, 1, 0, 0, 0])   # the top token always stays
+    np.testing.assert_array_equal(kept(4, 0.75), [0, 1, 0, 1, 1])
+
+
+def test_sampling_frequencies_follow_the_tempered_nucleus():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.asarray(np.log(probs))[None]
+    params = SamplingParams.make(temperature=2.0, top_k=3, top_p=1.0)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_tokens(logits, k, params)[0]))(keys))
+    tempered = probs[:3] ** 0.5 / np.sum(probs[:3] ** 0.5)
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / len(draws), [*tempered, 0.0], atol=0.03)
+    greedy = SamplingParams.make()
+    assert int(sample_tokens(logits, keys[0], greedy)[0]) == 0
+
+
+def test_sampling_through_generate(golden_model, golden, prompt):
+    cfg, params = golden_model
+    run = lambda **kw: generate(cfg, params, [prompt], max_new_tokens=10, return_logits=True, **kw)
+    greedy = run()
+    np.testing.assert_array_equal(greedy.tokens, golden["greedy_tokens"])
+    np.testing.assert_array_equal(run(temperature=1.0, top_k=1, seed=3).tokens, greedy.tokens)
+    np.testing.assert_array_equal(run(temperature=0.7, top_p=1e-6, seed=4).tokens, greedy.tokens)
+    a, b, c = run(temperature=1.5, top_k=3, seed=1), run(temperature=1.5, top_k=3, seed=1), run(temperature=1.5, top_k=3, seed=2)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any() and (a.tokens != greedy.tokens).any()
+    for result in (a, c):   # every sampled token lies in the top 3 of the logits that produced it
+        top3 = np.argsort(result.logits[0], axis=-1)[:, -3:]
+        assert all(t in row for t, row in zip(result.tokens[0], top3))
+
+
+def test_stop_tokens_end_rows_and_the_loop(golden_model, golden):
+    cfg, params = golden_model
+    prompts = [golden["input_ids"][0].tolist(), golden["input_ids"][1, 3:].tolist()]
+    stop = int(golden["greedy_tokens"][0, 3])          # row 0 says it at its 4th token, row 1 never
+    result = generate(cfg, params, prompts, max_new_tokens=10, stop_token_ids=[stop, 127], return_logits=True,
+                      return_cache=True)
+    np.testing.assert_array_equal(result.lengths, [4, 10])
+    np.testing.assert_array_equal(result.tokens[0], [*golden["greedy_tokens"][0, :4], 0, 0, 0, 0, 0, 0])
+    assert result.rows()[0] == golden["greedy_tokens"][0, :4].tolist()
+    np.testing.assert_array_equal(result.depths[0], [4, 4, 4, 4, 0, 0, 0, 0, 0, 0])
+    both = generate(cfg, params, prompts[:1], max_new_tokens=10, stop_token_ids=[stop], return_logits=True)
+    assert both.lengths.tolist() == [4] and both.decode_steps == 3 * cfg.total_ut_steps   # the loop ended
+
+
+def test_streaming_callback_sees_every_token_in_order(golden_model, prompt):
+    cfg, params = golden_model
+    seen = []
+    result = generate(cfg, params, [prompt], max_new_tokens=10, stream=lambda i, t, live: seen.append((i, t.copy(), live.copy())))
+    assert [i for i, _, _ in seen] == list(range(10))
+    np.testing.assert_array_equal(np.stack([t for _, t, _ in seen], axis=1), result.tokens)
+    assert all(live.all() for _, _, live in seen)
+
+
+def test_one_compilation_serves_other_prompts_lengths_and_settings(golden_model, golden, prompt):
+    cfg, params = golden_model
+    generate(cfg, params, [prompt], max_new_tokens=10, return_logits=True)
+    before = trace_count()
+    shorter = golden["input_ids"][1, 3:].tolist()            # 9 tokens: the same bucket of 16
+    for kw in (dict(max_new_tokens=3), dict(max_new_tokens=16, cache_length=32), dict(temperature=0.9, top_k=5, seed=9),
+               dict(top_p=0.5, temperature=1.0), dict(exit_threshold=0.3), dict(stop_token_ids=[5, 6, 7])):
+        kw = {"max_new_tokens": 10, **kw}
+        result = generate(cfg, params, [shorter], return_logits=True, **kw)
+        assert result.tokens.shape == (1, kw["max_new_tokens"]) and result.cache_length == 32
+    assert trace_count() == before
+
+
+def test_bad_input_gets_clear_errors(golden_model, prompt):
+    cfg, params = golden_model
+    cases = [
+        (dict(prompts=[[]]), "prompt 0 is empty"),
+        (dict(prompts=[]), "no prompts"),
+        (dict(prompts=[prompt, [3, 128, -1]]), r"prompt 1 has token ids outside the vocabulary \[0, 128\): \[128, -1\]"),
+        (dict(max_new_tokens=600), r"exceeds max_position_embeddings \(512\)"),
+        (dict(cache_length=16), r"needs 25 cache positions, beyond cache_length \(16\)"),
+        (dict(policy="middle"), "unknown KV-cache policy 'middle'"),
+        (dict(exit_threshold=1.5), "exit_threshold must lie in"),
+        (dict(depth=0), "depth must be an integer >= 1"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+        (dict(top_p=0.0), "top_p must lie in"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(stop_token_ids=[200]), "stop token ids outside the vocabulary"),
+    ]
+    for overrides, message in cases:
+        kw = {"prompts": [prompt], "max_new_tokens": 10, **overrides}
+        with pytest.raises(ValueError, match=message):
+            generate(cfg, params, **kw)
+
+
+def _chat_model_dir(tmp_path, golden_dir) -> str:
+    """The golden checkpoint with a small word-level tokenizer.json (specials at ids 0, 1, 2)."""
+    import tokenizers
+
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(len(words), 127)] + ["[UNK]"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.add_special_tokens(words[:3])
+    model_dir = tmp_path / "chat_model"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(golden_dir / name, model_dir / name)
+    tok.save(str(model_dir / "tokenizer.json"))
+    return str(model_dir)
+
+
+def test_cli_generates_chat_and_prints_speed_and_depth(tmp_path, golden_dir, golden_model, capsys):
+    from ouro_jax.data.chatml import encode_chat
+    from ouro_jax.data.tokenizer import load_tokenizer
+
+    model_dir = _chat_model_dir(tmp_path, golden_dir)
+    result = cli.main(["--model", model_dir, "--chat", "--system", "w7 w8", "--prompt", "w9 w10 w11",
+                       "--max-new-tokens", "10", "--exit-threshold", "0.6"])
+    out = capsys.readouterr().out
+    tokenizer = load_tokenizer(model_dir)
+    ids, _ = encode_chat(tokenizer, [{"role": "system", "content": "w7 w8"}, {"role": "user", "content": "w9 w10 w11"}],
+                         add_generation_prompt=True)
+    assert ids.tolist()[:2] == [1, 3] and ids.tolist()[-2:] == [1, 5]
+    cfg, params = golden_model
+    expected = generate(cfg, params, [ids.tolist()], max_new_tokens=10, exit_threshold=0.6, stop_token_ids=[2],
+                        stream=lambda *_: None)
+    np.testing.assert_array_equal(result.tokens, expected.tokens)
+    text = tokenizer.decode([t for t in expected.rows()[0] if t != 2])
+    assert out.startswith(text) and "tokens/s" in out and f"mean depth {expected.mean_depth:.2f} of 4" in out
+
+
+def test_cli_errors_name_the_problem(golden_dir, capsys):
+    with pytest.raises(SystemExit, match="unknown --policy 'middle'"):
+        cli.main(["--model", str(golden_dir), "--prompt-ids", "1,2", "--policy", "middle"])
+    with pytest.raises(SystemExit, match="outside the vocabulary"):   # the byte tokenizer: 'é' -> 198, 172 >= 128
+        cli.main(["--model", str(golden_dir), "--prompt", "café"])
+    with pytest.raises(SystemExit, match="prompt 0 is empty"):
+        cli.main(["--model", str(golden_dir), "--prompt-ids", " "])
+    with pytest.raises(SystemExit, match="--prompt-ids must be integers"):
+        cli.main(["--model", str(golden_dir), "--prompt-ids", "1,x"])
