@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -223,8 +224,20 @@ def test_cli_exports_a_params_checkpoint(model, tmp_path, capsys):
     assert export_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
 
 
-def test_reexport_of_an_hf_directory(golden_dir, golden_model, tmp_path):
-    out = export_checkpoint(golden_dir, tmp_path / "re")
+def test_reexport_of_a_released_directory_fixes_the_special_ids(golden_dir, golden_model, tmp_path):
+    released = tmp_path / "released"
+    shutil.copytree(golden_dir, released, copy_function=shutil.copyfile)
+    released.chmod(0o755)  # shared/ is read-only; the copy must not be
+    with open(released / "config.json") as f:
+        hf = json.load(f)
+    hf.update(bos_token_id=0, eos_token_id=0)  # what the released Ouro configs say
+    (released / "config.json").write_text(json.dumps(hf))
+    out = export_checkpoint(released, tmp_path / "re")
+    with open(os.path.join(out, "config.json")) as f:
+        fixed = json.load(f)
+    assert (fixed["pad_token_id"], fixed["bos_token_id"], fixed["eos_token_id"]) == (0, 1, 2)
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == 2
     cfg, params = load_hf(out)
     assert cfg == golden_model[0]
     assert_bitwise_equal(params, golden_model[1])

@@ -77,7 +77,8 @@ def jax_greedy(cfg, params, ids, mask, new_tokens):
 @pytest.fixture(scope="module")
 def golden_copy(golden_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("golden") / "ouro_tiny"
-    shutil.copytree(golden_dir, directory)
+    shutil.copytree(golden_dir, directory, copy_function=shutil.copyfile)
+    directory.chmod(0o755)  # shared/ is read-only; the copy must not be
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(os.path.join(HF_DIR, name), directory / name)
     with open(directory / "config.json") as f:  # the released config points auto_map at these two files
