@@ -18,6 +18,7 @@ from flax import traverse_util
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from ouro_jax import config, exit as ex
+from ouro_jax.generate import generate as jax_generate
 from ouro_jax.hf import export_hf, load_hf
 from ouro_jax.hf.export import REMOTE_CODE_FILES
 from ouro_jax.model import Ouro, abstract_params
@@ -167,7 +168,8 @@ def jax_steps(cfg, params, ids):
 
 @pytest.fixture(scope="module")
 def jax_reference(exported):
-    """JAX outputs for the exported model, computed once: step logits, gate logits, greedy tokens."""
+    """JAX outputs for the exported model, computed once: step logits, gate logits, greedy tokens of the
+    no-cache oracle and of our inference engine."""
     cfg, params, _ = exported
     rng = np.random.default_rng(1)
     ids = rng.integers(3, cfg.vocab_size, (2, 11))
@@ -177,7 +179,11 @@ def jax_reference(exported):
     for row, pad in enumerate([0, 2, 4]):
         prompts[row, :pad], mask[row, :pad] = cfg.pad_token_id, 0
     greedy = jax_greedy(cfg, params, prompts, mask, 8)
-    return dict(ids=ids, step_logits=step_logits, gate_logits=gate_logits, prompts=prompts, mask=mask, greedy=greedy)
+    # Our inference engine (KV cache, one compiled decode loop) on the same ragged prompts.
+    engine = jax_generate(cfg, params, [row[m.astype(bool)].tolist() for row, m in zip(prompts, mask)],
+                          max_new_tokens=8, stop_token_ids=[cfg.eos_token_id]).tokens
+    return dict(ids=ids, step_logits=step_logits, gate_logits=gate_logits, prompts=prompts, mask=mask, greedy=greedy,
+                engine=engine[:, :greedy.shape[1]])
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -210,6 +216,7 @@ def test_exported_greedy_generate_matches_jax_with_left_padding(exported, jax_re
         uncached = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
                                   do_sample=False, use_cache=False)
     np.testing.assert_array_equal(got[:, ids.shape[1]:].numpy(), expected)
+    np.testing.assert_array_equal(got[:, ids.shape[1]:].numpy(), jax_reference["engine"])
     np.testing.assert_array_equal(single[:, ids.shape[1]:].numpy(), expected[:1])
     np.testing.assert_array_equal(uncached.numpy(), got.numpy())
     # Row 2 alone (its 4 pads dropped) continues exactly as inside the padded batch.
