@@ -326,7 +326,8 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
 
         exit_at_step: 0-based step (default `config.early_exit_step` when set). exit_threshold: per-token
         Q-exit at q (default `config.early_exit_threshold`). use_weighted_exit: sum_t p(t) logits_t, used
-        only when neither of the two is set. Otherwise the last step. `labels` give the next-token
+        only when neither of the two is set (the released default q = 1.0 counts as set: set
+        `config.early_exit_threshold = None` for weighted exits). Otherwise the last step. `labels` give the next-token
         cross-entropy of the returned logits. output_steps: also return every step's hidden state and logits.
         """
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
