@@ -51,7 +51,7 @@ class OuroConfig:
     max_position_embeddings: int = 65536
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    early_exit_threshold: float = 1.0
+    early_exit_threshold: float | None = 1.0  # default Q-exit threshold; None lets use_weighted_exit act
     # Special ids of the released tokenizer: 0 = <|endoftext|> (pad), 1 = <|im_start|>, 2 = <|im_end|>.
     pad_token_id: int = 0
     bos_token_id: int = 1
@@ -80,7 +80,7 @@ class OuroConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
-        if not 0.0 <= self.early_exit_threshold <= 1.0:
+        if self.early_exit_threshold is not None and not 0.0 <= self.early_exit_threshold <= 1.0:
             raise ConfigError(f"early_exit_threshold must lie in [0, 1], got {self.early_exit_threshold}")
 
     @property

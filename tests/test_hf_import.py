@@ -189,3 +189,10 @@ def test_hf_config_round_trip(golden_dir):
     assert config.OuroConfig.from_hf_config(rope5).rope_theta == 40000.0
     with pytest.raises(config.ConfigError, match="unknown OuroConfig field"):
         cfg.replace(num_layers=3)
+
+
+def test_config_without_default_threshold(golden_dir):
+    hf = json.loads((golden_dir / "config.json").read_text())
+    assert config.OuroConfig.from_hf_config({**hf, "early_exit_threshold": None}).early_exit_threshold is None
+    with pytest.raises(config.ConfigError, match="early_exit_threshold"):
+        config.OuroConfig.from_hf_config({**hf, "early_exit_threshold": 1.5})
