@@ -106,6 +106,7 @@ def test_bad_input_gets_clear_errors(golden_model, prompt):
         (dict(top_p=0.0), "top_p must lie in"),
         (dict(temperature=-1.0), "temperature must be >= 0"),
         (dict(stop_token_ids=[200]), "stop token ids outside the vocabulary"),
+        (dict(seed=-3), "seed must be an integer"),
     ]
     for overrides, message in cases:
         kw = {"prompts": [prompt], "max_new_tokens": 10, **overrides}

@@ -220,6 +220,8 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
         raise ValueError(f"exit_threshold must lie in [0, 1], got {q}")
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if int(seed) != seed or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
     bad_stops = [t for t in stop_token_ids if not 0 <= t < cfg.vocab_size]
     if bad_stops:
         raise ValueError(f"stop token ids outside the vocabulary [0, {cfg.vocab_size}): {bad_stops}")
