@@ -19,7 +19,8 @@ import numpy as np
 from ouro_jax.inference import (POLICIES, GenerationResult, cache_bytes, default_cache_length, generate, prompt_bucket,
                                 trace_count)
 
-__all__ = ["GenerationResult", "POLICIES", "cache_bytes", "default_cache_length", "generate", "main", "prompt_bucket", "trace_count"]
+__all__ = ["GenerationResult", "POLICIES", "cache_bytes", "default_cache_length", "generate", "main", "prompt_bucket",
+           "trace_count"]
 
 
 def _parse_ids(text: str, what: str) -> list[int]:
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. '1,5,9' (no tokenizer involved)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the ChatML template (chat checkpoints)")
     p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--tokenizer", help="tokenizer.json, a directory holding one, or 'byte' (default: the model's, else byte)")
+    p.add_argument("--tokenizer",
+                   help="tokenizer.json, a directory holding one, or 'byte' (default: the model's, else byte)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--policy", default="full", help=f"decode KV-cache policy: {', '.join(POLICIES)}")
     p.add_argument("--exit-threshold", type=float, help="Q-exit threshold q in [0, 1] (default: the config's; 1 = off)")

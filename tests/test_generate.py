@@ -1,6 +1,5 @@
 """The generation API around the engine: sampling, stop tokens, streaming, one compilation, errors, CLI."""
 
-import json
 import os
 
 import jax
@@ -8,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ouro_jax import config
 from ouro_jax import generate as cli
-from ouro_jax.inference import SamplingParams, filter_logits, generate, sample_tokens, trace_count
+from ouro_jax.inference import (SamplingParams, filter_logits, generate, resolve_exit_threshold, sample_tokens,
+                                trace_count)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_sampling_through_generate(golden_model, golden, prompt):
     np.testing.assert_array_equal(greedy.tokens, golden["greedy_tokens"])
     np.testing.assert_array_equal(run(temperature=1.0, top_k=1, seed=3).tokens, greedy.tokens)
     np.testing.assert_array_equal(run(temperature=0.7, top_p=1e-6, seed=4).tokens, greedy.tokens)
-    a, b, c = run(temperature=1.5, top_k=3, seed=1), run(temperature=1.5, top_k=3, seed=1), run(temperature=1.5, top_k=3, seed=2)
+    a, b, c = (run(temperature=1.5, top_k=3, seed=s) for s in (1, 1, 2))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert (a.tokens != c.tokens).any() and (a.tokens != greedy.tokens).any()
     for result in (a, c):   # every sampled token lies in the top 3 of the logits that produced it
@@ -72,7 +73,8 @@ def test_stop_tokens_end_rows_and_the_loop(golden_model, golden):
 def test_streaming_callback_sees_every_token_in_order(golden_model, prompt):
     cfg, params = golden_model
     seen = []
-    result = generate(cfg, params, [prompt], max_new_tokens=10, stream=lambda i, t, live: seen.append((i, t.copy(), live.copy())))
+    result = generate(cfg, params, [prompt], max_new_tokens=10,
+                      stream=lambda i, t, live: seen.append((i, t.copy(), live.copy())))
     assert [i for i, _, _ in seen] == list(range(10))
     np.testing.assert_array_equal(np.stack([t for _, t, _ in seen], axis=1), result.tokens)
     assert all(live.all() for _, _, live in seen)
@@ -96,7 +98,8 @@ def test_bad_input_gets_clear_errors(golden_model, prompt):
     cases = [
         (dict(prompts=[[]]), "prompt 0 is empty"),
         (dict(prompts=[]), "no prompts"),
-        (dict(prompts=[prompt, [3, 128, -1]]), r"prompt 1 has token ids outside the vocabulary \[0, 128\): \[128, -1\]"),
+        (dict(prompts=[prompt, [3, 128, -1]]),
+         r"prompt 1 has token ids outside the vocabulary \[0, 128\): \[128, -1\]"),
         (dict(max_new_tokens=600), r"exceeds max_position_embeddings \(512\)"),
         (dict(cache_length=16), r"needs 25 cache positions, beyond cache_length \(16\)"),
         (dict(policy="middle"), "unknown KV-cache policy 'middle'"),
@@ -112,6 +115,14 @@ def test_bad_input_gets_clear_errors(golden_model, prompt):
         kw = {"prompts": [prompt], "max_new_tokens": 10, **overrides}
         with pytest.raises(ValueError, match=message):
             generate(cfg, params, **kw)
+
+
+def test_exit_threshold_defaults_to_the_config():
+    cfg = config.tiny()
+    assert resolve_exit_threshold(cfg, None) == 1.0 and resolve_exit_threshold(cfg, 0.3) == 0.3
+    assert resolve_exit_threshold(cfg.replace(early_exit_threshold=0.7), None) == 0.7
+    assert resolve_exit_threshold(cfg.replace(early_exit_threshold=None), None) == 1.0   # no threshold: last step
+    assert resolve_exit_threshold(cfg.replace(early_exit_threshold=0.7), 1.0) == 1.0
 
 
 def _chat_model_dir(tmp_path, golden_dir) -> str:

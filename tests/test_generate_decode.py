@@ -77,8 +77,8 @@ def reference_decode(cfg, params, prompt, generated, policy, q=1.0, depth=None):
         h, gates, seen = _embed(params, token, cfg=cfg), [], []
         for t in range(depth):
             slot = t if policy == "full" else 0
-            h, gate, (k, v), step_out = _step(params, h, jnp.int32(pos), cache[0, slot][:, None], cache[1, slot][:, None],
-                                              jnp.int32(pos), cfg=cfg)
+            view = (cache[0, slot][:, None], cache[1, slot][:, None])           # [N, 1, L, KVH, hd]
+            h, gate, (k, v), step_out = _step(params, h, jnp.int32(pos), *view, jnp.int32(pos), cfg=cfg)
             new = np.stack([np.asarray(k)[:, 0, pos], np.asarray(v)[:, 0, pos]])   # [2, N, KVH, hd]
             seen.append(new)
             if policy == "full":

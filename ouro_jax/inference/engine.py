@@ -26,7 +26,8 @@ from jax.experimental import io_callback
 
 from ouro_jax.config import OuroConfig
 from ouro_jax.exit import exit_cdf, q_exit_step
-from ouro_jax.inference.cache import KVCache, cache_bytes, check_policy, init_cache, step_view, write_prefill, write_step
+from ouro_jax.inference.cache import (KVCache, cache_bytes, check_policy, init_cache, step_view, write_prefill,
+                                      write_step)
 from ouro_jax.inference.sampling import SamplingParams, sample_tokens
 from ouro_jax.model import Ouro
 
@@ -53,6 +54,15 @@ def prompt_bucket(length: int, min_bucket: int = 8) -> int:
 def default_cache_length(longest_prompt: int, max_new_tokens: int, min_bucket: int = 8) -> int:
     """The power-of-two cache length that holds the bucketed prompt and every fed token."""
     return prompt_bucket(prompt_bucket(longest_prompt, min_bucket) + max_new_tokens, min_bucket)
+
+
+def resolve_exit_threshold(cfg: OuroConfig, exit_threshold: float | None) -> float:
+    """The Q-exit q of a run: the given one, else the config's; no threshold (None) means 1 (full depth)."""
+    q = cfg.early_exit_threshold if exit_threshold is None else exit_threshold
+    q = 1.0 if q is None else float(q)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"exit_threshold must lie in [0, 1], got {q}")
+    return q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,9 +225,7 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
     depth = cfg.total_ut_steps if depth is None else depth
     if int(depth) != depth or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth}")
-    q = cfg.early_exit_threshold if exit_threshold is None else float(exit_threshold)
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"exit_threshold must lie in [0, 1], got {q}")
+    q = resolve_exit_threshold(cfg, exit_threshold)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
     if int(seed) != seed or not 0 <= seed < 2**32:
