@@ -12,6 +12,7 @@ per-step head work (hidden states, gate, training loss) happens inside the loop 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -82,15 +83,21 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention in float32 with grouped KV heads; q [B,Sq,H,hd], k/v [B,Sk,KVH,hd]."""
+def attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
+    """Softmax attention in float32 over one or more key blocks, with grouped KV heads.
+
+    q [B, Sq, H, hd]; each block is (k, v [B, Sk, KVH, hd], mask [B, 1, Sq, Sk]). Decoding passes
+    the read-only KV cache and the new chunk as two blocks, so the cache is never copied.
+    """
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = blocks[0][0].shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v)
+    scores = [jnp.where(mask[:, :, None], jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
+                        * head_dim**-0.5, jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
+    peak = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
+    weights = [jnp.exp(s - peak) for s in scores]
+    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
+    out = sum(jnp.einsum("bkgqt,btkd->bqkgd", (w / total).astype(v.dtype), v) for w, (_, v, _) in zip(weights, blocks))
     return out.reshape(batch, q_len, heads, head_dim)
 
 
@@ -109,7 +116,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with GQA and RoPE; optionally writes into and reads a KV cache."""
+    """Multi-head attention with GQA and RoPE. With a KV cache [B, L, KVH, hd], this chunk sits at
+    slots cache_index.. (mask [B, 1, Sq, L] is over slots); returns the output and the chunk's K/V."""
 
     cfg: OuroConfig
 
@@ -127,10 +135,14 @@ class Attention(nn.Module):
         v = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt)), "value")
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        if kv_cache is not None:  # insert this chunk's K/V at cache_index and attend over the cache
-            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_index, axis=1)
-        out = checkpoint_name(attend(q, k.astype(dt), v.astype(dt), mask), "attention_out")
+        if kv_cache is None:
+            blocks = [(k, v, mask)]
+        else:  # cache slots before cache_index, then this chunk (which occupies the following slots)
+            cache_k, cache_v = kv_cache
+            before = jnp.arange(cache_k.shape[1]) < cache_index
+            own = jax.lax.dynamic_slice_in_dim(mask, cache_index, q.shape[1], axis=-1)
+            blocks = [(cache_k.astype(dt), cache_v.astype(dt), mask & before), (k, v, own)]
+        out = checkpoint_name(attend(q, blocks), "attention_out")
         return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt)), (k, v)
 
 
@@ -237,7 +249,12 @@ class Ouro(nn.Module):
                           preferred_element_type=jnp.float32)
 
     def step(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
-        """One recurrent step: the layer stack, the final norm, the exit gate -> (h, gate_logit, kv)."""
+        """One recurrent step: the layer stack, the final norm, the exit gate -> (h, gate_logit, kv).
+
+        With `kv_cache` (keys, values [N, B, L, KVH, hd], read only) the chunk attends to the cache
+        slots before `cache_index` and to itself; kv is then the chunk's K/V [N, B, Sq, KVH, hd],
+        which the caller writes into its cache at `cache_index`.
+        """
         h, kv = self.decoder(h, positions, mask, kv_cache, cache_index, return_kv)
         h = self.final_norm(h)
         return h, self.exit_gate(h), kv

@@ -79,7 +79,7 @@ def reference_decode(cfg, params, prompt, generated, policy, q=1.0, depth=None):
             slot = t if policy == "full" else 0
             view = (cache[0, slot][:, None], cache[1, slot][:, None])           # [N, 1, L, KVH, hd]
             h, gate, (k, v), step_out = _step(params, h, jnp.int32(pos), *view, jnp.int32(pos), cfg=cfg)
-            new = np.stack([np.asarray(k)[:, 0, pos], np.asarray(v)[:, 0, pos]])   # [2, N, KVH, hd]
+            new = np.stack([np.asarray(k)[:, 0, 0], np.asarray(v)[:, 0, 0]])   # [2, N, KVH, hd]: this token's K/V
             seen.append(new)
             if policy == "full":
                 cache[:, t:, :, pos] = new[:, None]   # deeper slots keep it if the row stops here

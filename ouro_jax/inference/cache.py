@@ -11,7 +11,7 @@ step (the released layout, index t*N + l flattened); the shared policies keep on
 
 Prefill always computes every step; it stores all of them (`full`) or their reduction (the last, the
 first, the mean). During decode at step t every policy attends to its view of earlier tokens plus the
-current token's own step-t K/V, which `Ouro.step` inserts into the view.
+current token's own step-t K/V, which `Ouro.step` attends to beside the cache and returns.
 """
 
 from __future__ import annotations
@@ -82,18 +82,19 @@ def step_view(cache: KVCache, policy: str, step: jax.Array) -> tuple[jax.Array, 
     return tuple(jax.lax.dynamic_index_in_dim(c, slot, axis=0, keepdims=False) for c in cache)
 
 
-def write_step(cache: KVCache, policy: str, updated: tuple[jax.Array, jax.Array], index: jax.Array,
+def write_step(cache: KVCache, policy: str, new_kv: tuple[jax.Array, jax.Array], index: jax.Array,
                step: jax.Array, active: jax.Array) -> KVCache:
-    """Merges the current token's step-`step` K/V (at cache position `index` of `updated`
-    `[N, B, L, KVH, hd]`) into the persistent cache; rows with `active` [B] False are left as they are.
+    """Merges the current token's step-`step` K/V (`new_kv`, each `[N, B, 1, KVH, hd]` from
+    `Ouro.step`) into the persistent cache at position `index`; rows with `active` [B] False are
+    left as they are.
 
     `full` writes slots step..slots-1, so a row that stops after this step leaves its exit step's K/V
     in every deeper slot (a deeper step overwrites its own slot if the row goes on).
     """
     out = []
-    for c, u in zip(cache, updated):
+    for c, new in zip(cache, new_kv):
         column = jax.lax.dynamic_index_in_dim(c, index, axis=3, keepdims=True)   # [slots, N, B, 1, KVH, hd]
-        new = jax.lax.dynamic_index_in_dim(u, index, axis=2, keepdims=True)[None].astype(c.dtype)
+        new = new[None].astype(c.dtype)
         rows = active[None, None, :, None, None, None]
         if policy == "full":
             slots = jnp.arange(c.shape[0])[:, None, None, None, None, None]

@@ -146,13 +146,13 @@ def _generate_program(params, prompt_ids, prompt_lengths, max_new_tokens, seed, 
 
         def one_step(state):
             step, h, exited, exit_step, gate_buf, cache = state
-            h_new, gate, updated = model.apply(variables, h, pos, mask, kv_cache=step_view(cache, policy, step),
+            h_new, gate, new_kv = model.apply(variables, h, pos, mask, kv_cache=step_view(cache, policy, step),
                                                cache_index=index, method=Ouro.step)
             gate_buf = gate_buf.at[step].set(gate[:, 0])
             cdf = jax.lax.dynamic_index_in_dim(exit_cdf(gate_buf), step, axis=0, keepdims=False)
             reached = (step == depth - 1) | ((exit_threshold < 1.0) & (cdf >= exit_threshold))
             active = ~exited
-            cache = write_step(cache, policy, updated, index, step, active)
+            cache = write_step(cache, policy, new_kv, index, step, active)
             h = jnp.where(active[:, None, None], h_new, h)
             exit_step = jnp.where(active, step, exit_step)
             return step + 1, h, exited | reached, exit_step, gate_buf, cache
