@@ -1,0 +1,161 @@
+"""Training metrics: analytic model FLOPs, peak FLOP/s per device (MFU), and the metric writers.
+
+MFU = model FLOPs per second / peak FLOP/s of the devices. Model FLOPs are counted analytically
+(XLA's cost analysis counts a scan body once, not once per trip): every matmul of the T loops,
+the LM head at every step (the per-step loss needs it), attention scores, 3x for forward + backward,
+no rematerialization. Peak FLOP/s: a table of dense bf16 peaks per accelerator chip, and on CPU
+a measured matmul (the whole host, however many fake devices it is split into).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ouro_jax.config import OuroConfig
+
+# Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind` (first match wins).
+PEAK_FLOPS_PER_CHIP = (
+    ("v6 lite", 918e12), ("v6e", 918e12),
+    ("v5 lite", 197e12), ("v5e", 197e12),
+    ("v5p", 459e12), ("v5", 459e12),
+    ("v4", 275e12),
+    ("h200", 989e12), ("h100", 989e12),
+)
+
+
+def matmul_flops_per_token(cfg: OuroConfig) -> int:
+    """Forward FLOPs per token of one recurrent step's weight matmuls (layers + LM head)."""
+    d, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    attn = d * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    per_layer = attn + 3 * d * f
+    return 2 * (n * per_layer + d * cfg.vocab_size + d)
+
+
+def model_flops_per_token(cfg: OuroConfig, seq_len: int, *, stage: int = 1, num_steps: int | None = None) -> float:
+    """Training FLOPs per token: T x (weight matmuls + attention) x 3 for Stage I (forward and backward).
+
+    Attention counts QK^T and PV over the full `seq_len` (the PaLM convention, no causal halving).
+    Stage II back-propagates into the gate only: forward FLOPs plus a negligible backward.
+    """
+    steps = cfg.total_ut_steps if num_steps is None else num_steps
+    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+    forward = steps * (matmul_flops_per_token(cfg) + attention)
+    return float(3 * forward if stage == 1 else forward)
+
+
+_CPU_PEAK: dict[str, float] = {}
+
+
+def measure_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of a square matmul on the default device (best of `repeats`), bf16 with f32 accumulation."""
+    dt = jnp.dtype(dtype)
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dt)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dt)
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    matmul(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(devices=None, dtype: str = "bfloat16") -> tuple[float, str]:
+    """(peak FLOP/s of all `devices` together, where the number comes from)."""
+    devices = list(jax.devices() if devices is None else devices)
+    kind = devices[0].device_kind.lower()
+    if devices[0].platform == "cpu":
+        if dtype not in _CPU_PEAK:
+            _CPU_PEAK[dtype] = measure_matmul_flops(dtype)
+        return _CPU_PEAK[dtype], f"measured {dtype} matmul on this CPU"
+    for key, flops in PEAK_FLOPS_PER_CHIP:
+        if key in kind:
+            return flops * len(devices), f"{len(devices)} x {devices[0].device_kind} bf16 peak"
+    return math.nan, f"unknown peak for {devices[0].device_kind!r}"
+
+
+def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Scalars as they are; per-step vectors [T] as `name/step_1..T`."""
+    flat = {}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            flat[name] = float(value)
+        else:
+            flat.update({f"{name}/step_{i + 1}": float(v) for i, v in enumerate(value.reshape(-1))})
+    return flat
+
+
+class MetricsWriter:
+    """Every step to `metrics.jsonl` and TensorBoard (`tb/`) in the workdir; a progress bar and a
+    line every `log_every` steps on stdout. Only process 0 writes."""
+
+    def __init__(self, workdir: str, *, total_steps: int, log_every: int = 10, progress_bar: bool = True,
+                 initial_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.log_every = max(1, int(log_every))
+        self._jsonl = self._tb = self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                             dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+
+    def write(self, step: int, metrics: dict[str, Any], *, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        flat = flatten_metrics(metrics)
+        self._jsonl.write(json.dumps({"step": step, "kind": kind, **flat}) + "\n")
+        self._jsonl.flush()
+        for name, value in flat.items():
+            self._tb.add_scalar(f"{kind}/{name}", value, step)
+        if kind == "train" and self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{flat['loss']:.4f}", refresh=False)
+        if kind != "train" or step % self.log_every == 0:
+            self.log(f"{kind} step {step}: " + summary_line(metrics))
+
+    def log(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """A compact one-line summary: scalars with 4 significant digits, per-step vectors in brackets."""
+    parts = []
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            parts.append(f"{name}={float(value):.4g}")
+        else:
+            parts.append(f"{name}=[" + " ".join(f"{float(v):.3f}" for v in value.reshape(-1)) + "]")
+    return " ".join(parts)

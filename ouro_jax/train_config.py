@@ -1,0 +1,70 @@
+"""The training ConfigDict: every knob of a run, with defaults; `configs/*.py` start from `base_config`.
+
+    config.stage            1 (Stage I, every parameter) or 2 (Stage II, the exit gate only)
+    config.seed             parameter initialization
+    config.init_from        params checkpoint (ouro_jax or HF directory) to start from; '' = random init
+    config.model            the fields of OuroConfig (shape and numerics: dtype = compute, param_dtype = master)
+    config.mesh             sizes of the ('data', 'fsdp', 'tensor') mesh; one may be -1 (the rest)
+    config.data             sources (ouro_jax.data specs), seq_len, global batch_size, seed, evaluation size
+    config.optim            AdamW, clipping and the warmup-stable-decay learning rate (optim.py)
+    config.loss             beta and its schedule (Stage I), gate_k and gate_gamma (Stage II)
+    config.train            steps, grad_accum, checkpointing, logging, evaluation, non-finite policy
+
+Override on the command line: `--config.train.steps=100 --config.model.dtype=bfloat16`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from ouro_jax.config import OuroConfig
+
+
+def model_fields(cfg: OuroConfig) -> ml_collections.ConfigDict:
+    """`config.model` holding every field of `cfg`."""
+    return ml_collections.ConfigDict(dataclasses.asdict(cfg))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = 1
+    c.seed = 0
+    c.init_from = ""
+    c.distributed = False  # jax.distributed.initialize() first (multi-host TPU / GPU clusters)
+    c.model = model_fields(OuroConfig())
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.data = ml_collections.ConfigDict(dict(
+        sources="mano:max_len=10",  # ';'-separated: "mano:k=v,...", "multihop_qa:...", or a prepared dir
+        weights="",               # comma-separated mixture weights ('' = uniform)
+        num_workers=0,            # grain worker processes
+        seq_len=64,
+        batch_size=32,            # global, in sequences
+        seed=0,                   # order and sampling of the training stream
+        eval_examples=256,        # held-out examples per evaluation (tasks)
+        eval_batch_size=64,
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        peak_lr=3e-4, init_lr=0.0, end_lr=3e-5, warmup_steps=100, decay="cosine", decay_steps=0,
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+    ))
+    c.loss = ml_collections.ConfigDict(dict(
+        beta=0.1, beta_final=0.05, beta_schedule="constant", beta_switch_step=0,
+        gate_k=50.0, gate_gamma=0.005,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        grad_accum=1,
+        ce_chunk_size=1024,
+        log_every=10,             # stdout lines; JSONL and TensorBoard get every step
+        progress_bar=True,
+        eval_every=0,             # 0: only at the end
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        async_checkpointing=True,
+        max_consecutive_nonfinite=5,
+        export_params=True,       # params-only export to WORKDIR/params at the end
+        compiler_options=ml_collections.ConfigDict(),  # XLA options, e.g. xla_backend_optimization_level
+    ))
+    return c

@@ -1,0 +1,228 @@
+"""The sharded train step: Stage I / II loss, gradient accumulation, AdamW update, non-finite skips.
+
+`build_train_program(config, mesh)` returns everything jitted once for a config and a mesh: `init`
+(rng -> TrainState placed on the mesh), `step` ((state, batch) -> (state, metrics), the state
+donated) and `evaluate` ((params, batch) -> per-step sums and predictions), plus the abstract,
+sharded state and batch, so ahead-of-time compilation can call `program.step.lower(
+program.abstract_state, program.abstract_batch)` without any device memory.
+
+Batches are dicts of [B, S] arrays: input_ids, targets, segment_ids, positions (int32) and
+loss_mask (float32). Stage I trains every parameter; Stage II only the exit gate: the optimizer
+state covers the trainable subtree alone and the frozen parameters pass through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ouro_jax import sharding as shd
+from ouro_jax.config import OuroConfig
+from ouro_jax.exit import exit_log_pdf
+from ouro_jax.losses import stage1_token_loss, stage2_token_loss
+from ouro_jax.model import Ouro, init_params
+from ouro_jax.optim import beta_schedule, lr_schedule, make_optimizer
+
+BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+STAGE_TRAINABLE = {1: None, 2: ("exit_gate",)}  # top-level param groups trained (None: all)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array              # int32 [], batches consumed (skipped updates count too)
+    params: Any                  # float32 master weights, the full model
+    opt_state: Any               # optimizer state of the trainable subtree only
+    nonfinite_total: jax.Array   # int32 [], updates skipped for a non-finite loss or gradient
+    nonfinite_streak: jax.Array  # int32 [], consecutive skipped updates up to this step
+
+
+class TrainProgram(NamedTuple):
+    model_cfg: OuroConfig
+    stage: int
+    mesh: Mesh
+    optimizer: optax.GradientTransformation
+    init: Callable[[jax.Array], TrainState]
+    step: Any                    # jitted (state, batch) -> (state, metrics)
+    evaluate: Any                # jitted (params, batch) -> {"step_ce_sum" [T], "tokens", "predictions" [T,B,S]}
+    state_shardings: TrainState
+    abstract_state: TrainState   # ShapeDtypeStructs with shardings
+    abstract_batch: dict[str, jax.ShapeDtypeStruct]
+    batch_sharding: NamedSharding
+
+
+def model_config(config) -> OuroConfig:
+    """OuroConfig from `config.model` (a dict of its fields; unknown fields raise ConfigError)."""
+    return OuroConfig().replace(**dict(config.model))
+
+
+def split_trainable(params: dict[str, Any], stage: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable, frozen) top-level groups of `params` for a training stage."""
+    if stage not in STAGE_TRAINABLE:
+        raise ValueError(f"stage must be one of {sorted(STAGE_TRAINABLE)}, got {stage}")
+    names = STAGE_TRAINABLE[stage]
+    if names is None:
+        return dict(params), {}
+    return {k: v for k, v in params.items() if k in names}, {k: v for k, v in params.items() if k not in names}
+
+
+def batch_loss_sums(model_cfg: OuroConfig, params: dict[str, Any], batch: dict[str, jax.Array], *,
+                    stage: int, beta, gate_k: float, gate_gamma: float, ce_chunk_size: int) -> tuple[jax.Array, dict]:
+    """Token-summed objective of one (micro)batch and its per-step statistics (sums over valid tokens)."""
+    out = Ouro(model_cfg).apply({"params": params}, batch["input_ids"], positions=batch["positions"],
+                                segment_ids=batch["segment_ids"], targets=batch["targets"],
+                                return_hidden=False, ce_chunk_size=ce_chunk_size)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    log_p = exit_log_pdf(out.gate_logits)
+    p = jnp.exp(log_p)
+    if stage == 1:
+        token_loss = stage1_token_loss(out.step_ce, out.gate_logits, beta)
+    else:
+        token_loss = stage2_token_loss(out.step_ce, out.gate_logits, gate_k, gate_gamma)
+    stats = {
+        "step_ce_sum": jnp.sum(out.step_ce * mask, axis=(1, 2)),
+        "exit_p_sum": jnp.sum(p * mask, axis=(1, 2)),
+        "entropy_sum": jnp.sum(-jnp.sum(p * log_p, axis=0) * mask),
+        "tokens": jnp.sum(mask),
+    }
+    return jnp.sum(token_loss * mask), jax.tree.map(jax.lax.stop_gradient, stats)
+
+
+def _microbatches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]:
+    """[B, S] -> [num, B/num, S] with microbatch i = rows i, i+num, ...: each keeps its rows spread
+    over the same devices as the full batch."""
+    def split(x):
+        rows = x.shape[0]
+        return x.reshape(rows // num, num, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _where_tree(pred, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | None = None) -> TrainProgram:
+    """Jitted init / train step / eval step of `config` on `mesh`, with the state's shardings.
+
+    `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU).
+    """
+    model_cfg = model_config(config)
+    stage = int(config.stage)
+    steps = int(config.train.steps)
+    accum = int(config.train.grad_accum)
+    batch_size, seq_len = int(config.data.batch_size), int(config.data.seq_len)
+    if accum < 1 or batch_size % accum:
+        raise ValueError(f"data.batch_size ({batch_size}) must be divisible by train.grad_accum ({accum})")
+    shd.check_batch_divisible(batch_size // accum, mesh)
+    optimizer = make_optimizer(config.optim, steps)
+    learning_rate = lr_schedule(config.optim, steps)
+    beta_at = beta_schedule(config.loss)
+    loss_kwargs = dict(stage=stage, gate_k=float(config.loss.gate_k), gate_gamma=float(config.loss.gate_gamma),
+                       ce_chunk_size=int(config.train.ce_chunk_size))
+
+    def boxed_state(rng):
+        boxed = Ouro(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32), num_steps=1)["params"]
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, boxed, optimizer.init(split_trainable(boxed, stage)[0]), zero, zero)
+
+    abstract_boxed = jax.eval_shape(boxed_state, jax.random.key(0))
+    state_shardings = shd.tree_shardings(abstract_boxed, mesh)
+    abstract_state = shd.with_shardings(shd.unbox_abstract(abstract_boxed), state_shardings)
+    batch_sharding = NamedSharding(mesh, shd.batch_spec())
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                              sharding=batch_sharding) for k in BATCH_KEYS}
+
+    def init(rng):
+        params = init_params(model_cfg, rng)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, params, optimizer.init(split_trainable(params, stage)[0]), zero, zero)
+
+    def train_step(state: TrainState, batch):
+        with shd.activation_rules(mesh):
+            trainable, frozen = split_trainable(state.params, stage)
+            beta = beta_at(state.step)
+            total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+            def loss_fn(trainable, microbatch):
+                loss_sum, stats = batch_loss_sums(model_cfg, {**frozen, **trainable}, microbatch, beta=beta,
+                                                  **loss_kwargs)
+                return loss_sum / total_tokens, stats
+
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            if accum == 1:
+                (loss, stats), grads = grad_fn(trainable, batch)
+            else:
+                def accumulate(carry, microbatch):
+                    (loss, stats), grads = grad_fn(trainable, microbatch)
+                    return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
+                microbatches = _microbatches(batch, accum)
+                first = jax.tree.map(lambda x: x[0], microbatches)
+                (loss_shape, stats_shape), grads_shape = jax.eval_shape(grad_fn, trainable, first)
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, stats_shape, grads_shape))
+                (loss, stats, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
+
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            updates, new_opt_state = optimizer.update(grads, state.opt_state, trainable)
+            new_trainable = optax.apply_updates(trainable, updates)
+            new_trainable = _where_tree(finite, new_trainable, trainable)
+            new_opt_state = _where_tree(finite, new_opt_state, state.opt_state)
+            skipped = (~finite).astype(jnp.int32)
+            new_state = TrainState(step=state.step + 1, params={**frozen, **new_trainable}, opt_state=new_opt_state,
+                                   nonfinite_total=state.nonfinite_total + skipped,
+                                   nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
+            tokens = jnp.maximum(stats["tokens"], 1.0)
+            metrics = {
+                "loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(state.step),
+                "beta": jnp.asarray(beta, jnp.float32), "step_ce": stats["step_ce_sum"] / tokens,
+                "exit_p": stats["exit_p_sum"] / tokens, "entropy": stats["entropy_sum"] / tokens,
+                "loss_tokens": stats["tokens"], "skipped": skipped,
+                "nonfinite_total": new_state.nonfinite_total, "nonfinite_streak": new_state.nonfinite_streak,
+            }
+            return new_state, metrics
+
+    def eval_step(params, batch):
+        with shd.activation_rules(mesh):
+            model = Ouro(model_cfg)
+            out = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
+                              segment_ids=batch["segment_ids"], targets=batch["targets"],
+                              ce_chunk_size=loss_kwargs["ce_chunk_size"])
+            mask = batch["loss_mask"].astype(jnp.float32)
+            predict = lambda h: jnp.argmax(model.apply({"params": params}, h, method=Ouro.logits), -1).astype(jnp.int32)
+            return {"step_ce_sum": jnp.sum(out.step_ce * mask, axis=(1, 2)), "tokens": jnp.sum(mask),
+                    "predictions": jax.lax.map(predict, out.hidden_states)}
+
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    return TrainProgram(
+        model_cfg=model_cfg, stage=stage, mesh=mesh, optimizer=optimizer,
+        init=jax.jit(init, out_shardings=state_shardings, compiler_options=compiler_options),
+        step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                     compiler_options=compiler_options),
+        evaluate=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
+                         out_shardings=replicated, compiler_options=compiler_options),
+        state_shardings=state_shardings, abstract_state=abstract_state, abstract_batch=abstract_batch,
+        batch_sharding=batch_sharding)
+
+
+def as_model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The five batch arrays in their canonical dtypes (missing or extra keys raise)."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; a training batch needs {list(BATCH_KEYS)}")
+    return {k: np.asarray(batch[k], np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
+
+
+def place_params(program: TrainProgram, state: TrainState, params: dict[str, Any]) -> TrainState:
+    """`state` with `params` (e.g. a pretrained LM for Stage II) placed on the mesh; optimizer state reset."""
+    params = jax.device_put(nn.unbox(params), program.state_shardings.params)
+    opt_state = jax.jit(lambda p: program.optimizer.init(split_trainable(p, program.stage)[0]),
+                        out_shardings=program.state_shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)

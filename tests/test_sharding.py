@@ -1,0 +1,72 @@
+"""Meshes, logical rules, state shardings, and a (2,2,2) mesh of 8 CPU devices matching 1 device."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ouro_jax import sharding as shd
+from ouro_jax import trainer
+from train_helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
+
+
+def test_make_mesh_sizes_and_errors():
+    assert dict(shd.make_mesh(dict(data=-1, fsdp=2, tensor=2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(shd.ShardingError, match="needs 12 devices, 8 available"):
+        shd.make_mesh((3, 2, 2))
+    with pytest.raises(shd.ShardingError, match="not divisible"):
+        shd.make_mesh((-1, 3, 1))
+    with pytest.raises(shd.ShardingError, match="at most one -1"):
+        shd.make_mesh((-1, -1, 1))
+
+
+def test_logical_specs_replicate_undivisible_dimensions():
+    mesh = shd.make_mesh((2, 2, 2))
+    assert shd.logical_spec(("embed", "mlp"), (64, 176), mesh) == P("fsdp", "tensor")
+    assert shd.logical_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16), mesh) == P("fsdp", None, None)
+    assert shd.logical_spec(("layers", "norm"), (3, 64), mesh) == P(None, None)
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    assert shd.logical_spec(("vocab", "embed"), (128, 64), mesh) == P("tensor", "fsdp")
+
+
+def test_state_shardings_follow_parameters_into_the_optimizer_state():
+    cfg = tiny_train_config()
+    program = trainer.build_train_program(cfg, shd.make_mesh((2, 2, 2)), FAST_COMPILE)
+    sh = program.state_shardings
+    assert sh.params["embed_tokens"].spec == P("tensor", "fsdp")
+    assert sh.params["decoder"]["layers"]["mlp"]["up_proj"].spec == P(None, "fsdp", "tensor")
+    adam = sh.opt_state[1][0]  # chain(clip, adamw): adamw = (scale_by_adam, weight decay, lr)
+    assert adam.mu["decoder"]["layers"]["self_attn"]["q_proj"].spec == P(None, "fsdp", "tensor", None)
+    assert adam.nu["lm_head"].spec == P("fsdp", "tensor")
+    assert adam.count.spec == P() and sh.step.spec == P()
+    assert program.abstract_batch["input_ids"].sharding.spec == P(("data", "fsdp"), None)
+    with pytest.raises(shd.ShardingError, match="not divisible by data x fsdp = 4"):
+        cfg.data.batch_size = 6
+        trainer.build_train_program(cfg, shd.make_mesh((2, 2, 2)), FAST_COMPILE)
+
+
+def test_eight_devices_match_one_device():
+    reference = reference_run()
+    cfg, mesh = tiny_train_config(), shd.make_mesh((2, 2, 2))
+    program = trainer.build_train_program(cfg, mesh, FAST_COMPILE)
+    state = program.init(jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), reference["initial_params"])
+    losses = []
+    for i in range(5):
+        state, metrics = program.step(state, shd.global_batch(random_batch(cfg, seed=i), mesh))
+        losses.append(float(metrics["loss"]))
+    assert len(state.params["lm_head"].sharding.device_set) == 8
+    assert state.params["lm_head"].sharding.spec == P("fsdp", "tensor")
+    np.testing.assert_allclose(losses, [float(m["loss"]) for m in reference["history"]], rtol=1e-5)
+    assert losses[-1] < losses[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                 jax.device_get(state.params), reference["params"])
+
+
+def test_activation_constraints_are_applied_under_the_mesh():
+    cfg = tiny_train_config()
+    mesh = shd.make_mesh((2, 2, 2))
+    program = trainer.build_train_program(cfg, mesh, FAST_COMPILE)
+    text = program.step.lower(program.abstract_state, program.abstract_batch).as_text()
+    assert "sharding_constraint" in text

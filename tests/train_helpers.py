@@ -1,0 +1,73 @@
+"""Shared pieces of the training tests: the tiny training config and random batches of the data contract."""
+
+import functools
+import os
+import sys
+
+import numpy as np
+
+from ouro_jax import config as model_presets
+from ouro_jax.train_config import base_config, model_fields
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Tests compile many small programs: XLA's backend optimizations would dominate their run time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def tiny_train_config(**model_overrides):
+    c = base_config()
+    c.model = model_fields(model_presets.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                              num_key_value_heads=2, total_ut_steps=3, **model_overrides))
+    c.data.update(sources="mano:max_len=3", seq_len=16, batch_size=8, eval_examples=16, eval_batch_size=16)
+    c.optim.update(peak_lr=1e-2, init_lr=1e-3, warmup_steps=2, decay="cosine", decay_steps=5, end_lr=1e-3)
+    c.train.update(steps=20, ce_chunk_size=8, progress_bar=False, log_every=5, checkpoint_every=5)
+    return c
+
+
+def random_batch(cfg, seed=0, vocab=None):
+    """A batch of the data contract: two packed documents per row, random tokens, random loss mask."""
+    rng = np.random.default_rng(seed)
+    b, s = cfg.data.batch_size, cfg.data.seq_len
+    vocab = vocab or cfg.model.vocab_size
+    ids = rng.integers(3, vocab, (b, s + 1)).astype(np.int32)
+    cut = rng.integers(2, s - 2, b)
+    segment_ids = np.where(np.arange(s)[None] < cut[:, None], 1, 2).astype(np.int32)
+    positions = np.where(segment_ids == 1, np.arange(s)[None], np.arange(s)[None] - cut[:, None]).astype(np.int32)
+    loss_mask = (rng.random((b, s)) > 0.3).astype(np.float32)
+    return dict(input_ids=ids[:, :-1], targets=ids[:, 1:], segment_ids=segment_ids, positions=positions,
+                loss_mask=loss_mask)
+
+
+def subprocess_env(devices=1):
+    """Environment of a training subprocess: CPU, `devices` fake devices, fast XLA compilation."""
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+    return env
+
+
+PYTHON = sys.executable
+
+
+@functools.cache
+def reference_run(steps=5):
+    """The tiny config trained `steps` steps on one device with random batches 0..steps-1 (compiled
+    once per test process and shared by the tests that compare against it)."""
+    import jax
+
+    from ouro_jax import sharding as shd
+    from ouro_jax import trainer
+
+    cfg = tiny_train_config()
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    program = trainer.build_train_program(cfg, mesh, FAST_COMPILE)
+    state = program.init(jax.random.key(0))
+    initial = jax.tree.map(np.array, jax.device_get(state.params))
+    history = []
+    for i in range(steps):
+        state, metrics = program.step(state, shd.global_batch(random_batch(cfg, seed=i), mesh))
+        history.append(jax.device_get(metrics))
+    return dict(config=cfg, program=program, initial_params=initial, history=history,
+                params=jax.tree.map(np.array, jax.device_get(state.params)))
