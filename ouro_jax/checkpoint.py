@@ -2,6 +2,8 @@
 
 A params directory holds `ouro_config.json` (the OuroConfig fields) and `params/` (an orbax
 StandardCheckpointer tree in our stacked layout). `load_model` also accepts an HF Ouro directory.
+`TrainCheckpointer` keeps resumable training checkpoints (the whole train state and the data
+iterator state) with an orbax CheckpointManager.
 """
 
 from __future__ import annotations
@@ -102,8 +104,13 @@ class _IteratorSnapshot:
         return self._state
 
 
+@jax.jit
+def _finite(tree) -> jax.Array:
+    return jax.tree.reduce(lambda ok, x: ok & jax.numpy.isfinite(x).all(), tree, jax.numpy.bool_(True))
+
+
 def _all_finite(tree) -> bool:
-    return bool(jax.jit(lambda t: jax.tree.reduce(lambda a, x: a & jax.numpy.isfinite(x).all(), t, True))(tree))
+    return bool(_finite(tree))
 
 
 class TrainCheckpointer:

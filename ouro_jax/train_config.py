@@ -68,3 +68,30 @@ def base_config() -> ml_collections.ConfigDict:
         compiler_options=ml_collections.ConfigDict(),  # XLA options, e.g. xla_backend_optimization_level
     ))
     return c
+
+
+# Stage-1 recipe of the released models (SPEC 6): name -> (T, beta, batch in sequences of 4096, tokens).
+PRETRAINING_STAGES = {
+    "stage1a": (8, 0.1, 1024, 3e12),   # 4M-token batches (the paper ramps to 8M), warmup + constant 3e-4
+    "stage1b": (4, 0.05, 2048, 3e12),  # 8M-token batches, constant 3e-4
+}
+PRETRAINING_SEQ_LEN = 4096
+
+
+def pretraining_config(model: OuroConfig, stage: str) -> ml_collections.ConfigDict:
+    """The released stage-1 recipe for `model`: AdamW (0.9, 0.95), wd 0.1, clip 1.0, lr 3e-4, RoPE
+    theta 10K, bf16 compute over float32 master weights, full remat, FSDP over every device."""
+    if stage not in PRETRAINING_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {sorted(PRETRAINING_STAGES)}")
+    steps_t, beta, batch, tokens = PRETRAINING_STAGES[stage]
+    c = base_config()
+    c.model = model_fields(model.replace(total_ut_steps=steps_t, rope_theta=10_000.0, dtype="bfloat16",
+                                         param_dtype="float32", remat_policy="full"))
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.data.update(sources="", seq_len=PRETRAINING_SEQ_LEN, batch_size=batch, eval_examples=0)
+    c.optim.update(peak_lr=3e-4, init_lr=0.0, warmup_steps=2000 if stage == "stage1a" else 0, decay="none",
+                   decay_steps=0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
+    c.loss.update(beta=beta, beta_schedule="constant")
+    c.train.update(steps=int(tokens // (batch * PRETRAINING_SEQ_LEN)), ce_chunk_size=512, log_every=10,
+                   checkpoint_every=1000, keep_checkpoints=3, progress_bar=False)
+    return c

@@ -103,6 +103,13 @@ def _microbatches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]
     return jax.tree.map(split, batch)
 
 
+def _updates_applied(opt_state) -> jax.Array:
+    """The schedule's step count inside the optimizer state (skipped updates do not advance it)."""
+    counts = [v for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+              if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"]
+    return counts[0]
+
+
 def _where_tree(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -180,7 +187,7 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
                                    nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
             tokens = jnp.maximum(stats["tokens"], 1.0)
             metrics = {
-                "loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(state.step),
+                "loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(_updates_applied(state.opt_state)),
                 "beta": jnp.asarray(beta, jnp.float32), "step_ce": stats["step_ce_sum"] / tokens,
                 "exit_p": stats["exit_p_sum"] / tokens, "entropy": stats["entropy_sum"] / tokens,
                 "loss_tokens": stats["tokens"], "skipped": skipped,

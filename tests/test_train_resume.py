@@ -134,6 +134,17 @@ def test_broken_step_directories_are_skipped_with_a_message(tmp_path, capsys):
     jax.tree.map(np.testing.assert_array_equal, next(fresh), expected_next)
 
 
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    checkpointer = TrainCheckpointer(tmp_path, save_every=5, keep=2)
+    for step in range(1, 21):
+        checkpointer.save(step, {"w": jnp.full(3, float(step))})
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [15, 20]
+    step, restored = checkpointer.restore_latest({"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    checkpointer.close()
+    assert step == 20 and float(restored["w"][0]) == 20.0
+
+
 def test_bad_command_lines_fail_clearly(tmp_path):
     for extra in (["--workdir", str(tmp_path), "--config.train.stepz=3"], []):
         proc = subprocess.run([PYTHON, "-m", "ouro_jax.train", *ARGS, *extra], cwd=REPO, env=subprocess_env(),

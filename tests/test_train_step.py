@@ -173,6 +173,7 @@ def test_nonfinite_updates_are_skipped_counted_and_never_checkpointed(tmp_path):
     for i in range(3):
         state, metrics = program.step(state, shd.global_batch(random_batch(cfg, seed=i), program.mesh))
         assert int(metrics["skipped"]) == 1 and int(metrics["nonfinite_streak"]) == i + 1
+        assert float(metrics["learning_rate"]) == pytest.approx(cfg.optim.init_lr)  # the schedule did not advance
     assert int(state.nonfinite_total) == 3 and int(state.step) == 3
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(state.params), params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(state.opt_state), opt_before)
@@ -193,3 +194,10 @@ def test_model_flops_count():
     assert model_flops_per_token(cfg, 16, stage=2) == t * (matmul_flops_per_token(cfg) + attention)
     peak, source = peak_flops(jax.devices()[:1], dtype="float32")
     assert peak > 1e8 and "measured" in source
+
+
+def test_learning_rate_follows_applied_updates_only():
+    reference = reference_run()
+    rates = [float(m["learning_rate"]) for m in reference["history"]]
+    schedule = optim.lr_schedule(reference["config"].optim, reference["config"].train.steps)
+    np.testing.assert_allclose(rates, [schedule(i) for i in range(5)], rtol=1e-6)

@@ -1,0 +1,61 @@
+"""Upcycling (SPEC 6): an N-layer checkpoint becomes a k*N-layer one by repeating the whole stack.
+
+The released Ouro-2.6B (48 layers) was upcycled from the 24-layer model after stage 1a; the
+mapping is unspecified, and repeating the stack [1..N, 1..N] is the natural choice. Everything
+else (embedding, final norm, exit gate, head) is kept as it is.
+
+    python -m ouro_jax.upcycle SRC DST [--repeats 2]     # SRC: ours or an HF directory; DST: ours
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jax.numpy as jnp
+
+from ouro_jax.config import OuroConfig
+from ouro_jax.model import stack_layers
+
+
+def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) -> tuple[OuroConfig, dict[str, Any]]:
+    """(config, params) with the layer stack repeated `repeats` times: layer i of the result is
+    layer i mod N of the source. Accepts stacked or per-layer params; returns stacked ones."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if "layers" not in params["decoder"]:
+        params = stack_layers(params, cfg.num_hidden_layers)
+    layers = params["decoder"]["layers"]
+    repeated = {k: v for k, v in params.items() if k != "decoder"}
+    repeated["decoder"] = {"layers": _tile(layers, repeats)}
+    return cfg.replace(num_hidden_layers=cfg.num_hidden_layers * repeats, scan_layers=True), repeated
+
+
+def _tile(tree, repeats: int):
+    if isinstance(tree, dict):
+        return {k: _tile(v, repeats) for k, v in tree.items()}
+    return jnp.concatenate([tree] * repeats, axis=0)
+
+
+def upcycle_checkpoint(source: str, destination: str, repeats: int = 2) -> OuroConfig:
+    """Reads a checkpoint (ours or HF), writes the upcycled params checkpoint; returns its config."""
+    from ouro_jax.checkpoint import load_model, save_params
+
+    cfg, params = load_model(source)
+    cfg, params = upcycle_params(cfg, params, repeats)
+    save_params(destination, cfg, params)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ouro_jax.upcycle", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="params checkpoint of ouro_jax or an HF Ouro directory")
+    parser.add_argument("destination", help="where to write the upcycled params checkpoint")
+    parser.add_argument("--repeats", type=int, default=2, help="copies of the layer stack (default 2)")
+    args = parser.parse_args(argv)
+    cfg = upcycle_checkpoint(args.source, args.destination, args.repeats)
+    print(f"wrote {args.destination}: {cfg.num_hidden_layers} layers ({args.repeats} x the stack of {args.source})")
+
+
+if __name__ == "__main__":
+    main()
