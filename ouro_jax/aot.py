@@ -75,24 +75,32 @@ def compile_train_step(config, topology: str, batch_per_chip: int) -> CompileRep
                          collectives=_count_collectives(compiled.as_text()))
 
 
-def max_batch_per_chip(config, topology: str, limit: int = 256) -> tuple[int, list[CompileReport]]:
-    """The largest per-chip batch whose train step fits in HBM (doubling, then bisection)."""
-    reports = []
+def max_batch_per_chip(config, topology: str, limit: int = 1024) -> tuple[int, list[CompileReport]]:
+    """The largest per-chip batch whose train step fits in HBM.
+
+    Memory grows linearly in the batch: two compiles give the slope, the extrapolated batch is
+    compiled, then the search steps down (or up) until the boundary is confirmed by compiles.
+    """
+    reports: dict[int, CompileReport] = {}
 
     def fits(batch: int) -> bool:
-        reports.append(compile_train_step(config, topology, batch))
-        print(reports[-1], flush=True)
-        return reports[-1].fits
+        if batch not in reports:
+            reports[batch] = compile_train_step(config, topology, batch)
+            print(reports[batch], flush=True)
+        return reports[batch].fits
 
     if not fits(1):
-        return 0, reports
-    low, high = 1, 2
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low, reports
+        return 0, list(reports.values())
+    if not fits(2):
+        return 1, list(reports.values())
+    per_sequence = max(reports[2].bytes_per_chip - reports[1].bytes_per_chip, 1)
+    fixed = reports[1].bytes_per_chip - per_sequence
+    guess = int(min(max((reports[1].hbm_bytes - fixed) // per_sequence, 2), limit))
+    while guess > 2 and not fits(guess):
+        guess -= 1
+    while guess < limit and fits(guess + 1):
+        guess += 1
+    return guess, list(reports.values())
 
 
 def main(argv) -> int:
