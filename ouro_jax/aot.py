@@ -10,6 +10,7 @@ it and reports the memory each chip needs, whether it fits the chip's HBM, and t
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 
@@ -46,6 +47,8 @@ def topology_devices(topology: str):
     """Abstract devices of a TPU topology such as 'v5p:2x2x1', 'v6e:2x2' or 'v5p:4x4x4'."""
     from jax.experimental import topologies
 
+    # Compile-only use of libtpu: let several processes (parallel tests, two AOT runs) load it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     generation = topology.split(":")[0]
     if generation not in HBM_BYTES:
         raise ValueError(f"unknown TPU generation {generation!r} in {topology!r}; known: {sorted(HBM_BYTES)}")
