@@ -30,6 +30,7 @@ class CompileReport:
     bytes_per_chip: int        # arguments + outputs - donated aliases + temporaries
     hbm_bytes: int
     collectives: dict[str, int]  # op -> count in the compiled program
+    collectives_in_loops: dict[str, int]  # op -> count inside while loops (run once per trip)
 
     @property
     def fits(self) -> bool:
@@ -37,7 +38,7 @@ class CompileReport:
 
     def __str__(self) -> str:
         gib = lambda b: f"{b / 2**30:.2f} GiB"
-        ops = ", ".join(f"{k} x{v}" for k, v in self.collectives.items() if v)
+        ops = ", ".join(f"{k} x{v} ({self.collectives_in_loops[k]} in loops)" for k, v in self.collectives.items() if v)
         return (f"{self.topology}: {self.chips} chips, global batch {self.global_batch} x {self.seq_len} tokens, "
                 f"{gib(self.bytes_per_chip)} per chip of {gib(self.hbm_bytes)} HBM -> "
                 f"{'fits' if self.fits else 'DOES NOT FIT'}; collectives: {ops or 'none'}")
@@ -57,8 +58,41 @@ def topology_devices(topology: str):
     return desc.devices
 
 
-def _count_collectives(hlo_text: str) -> dict[str, int]:
-    return {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo_text)) for op in COLLECTIVES}
+def _loop_depths(hlo_text: str) -> dict[str, list[str]]:
+    """Each computation's instructions, keyed by (while-loop nesting depth, name): the ENTRY is depth 0,
+    a while body one deeper than its caller; fusions and other callees keep their caller's depth."""
+    computations, current, entry = {}, None, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY )?%?([\w.\-]+) \(.*\{$", line.rstrip())
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif current:
+            computations[current].append(line)
+    depth: dict[str, int] = {}
+    stack = [(entry, 0)]
+    while stack:
+        name, d = stack.pop()
+        if name not in computations or depth.get(name, -1) >= d:
+            continue
+        depth[name] = d
+        for line in computations[name]:
+            for kind, callee in re.findall(r"(body|condition|calls|to_apply)=%?([\w.\-]+)", line):
+                stack.append((callee, d + (kind == "body")))
+    return {(depth.get(name, 0), name): lines for name, lines in computations.items()}
+
+
+def _count_collectives(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(count of each collective op, count of those inside a while loop) in a compiled program."""
+    total, in_loops = dict.fromkeys(COLLECTIVES, 0), dict.fromkeys(COLLECTIVES, 0)
+    for (depth, _), lines in _loop_depths(hlo_text).items():
+        for line in lines:
+            for op in COLLECTIVES:
+                if re.search(rf"= \S+ {op}(-start)?\(", line):
+                    total[op] += 1
+                    in_loops[op] += depth > 0
+    return total, in_loops
 
 
 def compile_train_step(config, topology: str, batch_per_chip: int) -> CompileReport:
@@ -72,10 +106,11 @@ def compile_train_step(config, topology: str, batch_per_chip: int) -> CompileRep
     memory = compiled.memory_analysis()
     per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes)
+    collectives, in_loops = _count_collectives(compiled.as_text())
     return CompileReport(topology=topology, chips=len(devices), global_batch=config.data.batch_size,
                          seq_len=int(config.data.seq_len), bytes_per_chip=int(per_chip),
-                         hbm_bytes=HBM_BYTES[topology.split(":")[0]],
-                         collectives=_count_collectives(compiled.as_text()))
+                         hbm_bytes=HBM_BYTES[topology.split(":")[0]], collectives=collectives,
+                         collectives_in_loops=in_loops)
 
 
 def max_batch_per_chip(config, topology: str, limit: int = 1024) -> tuple[int, list[CompileReport]]:

@@ -109,6 +109,15 @@ def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
 
+def without_axis(shardings: Any, axis: str = "fsdp") -> Any:
+    """`shardings` with mesh `axis` dropped from every spec: an array constrained to them is whole
+    along that axis (e.g. FSDP-sharded weights gathered once, outside the recurrent loop)."""
+    def drop(entry):
+        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a != axis)
+        return axes[0] if len(axes) == 1 else (axes or None)
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*map(drop, s.spec))), shardings)
+
+
 def batch_spec() -> PartitionSpec:
     """Batch arrays [B, S]: rows split over data x fsdp."""
     return PartitionSpec(("data", "fsdp"), None)

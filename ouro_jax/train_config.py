@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000,
         grad_accum=1,
         ce_chunk_size=1024,
+        gather_weights_once=False,  # FSDP: gather the layer stack once per step, not once per loop
         log_every=10,             # stdout lines; JSONL and TensorBoard get every step
         progress_bar=True,
         eval_every=0,             # 0: only at the end

@@ -151,6 +151,20 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
         zero = jnp.zeros((), jnp.int32)
         return TrainState(zero, params, optimizer.init(split_trainable(params, stage)[0]), zero, zero)
 
+    # FSDP gathers each weight where it is used: inside the recurrent loop, T times per pass.
+    # gather_weights_once gathers every weight the loop uses once per train step instead (in the
+    # compute dtype; the gate stays float32): T x fewer all-gathers, at the cost of holding those
+    # weights and their gradients whole on every chip. The embedding is used once anyway.
+    in_loop = [k for k in state_shardings.params if k != "embed_tokens"]
+    gathered = ({k: shd.without_axis(state_shardings.params[k], "fsdp") for k in in_loop}
+                if config.train.gather_weights_once else None)
+
+    def gather_weights(params):
+        if gathered is None:
+            return params
+        cast = lambda k, tree: tree if k == "exit_gate" else jax.tree.map(lambda x: x.astype(model_cfg.compute_dtype), tree)
+        return {**params, **{k: jax.lax.with_sharding_constraint(cast(k, params[k]), gathered[k]) for k in in_loop}}
+
     def train_step(state: TrainState, batch):
         with shd.activation_rules(mesh):
             trainable, frozen = split_trainable(state.params, stage)
@@ -158,8 +172,8 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
             total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
             def loss_fn(trainable, microbatch):
-                loss_sum, stats = batch_loss_sums(model_cfg, {**frozen, **trainable}, microbatch, beta=beta,
-                                                  **loss_kwargs)
+                loss_sum, stats = batch_loss_sums(model_cfg, gather_weights({**frozen, **trainable}), microbatch,
+                                                  beta=beta, **loss_kwargs)
                 return loss_sum / total_tokens, stats
 
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -33,3 +33,40 @@ def test_data_parallel_train_step_compiles_for_v6e():
 def test_unknown_generation_is_named():
     with pytest.raises(ValueError, match="unknown TPU generation 'v9x'"):
         aot.topology_devices("v9x:2x2")
+
+
+def test_gather_weights_once_moves_fsdp_gathers_out_of_the_loops():
+    per_layer = aot.compile_train_step(_config(data=1, fsdp=-1, tensor=1), "v5p:2x2x1", batch_per_chip=1)
+    config = _config(data=1, fsdp=-1, tensor=1)
+    config.train.gather_weights_once = True
+    once = aot.compile_train_step(config, "v5p:2x2x1", batch_per_chip=1)
+    assert per_layer.collectives_in_loops["all-gather"] > 0   # gathered inside the step and layer loops
+    assert once.collectives_in_loops["all-gather"] == 0 and once.collectives["all-gather"] > 0
+    assert "in loops" in str(once)
+
+
+def test_gather_weights_once_trains_identically_on_8_devices():
+    import jax
+    import numpy as np
+
+    from ouro_jax import sharding as shd
+    from ouro_jax.trainer import build_train_program
+
+    batch_rng = np.random.default_rng(0)
+    ids = batch_rng.integers(3, 128, (8, 33), dtype=np.int32)
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((8, 32), np.int32),
+             "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1)), "loss_mask": np.ones((8, 32), np.float32)}
+    results = []
+    for once in (False, True):
+        config = _config(data=1, fsdp=-1, tensor=1)
+        config.model.dtype = "float32"
+        config.data.update(seq_len=32, batch_size=8)
+        config.train.gather_weights_once = once
+        mesh = shd.make_mesh(dict(config.mesh))
+        program = build_train_program(config, mesh)
+        state = program.init(jax.random.key(0))
+        for _ in range(2):
+            state, metrics = program.step(state, shd.global_batch(batch, mesh))
+        results.append((float(metrics["loss"]), jax.device_get(state.params)))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][1], results[1][1])
