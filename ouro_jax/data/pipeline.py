@@ -210,25 +210,10 @@ def _check_args(srcs, seq_len, batch_size, weights, num_epochs, num_workers, pac
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
 
 
-def make_batch_iterator(
-    sources: Any | Sequence[Any],
-    *,
-    seq_len: int,
-    batch_size: int,
-    weights: Sequence[float] | None = None,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    num_workers: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    packing: str = "auto",
-    read_threads: int = 0,
-    prefetch: int = 2,
-):
+def make_batch_iterator(sources: Any | Sequence[Any], **options):
     """A checkpointable grain iterator of packed batches, each a dict of numpy arrays [batch_size, seq_len].
 
-    Args:
+    Options (keyword arguments of `make_batch_dataset`):
       sources: one source or a list (see `make_source`: `TokenShards`, a task, a mapping or a string).
       seq_len, batch_size: row length and rows per batch (per process).
       weights: mixture weights of the sources (default uniform).
@@ -241,8 +226,4 @@ def make_batch_iterator(
       read_threads: threads reading source elements (useful for token shards on slow disks).
       prefetch: batches prefetched by a background thread (0: none).
     """
-    return make_batch_dataset(
-        sources, seq_len=seq_len, batch_size=batch_size, weights=weights, seed=seed, shuffle=shuffle,
-        num_epochs=num_epochs, num_workers=num_workers, process_index=process_index,
-        process_count=process_count, packing=packing, read_threads=read_threads, prefetch=prefetch,
-    ).__iter__()
+    return iter(make_batch_dataset(sources, **options))
