@@ -12,7 +12,7 @@ per-step head work (hidden states, gate, training loss) happens inside the loop 
 
 from __future__ import annotations
 
-import functools
+import itertools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -94,10 +94,10 @@ def attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = [jnp.where(mask[:, :, None], jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
                         * head_dim**-0.5, jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
-    peak = functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores])
-    weights = [jnp.exp(s - peak) for s in scores]
-    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-    out = sum(jnp.einsum("bkgqt,btkd->bqkgd", (w / total).astype(v.dtype), v) for w, (_, v, _) in zip(weights, blocks))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)   # scores are small; K/V are not copied
+    splits = list(itertools.accumulate(k.shape[1] for k, _, _ in blocks))[:-1]
+    out = sum(jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v)
+              for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), blocks))
     return out.reshape(batch, q_len, heads, head_dim)
 
 
