@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -25,7 +26,7 @@ from ouro_jax.checkpoint import CONFIG_FILE, TrainCheckpointer, config_from_dict
 from ouro_jax.config import OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
 from ouro_jax.data.tasks import SyntheticTask
-from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops, summary_line
+from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.trainer import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 
 NUMERIC_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "scan_steps")
@@ -93,7 +94,7 @@ class TaskEvaluation:
         answer_len = ev.answers.shape[1]
         if prompt_len + answer_len > seq_len:
             raise ValueError(f"{task!r} eval examples need {prompt_len + answer_len} tokens > data.seq_len {seq_len}")
-        shards = mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
+        shards = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
         self.batch_size = -(-batch_size // shards) * shards
         rows = -(-n // self.batch_size) * self.batch_size
         ids = np.zeros((rows, seq_len), np.int32)

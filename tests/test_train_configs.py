@@ -44,3 +44,16 @@ def test_small_configs_build_on_one_device(name):
     config = load_config(name)
     program = trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     assert program.model_cfg.total_ut_steps >= 2 and config.data.sources.startswith("mano")
+
+
+def test_bfloat16_compute_over_float32_master_weights():
+    from train_helpers import tiny_train_config
+
+    config = tiny_train_config()
+    config.model.update(dtype="bfloat16", param_dtype="float32")
+    program = trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    assert {x.dtype.name for x in jax.tree.leaves(program.abstract_state.params)} == {"float32"}
+    assert {x.dtype.name for x in jax.tree.leaves(program.abstract_state.opt_state) if x.ndim} == {"float32"}
+    text = program.step.lower(program.abstract_state, program.abstract_batch).as_text()
+    matmuls = [line for line in text.splitlines() if "dot_general" in line]
+    assert any("bf16" in line.split("->")[0] for line in matmuls)  # layer matmuls take bf16 operands
