@@ -56,17 +56,20 @@ def write_corpus(path: pathlib.Path, megabytes: float) -> None:
             written += len(text)
 
 
-def time_train_step(config_path: pathlib.Path, steps: int) -> tuple[float, str]:
+def load_train_config(config_path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location("bench_config", config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def time_train_step(config, steps: int) -> float:
     """Slots/s consumed by the jitted train step of a config (batch_size * seq_len per step)."""
     import jax
 
     from ouro_jax import sharding as shd
     from ouro_jax.trainer import as_model_batch, build_train_program
 
-    spec = importlib.util.spec_from_file_location("bench_config", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
     mesh = shd.make_mesh(dict(config.mesh))
     program = build_train_program(config, mesh)
     state = program.init(jax.random.key(0))
@@ -83,14 +86,13 @@ def time_train_step(config_path: pathlib.Path, steps: int) -> tuple[float, str]:
     for b in batches[2:]:
         state, metrics = step(state, b)
     jax.block_until_ready(metrics)
-    rate = steps * batch_size * seq_len / (time.perf_counter() - start)
-    return rate, f"{config_path.name}: batch {batch_size} x seq {seq_len}, sources {config.data.sources}"
+    return steps * batch_size * seq_len / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-tokens-per-s", type=float, default=None,
-                        help="PLACEHOLDER for the train step's consumption (batch slots/s); skips timing it here")
+                        help="the train step's consumption (batch slots/s) to compare with; skips timing it here")
     parser.add_argument("--train-config", default=str(REPO / "configs" / "demo.py"))
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per pipeline")
@@ -99,6 +101,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    config_path = pathlib.Path(args.train_config)
+    config, config_name = load_train_config(config_path), config_path.name
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         write_corpus(tmp / "corpus.txt", args.corpus_mb)
@@ -108,8 +112,10 @@ def main() -> None:
         print(f"prepare (byte tokenizer): {manifest['tokens'] / prep_s:,.0f} tokens/s "
               f"({manifest['documents']} documents, {manifest['tokens']:,} tokens in {prep_s:.1f}s)")
         shards = TokenShards(tmp / "shards")
+        train_seq, train_batch = int(config.data.seq_len), int(config.data.batch_size)
+        train_case = f"{config.data.sources} ({config_name}: seq {train_seq}, batch {train_batch})"
         cases = [
-            ("mano L=4 (demo: seq 64, batch 32)", Mano(max_len=4), 64, 32),
+            (train_case, make_source(str(config.data.sources).split(";")[0]), train_seq, train_batch),
             ("mano L=10 (seq 64, batch 32)", Mano(max_len=10), 64, 32),
             ("multihop_qa 3-hop (seq 64, batch 32)", MultiHopQA(), 64, 32),
             ("text shards concat (seq 1024, batch 8)", shards, 1024, 8),
@@ -117,22 +123,19 @@ def main() -> None:
         results = []
         for name, src, seq_len, batch_size in cases:
             results.append((name, time_pipeline(src, seq_len=seq_len, batch_size=batch_size, seconds=args.seconds)))
-            if args.workers and name.startswith("mano L=4"):
+            if args.workers and name == train_case:
                 results.append((f"{name}, {args.workers} workers", time_pipeline(
                     src, seq_len=seq_len, batch_size=batch_size, seconds=args.seconds, num_workers=args.workers)))
 
     if args.train_tokens_per_s is not None:
         train_rate, train_desc = args.train_tokens_per_s, "given by --train-tokens-per-s"
     else:
-        try:
-            train_rate, train_desc = time_train_step(pathlib.Path(args.train_config), args.train_steps)
-        except Exception as e:  # the training API may be missing or changed: say so and compare with nothing
-            train_rate, train_desc = None, f"unavailable ({type(e).__name__}: {e}); pass --train-tokens-per-s"
-    print(f"train step consumption: " + (f"{train_rate:,.0f} slots/s " if train_rate else "") + f"[{train_desc}]")
-    print(f"{'pipeline':<46} {'slots/s':>12} {'tokens/s':>12} {'fill':>6} {'x train':>8}")
+        train_rate, train_desc = time_train_step(config, args.train_steps), f"{config_name} train step"
+    print(f"train step consumption: {train_rate:,.0f} slots/s [{train_desc}]")
+    print(f"{'pipeline':<66} {'slots/s':>12} {'tokens/s':>12} {'fill':>6} {'x train':>8}")
     for name, r in results:
-        ratio = f"{r['slots_per_s'] / train_rate:8.1f}" if train_rate else "       -"
-        print(f"{name:<46} {r['slots_per_s']:12,.0f} {r['tokens_per_s']:12,.0f} {r['fill']:6.2f} {ratio}")
+        print(f"{name:<66} {r['slots_per_s']:12,.0f} {r['tokens_per_s']:12,.0f} {r['fill']:6.2f} "
+              f"{r['slots_per_s'] / train_rate:8.1f}")
 
 
 if __name__ == "__main__":

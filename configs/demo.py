@@ -1,9 +1,11 @@
 """The main job (`make demo`): a small looped model learns Mano modular arithmetic on CPU.
 
 One shared layer looped T=4 times (d=64) on Mano prefix expressions over F_5 with up to 2 operators;
-Stage I objective (expected CE over exit steps + beta * entropy). A few minutes on 2 CPU cores. Ends by
-printing held-out exact-match accuracy at every recurrent step (deeper steps score higher) and where
-the checkpoints and the params export are.
+Stage I objective (expected CE over exit steps + beta * entropy), 3000 steps of 32 x 32 tokens, about
+4.5 minutes on 2 CPU cores. Ends by printing held-out exact-match accuracy (chance 0.2) at every
+recurrent step, and where the checkpoints and the params export are. Measured: t=1..4 = 0.516 / 0.648 /
+0.664 / 0.660; the single pass stays near 0.5 while two or more loops compose the two operators.
+The rate 1e-3 with b2 = 0.99 matters: at 2e-3 or 1e-2 most seeds stall near 0.45 at every step.
 """
 
 from ouro_jax import config as model_presets
@@ -17,12 +19,12 @@ def get_config():
         num_key_value_heads=4, head_dim=16, total_ut_steps=4, max_position_embeddings=128))
     c.data.sources = "mano:max_len=2,modulus=5"
     c.data.seq_len = 32
-    c.data.batch_size = 64
+    c.data.batch_size = 32
     c.data.eval_examples = 512
     c.data.eval_batch_size = 128
-    c.optim.update(peak_lr=1e-2, init_lr=3e-4, warmup_steps=50, decay="cosine", decay_steps=500, end_lr=1e-4,
-                   weight_decay=0.1, clip_norm=1.0)
+    c.optim.update(peak_lr=1e-3, init_lr=1e-4, warmup_steps=50, decay="cosine", decay_steps=600, end_lr=1e-4,
+                   b2=0.99, weight_decay=0.1, clip_norm=1.0)
     c.loss.update(beta=0.1)
-    c.train.update(steps=2000, log_every=200, eval_every=500, checkpoint_every=500, keep_checkpoints=2,
+    c.train.update(steps=3000, log_every=250, eval_every=500, checkpoint_every=500, keep_checkpoints=2,
                    ce_chunk_size=64)
     return c
