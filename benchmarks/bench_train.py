@@ -1,9 +1,10 @@
 """Train-step throughput and MFU on this machine, next to the measured matmul peak in the same run.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 5] [--dtype float32 bfloat16]
+    .venv/bin/python benchmarks/bench_train.py [--steps 5] [--dtype float32 bfloat16] [--loops scan unrolled]
 
 Model: d=512, 4 layers, T=4 (8 heads of 64, SwiGLU 1408, vocab 8192), Stage I objective, batch 8 x 256
-tokens. Model FLOPs are analytic (ouro_jax.metrics.model_flops_per_token: every matmul of the T
+tokens; the loops over layers and steps either as nn.scan (the default, for compile time at scale) or
+unrolled (faster on CPU). Model FLOPs are analytic (ouro_jax.metrics.model_flops_per_token: every matmul of the T
 loops, the LM head at every step, attention; x3 for the backward pass; no rematerialization).
 """
 
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -27,12 +31,12 @@ from ouro_jax.trainer import build_train_program  # noqa: E402
 BATCH, SEQ = 8, 256
 
 
-def bench_config(dtype: str, remat: str):
+def bench_config(dtype: str, remat: str, scan: bool):
     c = base_config()
     c.model = model_fields(presets.tiny(
         vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=8, head_dim=64, total_ut_steps=4, max_position_embeddings=SEQ,
-        dtype=dtype, remat_policy=remat))
+        dtype=dtype, remat_policy=remat, scan_layers=scan, scan_steps=scan))
     c.mesh.update(data=1, fsdp=1, tensor=1)
     c.data.update(seq_len=SEQ, batch_size=BATCH)
     c.train.update(steps=1000, ce_chunk_size=SEQ)
@@ -46,9 +50,9 @@ def random_batch(vocab: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "loss_mask": np.ones((BATCH, SEQ), np.float32)}
 
 
-def time_train_step(dtype: str, remat: str, steps: int) -> tuple[float, float]:
+def time_train_step(dtype: str, remat: str, scan: bool, steps: int) -> tuple[float, float]:
     """(seconds per step, model FLOPs per step)."""
-    config = bench_config(dtype, remat)
+    config = bench_config(dtype, remat, scan)
     mesh = shd.make_mesh(dict(config.mesh), jax.devices()[:1])
     program = build_train_program(config, mesh)
     state = program.init(jax.random.key(0))
@@ -70,15 +74,17 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--loops", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"])
     args = parser.parse_args()
     print(f"devices: {jax.devices()[0].device_kind} x1, batch {BATCH} x {SEQ} tokens, remat {args.remat}")
-    print(f"{'compute':>9} | {'s/step':>7} | {'tokens/s':>9} | {'model GFLOP/s':>13} | {'matmul peak GFLOP/s':>19} | ratio")
+    print(f"{'compute':>9} | {'loops':>8} | {'s/step':>7} | {'tokens/s':>9} | {'model GFLOP/s':>13} | {'matmul peak GFLOP/s':>19} | ratio")
     for dtype in args.dtype:
         peak = measure_matmul_flops(dtype, size=1024)
-        seconds, flops = time_train_step(dtype, args.remat, args.steps)
-        achieved = flops / seconds
-        print(f"{dtype:>9} | {seconds:7.3f} | {BATCH * SEQ / seconds:9.0f} | {achieved / 1e9:13.1f} | "
-              f"{peak / 1e9:19.1f} | {achieved / peak:5.1%}")
+        for loops in args.loops:
+            seconds, flops = time_train_step(dtype, args.remat, loops == "scan", args.steps)
+            achieved = flops / seconds
+            print(f"{dtype:>9} | {loops:>8} | {seconds:7.3f} | {BATCH * SEQ / seconds:9.0f} | "
+                  f"{achieved / 1e9:13.1f} | {peak / 1e9:19.1f} | {achieved / peak:5.1%}")
 
 
 if __name__ == "__main__":
