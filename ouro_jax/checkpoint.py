@@ -50,15 +50,19 @@ def save_params(directory: str | os.PathLike, cfg: OuroConfig, params: dict[str,
         json.dump(config_to_dict(cfg.replace(scan_layers=True)), f, indent=2)
 
 
-def load_params(directory: str | os.PathLike, shardings: Any = None, **config_overrides) -> tuple[OuroConfig, dict[str, Any]]:
-    """Reads a params-only checkpoint -> (config, params); `shardings` places each array directly."""
-    directory = os.path.abspath(os.fspath(directory))
+def _read_config(directory: str) -> OuroConfig:
     config_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a params checkpoint of ouro_jax")
     with open(config_path) as f:
-        cfg = config_from_dict(json.load(f))
-    stored = cfg
+        return config_from_dict(json.load(f))
+
+
+def load_params(directory: str | os.PathLike, shardings: Any = None, **config_overrides) -> tuple[OuroConfig, dict[str, Any]]:
+    """Reads a params-only checkpoint -> (config, params); `shardings` places each array directly."""
+    directory = os.path.abspath(os.fspath(directory))
+    stored = _read_config(directory)
+    cfg = stored
     cfg = cfg.replace(**config_overrides)
     target = nn.unbox(abstract_params(stored))
     if shardings is not None:
@@ -75,15 +79,26 @@ def load_params(directory: str | os.PathLike, shardings: Any = None, **config_ov
     return cfg, params
 
 
+def _is_ours(path: str) -> bool:
+    """True for a params checkpoint of ours, False for an HF Ouro directory; raises for neither."""
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+        return True
+    if os.path.exists(os.path.join(path, "config.json")):
+        return False
+    raise CheckpointError(f"{path}: neither an HF Ouro directory (config.json) nor an ouro_jax params "
+                          f"checkpoint ({CONFIG_FILE})")
+
+
 def load_model(path: str | os.PathLike, **kwargs) -> tuple[OuroConfig, dict[str, Any]]:
     """Loads an HF Ouro directory or a params checkpoint of ours, whichever `path` is."""
     path = os.fspath(path)
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
-        return load_params(path, **kwargs)
-    if os.path.exists(os.path.join(path, "config.json")):
-        return load_hf(path, **kwargs)
-    raise CheckpointError(f"{path}: neither an HF Ouro directory (config.json) nor an ouro_jax params "
-                          f"checkpoint ({CONFIG_FILE})")
+    return load_params(path, **kwargs) if _is_ours(path) else load_hf(path, **kwargs)
+
+
+def load_model_config(path: str | os.PathLike) -> OuroConfig:
+    """The OuroConfig of an HF Ouro directory or a params checkpoint of ours, without reading weights."""
+    path = os.fspath(path)
+    return _read_config(os.path.abspath(path)) if _is_ours(path) else OuroConfig.from_hf_config(path)
 
 
 # ---- Training checkpoints: the whole train state and the data iterator, resumable ---------------

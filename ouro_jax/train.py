@@ -10,7 +10,6 @@ or gradients skip the update; `train.max_consecutive_nonfinite` in a row stop th
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 
 from ouro_jax import sharding as shd
-from ouro_jax.checkpoint import CONFIG_FILE, TrainCheckpointer, config_from_dict, load_model, save_params
+from ouro_jax.checkpoint import TrainCheckpointer, load_model, load_model_config, save_params
 from ouro_jax.config import OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
 from ouro_jax.data.tasks import SyntheticTask
@@ -65,8 +64,9 @@ def _source_specs(data_cfg) -> list[str]:
 
 def make_sources(config, model_cfg: OuroConfig) -> list[Any]:
     """The data sources of `config.data.sources` (';'-separated specs), checked against the vocabulary."""
-    sources = [make_source(spec) for spec in _source_specs(config.data)]
-    for spec, src in zip(_source_specs(config.data), sources):
+    specs = _source_specs(config.data)
+    sources = [make_source(spec) for spec in specs]
+    for spec, src in zip(specs, sources):
         if src.vocab_size > model_cfg.vocab_size:
             raise ValueError(f"data source {spec!r} has vocab_size {src.vocab_size} > model.vocab_size "
                              f"{model_cfg.vocab_size}")
@@ -135,20 +135,10 @@ def make_evaluations(config, sources: list[Any], mesh) -> dict[str, TaskEvaluati
 
 # ---- model initialization ---------------------------------------------------------------------
 
-def checkpoint_model_config(path: str) -> OuroConfig:
-    """The OuroConfig stored with a params checkpoint of ours or an HF Ouro directory."""
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
-        with open(os.path.join(path, CONFIG_FILE)) as f:
-            return config_from_dict(json.load(f))
-    if os.path.exists(os.path.join(path, "config.json")):
-        return OuroConfig.from_hf_config(path)
-    raise FileNotFoundError(f"config.init_from={path!r}: neither an ouro_jax params checkpoint nor an HF directory")
-
-
 def adopt_checkpoint_shape(config, path: str) -> None:
     """Sets every model field but the numerics (dtype, param_dtype, remat, scan switches) from the
     checkpoint at `path`: the checkpoint defines the model it holds."""
-    stored = dataclasses.asdict(checkpoint_model_config(path))
+    stored = dataclasses.asdict(load_model_config(path))
     changed = {k: (config.model[k], v) for k, v in stored.items() if k not in NUMERIC_FIELDS and config.model[k] != v}
     if changed:
         print(f"[init] model fields taken from {path}: " +
@@ -214,12 +204,12 @@ def train(config, workdir: str) -> TrainResult:
         step, state = restored
         saved_step = step
         print(f"[train] resumed from step {step} ({checkpoint_dir})", flush=True)
+    elif config.init_from:
+        _, params = load_model(config.init_from, param_dtype=model_cfg.param_dtype)
+        step, state = 0, place_params(program, params)
+        print(f"[train] initialized from {config.init_from}", flush=True)
     else:
         step, state = 0, program.init(jax.random.key(int(config.seed)))
-        if config.init_from:
-            _, params = load_model(config.init_from, param_dtype=model_cfg.param_dtype)
-            state = place_params(program, state, params)
-            print(f"[train] initialized from {config.init_from}", flush=True)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:

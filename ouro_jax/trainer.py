@@ -13,6 +13,7 @@ state covers the trainable subtree alone and the frozen parameters pass through 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ouro_jax import sharding as shd
 from ouro_jax.config import OuroConfig
-from ouro_jax.exit import exit_log_pdf
+from ouro_jax.exit import exit_entropy, exit_pdf
 from ouro_jax.losses import stage1_token_loss, stage2_token_loss
 from ouro_jax.model import Ouro, init_params
 from ouro_jax.optim import beta_schedule, lr_schedule, make_optimizer
@@ -79,16 +80,14 @@ def batch_loss_sums(model_cfg: OuroConfig, params: dict[str, Any], batch: dict[s
                                 segment_ids=batch["segment_ids"], targets=batch["targets"],
                                 return_hidden=False, ce_chunk_size=ce_chunk_size)
     mask = batch["loss_mask"].astype(jnp.float32)
-    log_p = exit_log_pdf(out.gate_logits)
-    p = jnp.exp(log_p)
     if stage == 1:
         token_loss = stage1_token_loss(out.step_ce, out.gate_logits, beta)
     else:
         token_loss = stage2_token_loss(out.step_ce, out.gate_logits, gate_k, gate_gamma)
     stats = {
         "step_ce_sum": jnp.sum(out.step_ce * mask, axis=(1, 2)),
-        "exit_p_sum": jnp.sum(p * mask, axis=(1, 2)),
-        "entropy_sum": jnp.sum(-jnp.sum(p * log_p, axis=0) * mask),
+        "exit_p_sum": jnp.sum(exit_pdf(out.gate_logits) * mask, axis=(1, 2)),
+        "entropy_sum": jnp.sum(exit_entropy(out.gate_logits) * mask),
         "tokens": jnp.sum(mask),
     }
     return jnp.sum(token_loss * mask), jax.tree.map(jax.lax.stop_gradient, stats)
@@ -108,6 +107,12 @@ def _updates_applied(opt_state) -> jax.Array:
     counts = [v for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
               if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"]
     return counts[0]
+
+
+def _fresh_state(optimizer: optax.GradientTransformation, stage: int, params: dict[str, Any]) -> TrainState:
+    """Step 0: `params` with a new optimizer state for their trainable subtree and zeroed counters."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, optimizer.init(split_trainable(params, stage)[0]), zero, zero)
 
 
 def _where_tree(pred, new, old):
@@ -135,8 +140,7 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
 
     def boxed_state(rng):
         boxed = Ouro(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32), num_steps=1)["params"]
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(zero, boxed, optimizer.init(split_trainable(boxed, stage)[0]), zero, zero)
+        return _fresh_state(optimizer, stage, boxed)
 
     abstract_boxed = jax.eval_shape(boxed_state, jax.random.key(0))
     state_shardings = shd.tree_shardings(abstract_boxed, mesh)
@@ -147,9 +151,7 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
                                               sharding=batch_sharding) for k in BATCH_KEYS}
 
     def init(rng):
-        params = init_params(model_cfg, rng)
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(zero, params, optimizer.init(split_trainable(params, stage)[0]), zero, zero)
+        return _fresh_state(optimizer, stage, init_params(model_cfg, rng))
 
     # FSDP gathers each weight where it is used: inside the recurrent loop, T times per pass.
     # gather_weights_once gathers every weight the loop uses once per train step instead (in the
@@ -241,9 +243,8 @@ def as_model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(batch[k], np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS}
 
 
-def place_params(program: TrainProgram, state: TrainState, params: dict[str, Any]) -> TrainState:
-    """`state` with `params` (e.g. a pretrained LM for Stage II) placed on the mesh; optimizer state reset."""
+def place_params(program: TrainProgram, params: dict[str, Any]) -> TrainState:
+    """A step-0 state holding `params` (e.g. a pretrained LM for Stage II), placed on the mesh."""
     params = jax.device_put(nn.unbox(params), program.state_shardings.params)
-    opt_state = jax.jit(lambda p: program.optimizer.init(split_trainable(p, program.stage)[0]),
-                        out_shardings=program.state_shardings.opt_state)(params)
-    return state.replace(params=params, opt_state=opt_state)
+    return jax.jit(functools.partial(_fresh_state, program.optimizer, program.stage),
+                   out_shardings=program.state_shardings)(params)

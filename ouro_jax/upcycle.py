@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from ouro_jax.config import OuroConfig
@@ -27,14 +28,8 @@ def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) ->
         params = stack_layers(params, cfg.num_hidden_layers)
     layers = params["decoder"]["layers"]
     repeated = {k: v for k, v in params.items() if k != "decoder"}
-    repeated["decoder"] = {"layers": _tile(layers, repeats)}
+    repeated["decoder"] = {"layers": jax.tree.map(lambda x: jnp.concatenate([x] * repeats, axis=0), layers)}
     return cfg.replace(num_hidden_layers=cfg.num_hidden_layers * repeats, scan_layers=True), repeated
-
-
-def _tile(tree, repeats: int):
-    if isinstance(tree, dict):
-        return {k: _tile(v, repeats) for k, v in tree.items()}
-    return jnp.concatenate([tree] * repeats, axis=0)
 
 
 def upcycle_checkpoint(source: str, destination: str, repeats: int = 2) -> OuroConfig:

@@ -141,7 +141,7 @@ def test_stage2_trains_only_the_gate_toward_its_labels():
     cfg.stage = 2
     cfg.optim.update(peak_lr=3e-2, weight_decay=0.1)
     program = trainer.build_train_program(cfg, _one_device(), FAST_COMPILE)
-    state = trainer.place_params(program, program.init(jax.random.key(1)), lm)
+    state = trainer.place_params(program, lm)
     assert set(state.opt_state[1][0].mu) == {"exit_gate"}  # no optimizer state for the frozen LM
     batch = random_batch(cfg, seed=100)
 
@@ -165,10 +165,9 @@ def test_stage2_trains_only_the_gate_toward_its_labels():
 def test_nonfinite_updates_are_skipped_counted_and_never_checkpointed(tmp_path):
     reference = reference_run()
     cfg, program = reference["config"], reference["program"]
-    state = program.init(jax.random.key(0))
     params = jax.tree.map(np.array, reference["initial_params"])
     params["lm_head"][0, 0] = np.inf  # every cross-entropy turns NaN
-    state = trainer.place_params(program, state, params)
+    state = trainer.place_params(program, params)
     opt_before = jax.device_get(state.opt_state)
     for i in range(3):
         state, metrics = program.step(state, shd.global_batch(random_batch(cfg, seed=i), program.mesh))
