@@ -1,22 +1,25 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
-# Each builds .venv from the repo's own requirement files first.
+# Each first installs ouro_jax (editable, with its pinned dependencies) into .venv from the repo's own files.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
-	$(PY) -m pip install -q -r requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test lint
 demo: $(VENV)/.runtime
-	$(PY) -m ouro_jax.train --config configs/demo.py --workdir runs/demo
+	$(VENV)/bin/ouro-train --config configs/demo.py --workdir runs/demo
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .

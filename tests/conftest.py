@@ -10,13 +10,13 @@ import pathlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "golden" / "ouro_tiny"
+GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden" / "ouro_tiny"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
     if not GOLDEN_DIR.is_dir():
-        raise FileNotFoundError(f"golden reference not found at {GOLDEN_DIR} (expected ../shared beside the repo)")
+        raise FileNotFoundError(f"golden reference not found at {GOLDEN_DIR} (a byte-identical copy of the shared golden reference)")
     return GOLDEN_DIR
 
 
