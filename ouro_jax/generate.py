@@ -12,12 +12,21 @@ import argparse
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from ouro_jax.inference import (POLICIES, GenerationResult, cache_bytes, default_cache_length, generate, prompt_bucket,
-                                trace_count)
+from ouro_jax.config import Execution
+from ouro_jax.inference import (
+    POLICIES,
+    GenerationResult,
+    cache_bytes,
+    default_cache_length,
+    generate,
+    prompt_bucket,
+    trace_count,
+)
+from ouro_jax.params_io import load_model
 
 __all__ = ["GenerationResult", "POLICIES", "cache_bytes", "default_cache_length", "generate", "main", "prompt_bucket",
            "trace_count"]
@@ -86,11 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> GenerationResult:
     args = build_parser().parse_args(argv)
-    from ouro_jax.checkpoint import load_model
 
     if args.policy not in POLICIES:
         raise SystemExit(f"error: unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
-    cfg, params = load_model(args.model, **({"dtype": args.dtype} if args.dtype else {}))
+    cfg, params = load_model(args.model, execution=Execution(dtype=args.dtype) if args.dtype else None)
     tokenizer = None
     if args.prompt_ids is not None:
         if args.chat:

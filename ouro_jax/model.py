@@ -12,6 +12,7 @@ per-step head work (hidden states, gate, training loss) happens inside the loop 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, NamedTuple
 
@@ -183,27 +184,21 @@ class DecoderLayer(nn.Module):
 
 
 class LayerStack(nn.Module):
-    """The N shared layers: `nn.scan` with stacked params, or a Python loop over `layers_{i}`."""
+    """The N shared layers: an `nn.scan` with stacked params (unrolled when `execution.unroll`)."""
 
     cfg: OuroConfig
 
     @nn.compact
     def __call__(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
-        cfg = self.cfg
+        cfg, run = self.cfg, self.cfg.execution
         layer = DecoderLayer
-        if cfg.remat_policy != "none":
-            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                            length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            return stack(cfg, return_kv, name="layers")(h, positions, mask, kv_cache, cache_index)
-        kvs = []
-        for i in range(cfg.num_hidden_layers):
-            cache_i = None if kv_cache is None else jax.tree.map(lambda c: c[i], kv_cache)
-            h, kv = layer(cfg, return_kv, name=f"layers_{i}")(h, positions, mask, cache_i, cache_index)
-            kvs.append(kv)
-        return h, (None if kvs[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *kvs))
+        if run.remat_policy != "none":
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[run.remat_policy], prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_hidden_layers,
+                        unroll=cfg.num_hidden_layers if run.unroll else 1,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(cfg, return_kv, name="layers")(h, positions, mask, kv_cache, cache_index)
 
 
 class ExitGate(nn.Module):
@@ -285,43 +280,27 @@ class Ouro(nn.Module):
                                                 targets, ce_chunk_size)
             return h, (gate_logits, h if return_hidden else None, step_ce, kv)
 
-        if self.cfg.scan_steps:
-            loop = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
-                           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=num_steps)
-            _, outputs = loop(self, h, None, positions, mask, targets)
-        else:
-            per_step = []
-            for _ in range(num_steps):
-                h, out = body(self, h, None, positions, mask, targets)
-                per_step.append(out)
-            outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+        loop = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
+                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=num_steps,
+                       unroll=num_steps if self.cfg.execution.unroll else 1)
+        _, outputs = loop(self, h, None, positions, mask, targets)
         return OuroOutput(*outputs)
 
 
-def init_params(cfg: OuroConfig, rng: Array, seq_len: int = 8) -> dict[str, Any]:
-    """Randomly initialized parameters (unboxed from their partitioning metadata)."""
-    ids = jnp.zeros((1, seq_len), jnp.int32)
-    return nn.unbox(Ouro(cfg).init(rng, ids, num_steps=1)["params"])
+def init_boxed_params(cfg: OuroConfig, rng: Array) -> dict[str, Any]:
+    """Randomly initialized parameters, boxed with their logical partitioning (the one model-init call)."""
+    return Ouro(cfg).init(rng, jnp.zeros((1, 8), jnp.int32), num_steps=1)["params"]
+
+
+def init_params(cfg: OuroConfig, rng: Array) -> dict[str, Any]:
+    """Randomly initialized parameters (unboxed)."""
+    return nn.unbox(init_boxed_params(cfg, rng))
 
 
 def abstract_params(cfg: OuroConfig) -> dict[str, Any]:
     """Shapes and dtypes of the parameters, with their logical partitioning; nothing is materialized."""
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    return jax.eval_shape(lambda rng, x: Ouro(cfg).init(rng, x, num_steps=1), jax.random.key(0), ids)["params"]
+    return jax.eval_shape(functools.partial(init_boxed_params, cfg), jax.random.key(0))
 
 
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
-
-
-def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """Stacked-layer params (scan_layers=True) -> `layers_{i}` params (scan_layers=False)."""
-    stacked = params["decoder"]["layers"]
-    decoder = {f"layers_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)}
-    return {**params, "decoder": decoder}
-
-
-def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """`layers_{i}` params -> stacked-layer params; the inverse of `unstack_layers`."""
-    layers = [params["decoder"][f"layers_{i}"] for i in range(num_layers)]
-    return {**params, "decoder": {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}}

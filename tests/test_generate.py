@@ -9,8 +9,14 @@ import pytest
 
 from ouro_jax import config
 from ouro_jax import generate as cli
-from ouro_jax.inference import (SamplingParams, filter_logits, generate, resolve_exit_threshold, sample_tokens,
-                                trace_count)
+from ouro_jax.inference import (
+    SamplingParams,
+    filter_logits,
+    generate,
+    resolve_exit_threshold,
+    sample_tokens,
+    trace_count,
+)
 
 
 @pytest.fixture(scope="module")
