@@ -18,7 +18,7 @@ from flax import traverse_util
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from ouro_jax import config, exit as ex
-from ouro_jax.generate import generate as jax_generate
+from ouro_jax.inference import generate as jax_generate
 from ouro_jax.hf import export_hf, load_hf
 from ouro_jax.hf.export import REMOTE_CODE_FILES
 from ouro_jax.model import Ouro, abstract_params
