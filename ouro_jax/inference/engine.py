@@ -91,7 +91,8 @@ def check_speculative(policy: str, exit_mode: str, q: float, depth: int, draft_t
     if draft_tokens == 0:
         return
     if policy != "full":
-        raise ValueError(f"speculative decoding needs the 'full' KV-cache policy (chunked verification), got {policy!r}")
+        raise ValueError(f"speculative decoding needs the 'full' KV-cache policy (chunked verification), "
+                         f"got {policy!r}")
     if exit_mode == "early" and q < 1.0:
         raise ValueError("speculative decoding verifies every step: use exit_mode='select' with exit_threshold < 1")
     if int(draft_depth) != draft_depth or not 1 <= draft_depth < depth:
@@ -240,8 +241,9 @@ def run_steps(setup: Setup, params, cache: KVCache, h: jax.Array, positions: jax
         return (s.step < depth) & jnp.any(~s.exited) if exit_mode == "early" else s.step < depth
 
     def one_step(s: StepState) -> StepState:
-        h_new, gate, new_kv = _apply(setup, params, s.h, positions, mask, kv_cache=step_view(s.cache, setup.policy,
-                                     s.step), cache_index=index, method=Ouro.step)
+        view = step_view(s.cache, setup.policy, s.step)
+        h_new, gate, new_kv = _apply(setup, params, s.h, positions, mask, kv_cache=view, cache_index=index,
+                                     method=Ouro.step)
         gates = s.gates.at[s.step].set(gate)
         reached = _exit_reached(gates, s.step, depth, threshold)
         active = ~s.exited                                 # rows still selecting their exit step
@@ -322,8 +324,9 @@ def verify(setup: Setup, params, inputs: Inputs, cache: KVCache, chunk: jax.Arra
     h = _apply(setup, params, chunk, method=Ouro.embed)
 
     def one_step(t, s: StepState) -> StepState:
-        h_new, gate, new_kv = _apply(setup, params, s.h, positions, mask[:, None], kv_cache=step_view(s.cache, "full", t),
-                                     cache_index=index, method=Ouro.step)
+        view = step_view(s.cache, "full", t)
+        h_new, gate, new_kv = _apply(setup, params, s.h, positions, mask[:, None], kv_cache=view, cache_index=index,
+                                     method=Ouro.step)
         gates = s.gates.at[t].set(gate)
         active = ~s.exited
         h_out = jnp.where(active[..., None], h_new, s.h_out)
