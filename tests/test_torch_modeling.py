@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from ouro_jax import config
 from ouro_jax import exit as ex
-from ouro_jax.generate import generate as jax_generate
 from ouro_jax.hf import export_hf, load_hf
 from ouro_jax.hf.export import REMOTE_CODE_DIR, REMOTE_CODE_FILES
+from ouro_jax.inference import generate as jax_generate
 from ouro_jax.model import Ouro, abstract_params
 
 HF_DIR = REMOTE_CODE_DIR

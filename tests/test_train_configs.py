@@ -8,8 +8,8 @@ import pytest
 from train_helpers import REPO
 
 from ouro_jax import model
-from ouro_jax.train import step as trainer
 from ouro_jax import sharding as shd
+from ouro_jax.train import step as trainer
 
 
 def load_config(name, arg=None):
