@@ -230,9 +230,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     """Exports an ouro_jax params checkpoint (or re-exports an HF Ouro directory) to out_dir.
 
     kwargs are those of `export_hf`. Re-exporting a released checkpoint gives it our remote code
-    and the correct special ids.
+    and the correct special ids; the tokenizer files of the source directory are copied unless
+    `tokenizer=` names others.
     """
     from ouro_jax.checkpoint import load_model
 
     cfg, params = load_model(checkpoint)
+    if kwargs.get("tokenizer") is None and _has_tokenizer(checkpoint):
+        kwargs["tokenizer"] = os.fspath(checkpoint)  # an HF source directory's tokenizer travels with it
     return export_hf(out_dir, cfg, params, **kwargs)
+
+
+def _has_tokenizer(directory: str | os.PathLike) -> bool:
+    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
