@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 METRIC_LABELS = {"ce": "cross-entropy (nats/token, lower is better)", "accuracy": "exact-match accuracy"}
 
 
 def plot_sweep(result: dict, path: str | None = None, *, title: str = "", ax=None):
-    """Quality vs mean realized depth: static exit at each step and each gate's Q-exit curve."""
+    """Quality vs mean realized depth: static exit at each step and each gate's Q-exit curve.
+
+    Draws into `ax` (e.g. a notebook's pyplot axes) or a new standalone figure (no GUI backend needed),
+    saved to `path` when given; returns the figure."""
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+        fig = Figure(figsize=(6.4, 4.2), dpi=100)
+        ax = fig.add_subplot()
     else:
         fig = ax.figure
     for name, points in result["curves"].items():
@@ -35,5 +36,4 @@ def plot_sweep(result: dict, path: str | None = None, *, title: str = "", ax=Non
     fig.tight_layout()
     if path is not None:
         fig.savefig(path)
-        plt.close(fig)
     return fig
