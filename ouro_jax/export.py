@@ -12,7 +12,7 @@ import os
 import sys
 
 from ouro_jax.errors import OuroError
-from ouro_jax.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_hf
+from ouro_jax.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_hf, has_tokenizer
 from ouro_jax.params_io import load_model
 
 
@@ -20,9 +20,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     """Exports an ouro_jax params checkpoint (or re-exports an HF Ouro directory) to out_dir.
 
     kwargs are those of `export_hf`. Re-exporting a released checkpoint gives it our remote code
-    and the correct special ids.
+    and the correct special ids; the tokenizer files of the source directory are copied unless
+    `tokenizer=` names others.
     """
     cfg, params = load_model(checkpoint)
+    if kwargs.get("tokenizer") is None and has_tokenizer(checkpoint):
+        kwargs["tokenizer"] = os.fspath(checkpoint)  # an HF source directory's tokenizer travels with it
     return export_hf(out_dir, cfg, params, **kwargs)
 
 

@@ -182,6 +182,11 @@ def _publish(tmp: str, out_dir: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds tokenizer files that an export would carry."""
+    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+
+
 def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any], *, dtype: str | None = None,
               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
               tokenizer: str | os.PathLike | Iterable[str | os.PathLike] | None = None,

@@ -6,7 +6,8 @@
     config.model            the checkpoint fields of OuroConfig (shapes, vocabulary, T, RoPE, exit threshold)
     config.execution        how it runs (Execution: dtype = compute, param_dtype = master weights, remat, unroll)
     config.mesh             sizes of the ('data', 'fsdp', 'tensor') mesh; one may be -1 (the rest)
-    config.data             sources (ouro_jax.data specs), seq_len, global batch_size, seed, evaluation size
+    config.data             sources (ouro_jax.data specs), seq_len, global batch_size, seed, evaluation size,
+                            eval_sources (held-out text scored every train.eval_every steps)
     config.optim            AdamW, clipping and the warmup-stable-decay learning rate (optim.py)
     config.loss             beta and its schedule (Stage I), gate_k and gate_gamma (Stage II)
     config.train            steps, grad_accum, checkpointing, logging, evaluation, non-finite policy
@@ -56,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,                   # order and sampling of the training stream
         eval_examples=256,        # held-out examples per evaluation (tasks)
         eval_batch_size=64,
+        eval_sources="",          # ';'-separated held-out text (prepared dirs, .jsonl, .txt): per-step CE / perplexity
+        eval_tokens=65536,        # scored tokens per text eval source
+        eval_tokenizer="",        # tokenizer of .jsonl / .txt eval sources ('' = byte)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         peak_lr=3e-4, init_lr=0.0, end_lr=3e-5, warmup_steps=100, decay="cosine", decay_steps=0,

@@ -10,7 +10,6 @@ or gradients skip the update; `train.max_consecutive_nonfinite` in a row stop th
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import time
@@ -23,7 +22,7 @@ from jax.experimental import multihost_utils
 from ouro_jax import sharding as shd
 from ouro_jax.config import ARCHITECTURE_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
-from ouro_jax.data.tasks import SyntheticTask
+from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
 from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.params_io import load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
@@ -80,56 +79,6 @@ def make_train_iterator(config, sources: list[Any]):
     weights = [float(w) for w in str(config.data.weights).split(",") if w.strip()] or None
     return make_batch_iterator(sources, seq_len=int(config.data.seq_len), batch_size=config.data.batch_size // count,
                                weights=weights, seed=int(config.data.seed), num_workers=int(config.data.num_workers))
-
-
-class TaskEvaluation:
-    """Per-step loss and exact-match accuracy of a task's held-out examples (teacher-forced argmax
-    of every answer token, which equals greedy decoding's exact match)."""
-
-    def __init__(self, task: SyntheticTask, num_examples: int, seq_len: int, batch_size: int, mesh):
-        ev = task.eval_set(num_examples)
-        self.task, self.prompts, self.mesh = task, ev.prompts, mesh
-        n, prompt_len = ev.prompts.shape
-        answer_len = ev.answers.shape[1]
-        if prompt_len + answer_len > seq_len:
-            raise ValueError(f"{task!r} eval examples need {prompt_len + answer_len} tokens > data.seq_len {seq_len}")
-        shards = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
-        self.batch_size = -(-batch_size // shards) * shards
-        rows = -(-n // self.batch_size) * self.batch_size
-        ids = np.zeros((rows, seq_len), np.int32)
-        ids[:n, :prompt_len + answer_len] = np.concatenate([ev.prompts, ev.answers], axis=1)
-        targets = np.zeros_like(ids)
-        targets[:, :-1] = ids[:, 1:]
-        mask = np.zeros(ids.shape, np.float32)
-        mask[:n, prompt_len - 1:prompt_len - 1 + answer_len] = 1.0
-        segments = np.zeros_like(ids)
-        segments[:n, :prompt_len + answer_len] = 1
-        positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape)
-        self.batch = dict(input_ids=ids, targets=targets, segment_ids=segments, positions=positions, loss_mask=mask)
-        self.answer_slice = slice(prompt_len - 1, prompt_len - 1 + answer_len)
-        self.n = n
-
-    def __call__(self, program: TrainProgram, params) -> dict[str, np.ndarray]:
-        ce_sum, tokens, predictions = 0.0, 0.0, []
-        pi, pc = jax.process_index(), jax.process_count()
-        for start in range(0, len(self.batch["input_ids"]), self.batch_size):
-            rows = {k: v[start:start + self.batch_size] for k, v in self.batch.items()}
-            local = {k: v[pi * len(v) // pc:(pi + 1) * len(v) // pc] for k, v in rows.items()}
-            out = jax.device_get(program.evaluate(params, shd.global_batch(local, self.mesh)))
-            ce_sum, tokens = ce_sum + out["step_ce_sum"], tokens + out["tokens"]
-            predictions.append(out["predictions"])
-        predictions = np.concatenate(predictions, axis=1)[:, :self.n, self.answer_slice]
-        accuracy = [self.task.evaluate(self.prompts, step_pred) for step_pred in predictions]
-        return {"step_ce": ce_sum / max(tokens, 1.0), "accuracy": np.asarray(accuracy)}
-
-
-def make_evaluations(config, sources: list[Any], mesh) -> dict[str, TaskEvaluation]:
-    evals = {}
-    for src in sources:
-        if isinstance(src, SyntheticTask) and config.data.eval_examples > 0:
-            evals[src.name] = TaskEvaluation(src, int(config.data.eval_examples), int(config.data.seq_len),
-                                             int(config.data.eval_batch_size), mesh)
-    return evals
 
 
 # ---- model initialization ---------------------------------------------------------------------
@@ -317,6 +266,10 @@ def report(result: TrainResult) -> str:
     """The closing lines: per-step accuracy and loss of each task, and where the checkpoints are."""
     lines = []
     for name, m in result.eval_metrics.items():
+        if "perplexity" in m:
+            lines.append(f"{name} held-out perplexity by recurrent step: " +
+                         "  ".join(f"t={i + 1}: {p:.3f}" for i, p in enumerate(m["perplexity"])))
+            continue
         lines.append(f"{name} held-out accuracy by recurrent step: " +
                      "  ".join(f"t={i + 1}: {a:.3f}" for i, a in enumerate(m["accuracy"])))
         lines.append(f"{name} held-out answer loss by recurrent step: " +

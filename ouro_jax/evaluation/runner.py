@@ -1,0 +1,113 @@
+"""The library entry point: evaluate a checkpoint on text and/or a synthetic task, with the Q-exit sweep.
+
+    result = evaluate_model("runs/demo/params", task="mano:max_len=2,modulus=5", output_dir="eval_out")
+
+writes `results.json` and one `sweep_<name>.png` per evaluated input into output_dir (when given).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from ouro_jax.config import OuroConfig
+from ouro_jax.evaluation.forward import StepForward
+from ouro_jax.evaluation.plot import plot_sweep
+from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS, ce_quality, check_thresholds, sweep
+from ouro_jax.evaluation.tasks import make_eval_task, score_task
+from ouro_jax.evaluation.text import EvalInputError, score_text, text_source
+from ouro_jax.params_io import load_model
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model(spec: str) -> str:
+    """A local model directory, or a hub id ("org/name") downloaded with huggingface_hub."""
+    if os.path.isdir(spec):
+        return spec
+    if os.path.exists(spec):
+        raise EvalInputError(
+            f"{spec}: not a directory (expected an HF Ouro directory or an ouro_jax params checkpoint)")
+    if not _HUB_ID.fullmatch(spec) or spec.startswith("."):
+        raise EvalInputError(f"{spec}: no such model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(spec, etag_timeout=10)
+    except Exception as e:  # noqa: BLE001 -- offline, unknown repo, auth: all end in one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvalInputError(f"{spec}: no such local directory, and the hub download failed ({reason})") from None
+
+
+def load_checkpoint(spec: str, **overrides) -> tuple[str, OuroConfig, Any]:
+    """(directory, config, params) of a local directory or hub id; bad input raises EvalInputError."""
+    path = resolve_model(spec)
+    try:
+        cfg, params = load_model(path, **overrides)
+    except (OSError, ValueError, KeyError) as e:
+        raise EvalInputError(f"{spec}: cannot load the model ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    return path, cfg, params
+
+
+def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = None, gate_from: str | None = None,
+                   thresholds: Sequence[float] = DEFAULT_THRESHOLDS, num_steps: int | None = None, seq_len: int = 512,
+                   batch_size: int = 8, max_tokens: int | None = 65536, num_examples: int = 512,
+                   tokenizer: str | None = None, text_field: str = "text", dtype: str | None = None,
+                   output_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Per-step CE / perplexity on each text input, per-step accuracy on `task`, and the quality-vs-compute
+    sweep of each (static exit at every step, Q-exit with the model's gate and with `gate_from`'s gate)."""
+    thresholds = check_thresholds(thresholds)
+    if not text and task is None:
+        raise EvalInputError("nothing to evaluate: give text inputs and/or a task")
+    if num_steps is not None and num_steps < 1:
+        raise EvalInputError(f"num_steps must be >= 1, got {num_steps}")
+    path, cfg, params = load_checkpoint(model, **({"dtype": dtype} if dtype else {}))
+    gates = {}
+    if gate_from is not None:
+        _, gate_cfg, gate_params = load_checkpoint(gate_from)
+        if gate_cfg.hidden_size != cfg.hidden_size:
+            raise EvalInputError(f"{gate_from}: hidden size {gate_cfg.hidden_size} differs from the model's "
+                                 f"{cfg.hidden_size}; its gate cannot read this model's states")
+        gates["trained"] = gate_params["exit_gate"]
+    sources = [(p, text_source(p, cfg.vocab_size, tokenizer=tokenizer, model_dir=path, text_field=text_field))
+               for p in text]
+    eval_task = make_eval_task(task, cfg.vocab_size) if task is not None else None
+
+    result: dict[str, Any] = {"model": model, "gate_from": gate_from, "num_layers": cfg.num_hidden_layers,
+                              "num_steps": num_steps or cfg.total_ut_steps, "thresholds": thresholds,
+                              "text": {}, "task": None}
+    plots = {}
+    if sources:
+        forward = StepForward(cfg, gates=gates, num_steps=num_steps)
+        for name, source in sources:
+            scores = score_text(forward, params, source, seq_len=seq_len, batch_size=batch_size,
+                                max_tokens=max_tokens, progress=progress)
+            entry = {**scores.summary(), "sweep": sweep(scores.gate_logits, ce_quality(scores.step_ce), metric="ce",
+                                                        num_layers=cfg.num_hidden_layers, thresholds=thresholds)}
+            result["text"][name] = entry
+            plots[f"text_{_slug(name)}"] = (entry["sweep"], f"{os.path.basename(os.path.normpath(name))}: CE vs depth")
+    if eval_task is not None:
+        forward = StepForward(cfg, gates=gates, predictions=True, num_steps=num_steps)
+        scores = score_task(forward, params, eval_task, num_examples=num_examples, batch_size=batch_size,
+                            progress=progress)
+        result["task"] = {"spec": task, **scores.summary(),
+                          "sweep": sweep(scores.gate_logits, scores.accuracy, metric="accuracy",
+                                         num_layers=cfg.num_hidden_layers, thresholds=thresholds)}
+        plots[f"task_{eval_task.name}"] = (result["task"]["sweep"], f"{task}: accuracy vs depth")
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        result["plots"] = {}
+        for stem, (curves, title) in plots.items():
+            png = os.path.join(output_dir, f"sweep_{stem}.png")
+            plot_sweep(curves, png, title=title)
+            result["plots"][stem] = png
+        with open(os.path.join(output_dir, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(name))) or "text"

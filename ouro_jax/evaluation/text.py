@@ -1,0 +1,136 @@
+"""Per-step cross-entropy and perplexity on text: prepared token shards, JSONL or plain-text files.
+
+Documents are packed into rows ("concat": a document crossing a row boundary continues in the next
+row as a new segment) and every next token inside a segment is scored at every recurrent step in
+one pass. `TokenScores` keeps the per-token step CE and gate logits, so the Q-exit sweep needs no
+second pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ouro_jax.data import InMemoryDocuments, TokenShards, make_batch_iterator
+from ouro_jax.data.tokenizer import load_tokenizer
+from ouro_jax.errors import OuroError
+from ouro_jax.evaluation.forward import StepForward
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class EvalInputError(OuroError, ValueError):
+    """A bad evaluation input (missing or malformed file, vocabulary mismatch)."""
+
+
+@dataclasses.dataclass
+class TokenScores:
+    """Scores of every evaluated token: step_ce [T, n] and gate logits {name: [T, n]}."""
+
+    step_ce: np.ndarray
+    gate_logits: dict[str, np.ndarray]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.step_ce.shape[1])
+
+    def mean_ce(self) -> np.ndarray:
+        return self.step_ce.mean(axis=1)
+
+    def summary(self) -> dict[str, Any]:
+        ce = self.mean_ce()
+        return {"tokens": self.num_tokens, "step_ce": ce.tolist(), "step_perplexity": np.exp(ce).tolist()}
+
+
+def _read_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        text = path.read_text(encoding="utf-8")
+        yield from (p.strip("\n") for p in text.split("\n\n") if p.strip())
+        return
+    if suffix not in JSONL_SUFFIXES:
+        raise EvalInputError(f"{path}: unknown text file type; expected {TEXT_SUFFIXES + JSONL_SUFFIXES} "
+                             "or a directory prepared by `python -m ouro_jax.data.prepare`")
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalInputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            raise EvalInputError(f"{path}:{lineno}: no string field {text_field!r}")
+        if value:
+            yield value
+
+
+def text_source(path: str | os.PathLike, vocab_size: int, *, tokenizer: str | None = None, model_dir: str | None = None,
+                text_field: str = "text"):
+    """A pipeline source for `path`: a prepared shard directory, or a .jsonl / .txt file tokenized with
+    `tokenizer` (default: the model directory's tokenizer.json, else the byte tokenizer)."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise EvalInputError(f"{p}: no such file or directory")
+    if p.is_dir():
+        try:
+            source = TokenShards(p)
+        except (FileNotFoundError, ValueError) as e:
+            raise EvalInputError(str(e)) from None
+    else:
+        if tokenizer is None:
+            has_own = model_dir is not None and (pathlib.Path(model_dir) / "tokenizer.json").is_file()
+            tokenizer = model_dir if has_own else "byte"
+        try:
+            tok = load_tokenizer(tokenizer)
+            docs = [np.append(tok.encode(t), tok.eos_id) if tok.eos_id is not None else tok.encode(t)
+                    for t in _read_documents(p, text_field)]
+        except UnicodeDecodeError as e:
+            raise EvalInputError(f"{p}: not UTF-8 text ({e.reason})") from None
+        except (FileNotFoundError, OSError) as e:
+            raise EvalInputError(f"tokenizer {tokenizer}: {e}") from None
+        if not docs:
+            raise EvalInputError(f"{p}: no documents")
+        source = InMemoryDocuments(docs, vocab_size=tok.vocab_size)
+    if source.vocab_size > vocab_size:
+        raise EvalInputError(f"{p}: token ids up to {source.vocab_size - 1} do not fit the model's vocabulary of "
+                             f"{vocab_size} (pass the model's tokenizer)")
+    return source
+
+
+def text_batches(source, *, seq_len: int, batch_size: int, max_tokens: int | None = None) -> Iterator[dict]:
+    """Packed batches of `source` in file order, one pass, up to about `max_tokens` scored tokens."""
+    it = make_batch_iterator(source, seq_len=seq_len, batch_size=batch_size, shuffle=False, num_epochs=1,
+                             packing="concat", process_index=0, process_count=1, prefetch=0)
+    scored = 0
+    for batch in it:
+        yield batch
+        scored += int(batch["loss_mask"].sum())
+        if max_tokens is not None and scored >= max_tokens:
+            return
+
+
+def score_text(forward: StepForward, params, source, *, seq_len: int, batch_size: int,
+               max_tokens: int | None = None, progress: bool = True) -> TokenScores:
+    """Per-token step CE and gate logits of `source` (all steps in one pass per batch)."""
+    ce, gates = [], {}
+    bar = tqdm(total=max_tokens, unit="tok", desc="text", disable=not progress)
+    for batch in text_batches(source, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens):
+        out = forward(params, batch)
+        valid = batch["loss_mask"] > 0
+        ce.append(out["step_ce"][:, valid])
+        for name, g in out["gate_logits"].items():
+            gates.setdefault(name, []).append(g[:, valid])
+        bar.update(int(valid.sum()))
+    bar.close()
+    if not ce:
+        raise EvalInputError("the text source yielded no tokens to score")
+    return TokenScores(np.concatenate(ce, axis=1), {k: np.concatenate(v, axis=1) for k, v in gates.items()})
