@@ -118,7 +118,7 @@ def write(path, data: bytes):
     ("field.jsonl", b'{"body": "x"}\n', r"field.jsonl:1: no field 'text' \(found \['body'\]\)"),
     ("type.jsonl", b'{"text": 5}\n', r"type.jsonl:1: field 'text' is int, not a string"),
     ("fake.parquet", b"this is not parquet", r"fake.parquet: not a readable Parquet file"),
-    ("trunc.jsonl.gz", gzip.compress(b'{"text": "x"}\n' * 100)[:40], r"trunc.jsonl.gz: cannot read"),
+    ("trunc.jsonl.gz", gzip.compress(b'{"text": "x"}\n' * 100, mtime=0)[:40], r"trunc.jsonl.gz: cannot read"),
     ("data.csv", b"a,b\n", r"data.csv: unknown input type"),
 ])
 def test_unreadable_inputs_give_clear_errors(tmp_path, name, data, message):
