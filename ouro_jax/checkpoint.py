@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from ouro_jax.config import ConfigError, OuroConfig
+from ouro_jax.config import EXECUTION_FIELDS, ConfigError, OuroConfig
 from ouro_jax.hf.checkpoint import load_hf
 from ouro_jax.hf.safetensors_io import CheckpointError
 from ouro_jax.model import abstract_params, stack_layers, unstack_layers
@@ -27,7 +27,7 @@ PARAMS_DIR = "params"
 
 
 def config_to_dict(cfg: OuroConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_FIELDS}
 
 
 def config_from_dict(fields: dict[str, Any]) -> OuroConfig:

@@ -10,6 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
+KERNEL_IMPLS = ("auto", "xla", "pallas")
+EXECUTION_FIELDS = ("attention_impl", "cross_entropy_impl", "kernel_interpret")  # never persisted
 
 # Fields of an HF `config.json` that carry no model-shape information for us (bookkeeping of
 # transformers or settings we check separately below).
@@ -62,6 +64,10 @@ class OuroConfig:
     scan_layers: bool = True  # nn.scan over layers (stacked params) or a Python loop (layers_{i})
     scan_steps: bool = True  # nn.scan over recurrent steps or a Python loop
     remat_policy: str = "none"  # one of REMAT_POLICIES
+    # Kernels (execution settings, never persisted): "auto" | "xla" | "pallas", see ouro_jax/kernels.
+    attention_impl: str = "auto"       # training / prefill attention and decode attention
+    cross_entropy_impl: str = "auto"   # the per-step linear cross-entropy (and the eval step's argmax)
+    kernel_interpret: bool = False     # run Pallas kernels in the interpreter (tests on CPU)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -77,6 +83,9 @@ class OuroConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        for name in ("attention_impl", "cross_entropy_impl"):
+            if getattr(self, name) not in KERNEL_IMPLS:
+                raise ConfigError(f"{name} must be one of {KERNEL_IMPLS}, got {getattr(self, name)!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")

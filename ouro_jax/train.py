@@ -22,13 +22,13 @@ import numpy as np
 
 from ouro_jax import sharding as shd
 from ouro_jax.checkpoint import TrainCheckpointer, load_model, load_model_config, save_params
-from ouro_jax.config import OuroConfig
+from ouro_jax.config import EXECUTION_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
 from ouro_jax.data.tasks import SyntheticTask
 from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.trainer import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 
-NUMERIC_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "scan_steps")
+NUMERIC_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "scan_steps", *EXECUTION_FIELDS)
 
 
 class NonFiniteTrainingError(RuntimeError):

@@ -173,6 +173,9 @@ def test_forced_pallas_where_it_cannot_run_names_op_platform_and_reason():
         kernels.attention(q, k, v, seg, impl="pallas", platform="tpu")
     with pytest.raises(kernels.KernelUnavailable, match=r"cross_entropy: .*'cpu'.*interpret"):
         kernels.linear_cross_entropy(q[..., 0, :], jnp.ones((96, 8)), seg, impl="pallas", platform="cpu")
+    with pytest.raises(kernels.KernelUnavailable, match=r"decode_attention: .*cache length 30"):
+        kernels.decode_attention(q[:, :1], k[:, :30], v[:, :30], k[:, :1], v[:, :1], 0, 3, impl="pallas",
+                                 platform="tpu")
     with pytest.raises(ValueError, match="kernel impl must be one of"):
         kernels.attention(q, k, v, seg, impl="triton")
 

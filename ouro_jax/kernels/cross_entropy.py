@@ -155,12 +155,11 @@ def pallas_cross_entropy(hidden, head, targets, flavor: str = "tpu", interpret: 
     return _fused(hidden, head, targets.astype(jnp.int32), flavor, interpret)
 
 
-def _cannot_run(hidden_dim: int):
-    def reason(flavor: str) -> str | None:
-        if flavor == "tpu" and hidden_dim % 128:
-            return f"hidden size {hidden_dim} is not a multiple of 128"
-        return None
-    return reason
+def kernel_reasons(rows: int):
+    """(cannot_run, not_worth) of `dispatch.choose`: any shape runs (blocks span the hidden size and
+    edge blocks are padded); fewer rows than one block are left to XLA by auto."""
+    return (lambda _: None,
+            lambda _: f"{rows} tokens < one block of {BLOCK_N}" if rows < BLOCK_N else None)
 
 
 def linear_cross_entropy(hidden, head, targets, *, impl: str = "auto", platform: str | None = None,
@@ -168,7 +167,7 @@ def linear_cross_entropy(hidden, head, targets, *, impl: str = "auto", platform:
     """Per-token CE and argmax of hidden [B, S, d] @ head [d, V] with targets [B, S]:
     (ce [B, S] float32, argmax [B, S] int32), per device under the mesh in context."""
     platform = platform or mesh_platform()
-    flavor = choose("cross_entropy", impl, platform, interpret, _cannot_run(hidden.shape[-1]))
+    flavor = choose("cross_entropy", impl, platform, interpret, *kernel_reasons(hidden.shape[0] * hidden.shape[1]))
 
     def per_rows(h, w, t):
         batch, length, d = h.shape

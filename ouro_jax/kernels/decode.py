@@ -166,21 +166,22 @@ def pallas_decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, flavo
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
-def _cannot_run(length: int, head_dim: int):
+def kernel_reasons(length: int, head_dim: int, interpret: bool = False):
+    """(cannot_run,) of `dispatch.choose` for a cache of `length` slots."""
     def reason(flavor: str) -> str | None:
         if _cache_block(length, 512) is None:
             return f"cache length {length} is not a multiple of 8"
-        if flavor == "tpu" and head_dim % 128 and head_dim != 64:
+        if flavor == "tpu" and head_dim % 128 and head_dim != 64 and not interpret:
             return f"head_dim {head_dim} (64 or a multiple of 128)"
         return None
-    return reason
+    return (reason,)
 
 
 def decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, *, impl: str = "auto",
                      platform: str | None = None, interpret: bool = False):
     """[B, Sq, H, hd] attention over cache slots [start, end) (per row) and the causal chunk, by `impl`."""
     platform = platform or mesh_platform()
-    flavor = choose("decode_attention", impl, platform, interpret, _cannot_run(cache_k.shape[1], q.shape[3]))
+    flavor = choose("decode_attention", impl, platform, interpret, *kernel_reasons(cache_k.shape[1], q.shape[3], interpret))
     batch = q.shape[0]
     start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
     end = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (batch,))

@@ -54,12 +54,12 @@ def _pad_length(x, length: int, axis: int = 1):
     return jnp.pad(x, pad)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(length: int, group: int, interpret: bool):
     block = _block(length)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length)) for _ in range(group)])
+    # built per trace: a kernel kept across traces would carry its mask tables as stale tracers
     return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
@@ -94,24 +94,25 @@ def gpu_flash_attention(q, k, v, segment_ids, interpret: bool = False):
     return out[:, :length]
 
 
-def _cannot_run(head_dim: int, dtype):
-    def reason(flavor: str) -> str | None:
-        if head_dim not in HEAD_DIMS:
+def kernel_reasons(length: int, head_dim: int, dtype, interpret: bool = False):
+    """(cannot_run, not_worth) of `dispatch.choose` for this shape (the interpreter has no tiling limits)."""
+    def cannot_run(flavor: str) -> str | None:
+        if head_dim not in HEAD_DIMS and not interpret:
             return f"head_dim {head_dim} not in {HEAD_DIMS}"
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             return f"dtype {jnp.dtype(dtype).name} (float32 or bfloat16 only)"
         return None
-    return reason
+
+    def not_worth(flavor: str) -> str | None:
+        return f"sequence length {length} < {MIN_KERNEL_LENGTH}" if length < MIN_KERNEL_LENGTH else None
+    return cannot_run, not_worth
 
 
 def attention(q, k, v, segment_ids, *, impl: str = "auto", platform: str | None = None, interpret: bool = False):
     """Causal segment attention [B, S, H, hd] by `impl` ("auto" | "xla" | "pallas"), per device under
     the mesh in context. platform: the mesh's (default: the mesh in context)."""
     platform = platform or mesh_platform()
-    length, head_dim = q.shape[1], q.shape[3]
-    flavor = choose("attention", impl, platform, interpret, _cannot_run(head_dim, q.dtype),
-                    lambda _: f"sequence length {length} < {MIN_KERNEL_LENGTH}" if length < MIN_KERNEL_LENGTH
-                    else None)
+    flavor = choose("attention", impl, platform, interpret, *kernel_reasons(q.shape[1], q.shape[3], q.dtype, interpret))
     if flavor is None:
         return reference_attention(q, k, v, segment_ids)
     kernel = splash_attention if flavor == "tpu" else gpu_flash_attention
