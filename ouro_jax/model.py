@@ -287,6 +287,18 @@ class Ouro(nn.Module):
         return jnp.einsum("...d,dv->...v", hidden.astype(dt), self.head_kernel().astype(dt),
                           preferred_element_type=jnp.float32)
 
+    def predict(self, hidden: Array) -> Array:
+        """Greedy ids [B, S] int32 of normed hidden states [B, S, d]: the fused kernel's argmax when
+        cross_entropy_impl picks it (no [B, S, V] logits), else the argmax of `logits`."""
+        cfg, head = self.cfg, self.head_kernel().astype(self.cfg.compute_dtype)
+        reasons = xent_kernel.kernel_reasons(hidden.shape[0] * hidden.shape[1])
+        if kernels.choose("cross_entropy", cfg.cross_entropy_impl, kernels.mesh_platform(), cfg.kernel_interpret,
+                          *reasons) is None:
+            return jnp.argmax(self.logits(hidden), axis=-1).astype(jnp.int32)
+        targets = jnp.zeros(hidden.shape[:2], jnp.int32)
+        return kernels.linear_cross_entropy(hidden.astype(cfg.compute_dtype), head, targets,
+                                            impl=cfg.cross_entropy_impl, interpret=cfg.kernel_interpret)[1]
+
     def step(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
         """One recurrent step: the layer stack, the final norm, the exit gate -> (h, gate_logit, kv).
 

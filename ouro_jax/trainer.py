@@ -218,7 +218,7 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
                               segment_ids=batch["segment_ids"], targets=batch["targets"],
                               ce_chunk_size=loss_kwargs["ce_chunk_size"])
             mask = batch["loss_mask"].astype(jnp.float32)
-            predict = lambda h: jnp.argmax(model.apply({"params": params}, h, method=Ouro.logits), -1).astype(jnp.int32)
+            predict = lambda h: model.apply({"params": params}, h, method=Ouro.predict)
             return {"step_ce_sum": jnp.sum(out.step_ce * mask, axis=(1, 2)), "tokens": jnp.sum(mask),
                     "predictions": jax.lax.map(predict, out.hidden_states)}
 
