@@ -14,7 +14,8 @@ state covers the trainable subtree alone and the frozen parameters pass through 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct

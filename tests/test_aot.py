@@ -3,8 +3,8 @@
 import pytest
 
 from ouro_jax import aot
-from ouro_jax.train_config import base_config, model_fields
 from ouro_jax import config as presets
+from ouro_jax.train_config import base_config, model_fields
 
 
 def _config(**mesh):
@@ -85,5 +85,6 @@ def test_pallas_kernels_lower_for_v5p_inside_the_scans_with_remat_and_fsdp():
 
 
 def test_out_of_memory_is_one_line():
-    message = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 123.4G of 95.74G hbm."
+    message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+               "Used 123.4G of 95.74G hbm.")
     assert aot._needs(message) == "123.4G of 95.74G"

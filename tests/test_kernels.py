@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from ouro_jax import kernels
-from ouro_jax.kernels import flash as attn
 from ouro_jax.kernels import cross_entropy as xent
 from ouro_jax.kernels import decode as dec
 from ouro_jax.kernels import dispatch
+from ouro_jax.kernels import flash as attn
 from ouro_jax.sharding import activation_rules, make_mesh
 
 FLAVORS = ("tpu", "gpu")

@@ -60,7 +60,8 @@ def test_greedy_generation_with_kernels_gives_the_same_tokens(golden_model, gold
     cfg, params = golden_model
     prompts = [golden["input_ids"][0].tolist(), golden["input_ids"][1, 5:].tolist()]   # ragged: left padding
     for q in (1.0, 0.5):
-        run = lambda c: generate(c, params, prompts, max_new_tokens=6, policy=policy, exit_threshold=q)
-        plain, fused = run(cfg.replace(attention_impl="xla", cross_entropy_impl="xla")), run(cfg.replace(**KERNELS_ON))
+        run = lambda c, q=q: generate(c, params, prompts, max_new_tokens=6, policy=policy, exit_threshold=q)
+        plain = run(cfg.replace(attention_impl="xla", cross_entropy_impl="xla"))
+        fused = run(cfg.replace(**KERNELS_ON))
         np.testing.assert_array_equal(fused.tokens, plain.tokens)
         np.testing.assert_array_equal(fused.depths, plain.depths)

@@ -37,18 +37,18 @@ def _vocab_block(vocab: int, largest: int) -> int:
 
 
 def _block_update(h, w, t, col0, vocab, state):
-    """One vocabulary block: state (m, l, target logit, argmax), each [bn, 1], updated online."""
-    m, l, tl, am = state
+    """One vocabulary block: state (m, total, target logit, argmax), each [bn, 1], updated online."""
+    m, total, tl, am = state
     logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
     col = col0 + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
     logits = jnp.where(col < vocab, logits, -jnp.inf)
     blk_max = jnp.max(logits, axis=1, keepdims=True)
     blk_arg = jnp.min(jnp.where(logits == blk_max, col, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
     new_m = jnp.maximum(m, blk_max)
-    l = l * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m), axis=1, keepdims=True)
+    total = total * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m), axis=1, keepdims=True)
     tl = tl + jnp.sum(jnp.where(col == t, logits, 0.0), axis=1, keepdims=True)
     am = jnp.where(blk_max > m, blk_arg, am)
-    return new_m, l, tl, am
+    return new_m, total, tl, am
 
 
 def _tpu_kernel(h_ref, w_ref, t_ref, m_ref, l_ref, tl_ref, am_ref, *, block_v: int, vocab: int):
@@ -62,8 +62,8 @@ def _tpu_kernel(h_ref, w_ref, t_ref, m_ref, l_ref, tl_ref, am_ref, *, block_v: i
         am_ref[...] = jnp.zeros(am_ref.shape, jnp.int32)
 
     state = (m_ref[...], l_ref[...], tl_ref[...], am_ref[...])
-    m, l, tl, am = _block_update(h_ref[...], w_ref[...], t_ref[...], j * block_v, vocab, state)
-    m_ref[...], l_ref[...], tl_ref[...], am_ref[...] = m, l, tl, am
+    m, total, tl, am = _block_update(h_ref[...], w_ref[...], t_ref[...], j * block_v, vocab, state)
+    m_ref[...], l_ref[...], tl_ref[...], am_ref[...] = m, total, tl, am
 
 
 def _gpu_kernel(h_ref, w_ref, t_ref, m_ref, l_ref, tl_ref, am_ref, *, block_v: int, vocab: int):
@@ -76,8 +76,8 @@ def _gpu_kernel(h_ref, w_ref, t_ref, m_ref, l_ref, tl_ref, am_ref, *, block_v: i
 
     init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, 1), jnp.float32), jnp.zeros((rows, 1), jnp.int32))
-    m, l, tl, am = jax.lax.fori_loop(0, w_ref.shape[1] // block_v, body, init)
-    m_ref[...], l_ref[...], tl_ref[...], am_ref[...] = m, l, tl, am
+    m, total, tl, am = jax.lax.fori_loop(0, w_ref.shape[1] // block_v, body, init)
+    m_ref[...], l_ref[...], tl_ref[...], am_ref[...] = m, total, tl, am
 
 
 def _forward(hidden, head, targets, flavor: str, interpret: bool):
@@ -98,12 +98,12 @@ def _forward(hidden, head, targets, flavor: str, interpret: bool):
     else:
         grid, kernel = (rows // block_n,), _gpu_kernel
         w_spec = pl.BlockSpec((d, cols), lambda i: (0, 0))
-    m, l, tl, am = pl.pallas_call(
+    m, total, tl, am = pl.pallas_call(
         functools.partial(kernel, block_v=block_v, vocab=vocab), grid=grid,
         in_specs=[pl.BlockSpec((block_n, d), lambda i, *_: (i, 0)), w_spec, col],
         out_specs=[col] * 4, out_shape=out_shape, interpret=interpret, name="linear_cross_entropy",
     )(hidden, head, targets)
-    return (m + jnp.log(l))[:n, 0], tl[:n, 0], am[:n, 0]
+    return (m + jnp.log(total))[:n, 0], tl[:n, 0], am[:n, 0]
 
 
 def _backward_blocked(hidden, head, targets, lse, g, block_v: int):
@@ -124,7 +124,8 @@ def _backward_blocked(hidden, head, targets, lse, g, block_v: int):
         dw_blk = jnp.dot(hidden.T, dlogits, preferred_element_type=jnp.float32).astype(dw.dtype)
         return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_blk, j * block_v, axis=1)
 
-    dh, dw = jax.lax.fori_loop(0, num, body, (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(head_p.shape, head.dtype)))
+    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(head_p.shape, head.dtype))
+    dh, dw = jax.lax.fori_loop(0, num, body, init)
     return dh.astype(hidden.dtype), dw[:, :vocab]
 
 

@@ -50,8 +50,8 @@ def reference_decode_attention(q, cache_k, cache_v, k_new, v_new, start, end):
     return out.reshape(batch, q_len, heads, head_dim)
 
 
-def _online_update(q, k, v, pos0, lo, hi, scale, m, l, acc):
-    """Folds one cache block (k, v [blk, hd]) into (m, l [R, 1], acc [R, hd]) for q [R, hd]."""
+def _online_update(q, k, v, pos0, lo, hi, scale, m, total, acc):
+    """Folds one cache block (k, v [blk, hd]) into (m, total [R, 1], acc [R, hd]) for q [R, hd]."""
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
     pos = pos0 + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
     s = jnp.where((pos >= lo) & (pos < hi), s, -jnp.inf)
@@ -59,9 +59,9 @@ def _online_update(q, k, v, pos0, lo, hi, scale, m, l, acc):
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_safe)
     alpha = jnp.exp(m - m_safe)
-    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    total = alpha * total + jnp.sum(p, axis=1, keepdims=True)
     acc = alpha * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return m_new, l, acc
+    return m_new, total, acc
 
 
 def _tpu_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block, kv_heads, head_dim,
@@ -79,13 +79,13 @@ def _tpu_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, 
     def _():
         for h in range(kv_heads):
             cols = slice(h * head_dim, (h + 1) * head_dim)
-            m, l, acc = _online_update(q_ref[h], k_ref[:, cols], v_ref[:, cols], j * block, lo, hi, scale,
+            m, total, acc = _online_update(q_ref[h], k_ref[:, cols], v_ref[:, cols], j * block, lo, hi, scale,
                                        m_ref[h], l_ref[h], acc_ref[h])
-            m_ref[h], l_ref[h], acc_ref[h] = m, l, acc
+            m_ref[h], l_ref[h], acc_ref[h] = m, total, acc
 
 
 def _cache_part_tpu(q, cache_k, cache_v, start, end, interpret):
-    """q [B, KVH, R, hd] -> (acc [B, KVH, R, hd], m, l [B, KVH, R, 1]) over the visible cache."""
+    """q [B, KVH, R, hd] -> (acc [B, KVH, R, hd], m, total [B, KVH, R, 1]) over the visible cache."""
     batch, kv_heads, rows, head_dim = q.shape
     length = cache_k.shape[1]
     block = _cache_block(length, 512)
@@ -122,8 +122,8 @@ def _gpu_kernel(bounds_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block
 
     init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, head_dim), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(lo // block, pl.cdiv(hi, block), body, init)
-    acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
+    m, total, acc = jax.lax.fori_loop(lo // block, pl.cdiv(hi, block), body, init)
+    acc_ref[...], m_ref[...], l_ref[...] = acc, m, total
 
 
 def _cache_part_gpu(q, cache_k, cache_v, start, end, interpret):
@@ -153,8 +153,9 @@ def pallas_decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, flavo
     end = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (batch,))
     qg = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)   # [B, KVH, G, Sq, hd]
     part = _cache_part_tpu if flavor == "tpu" else _cache_part_gpu
-    acc, m, l = part(qg.reshape(batch, kv_heads, group * q_len, head_dim), cache_k, cache_v, start, end, interpret)
-    acc, m, l = (x.reshape(batch, kv_heads, group, q_len, -1) for x in (acc, m, l))
+    rows = qg.reshape(batch, kv_heads, group * q_len, head_dim)
+    acc, m, total = part(rows, cache_k, cache_v, start, end, interpret)
+    acc, m, total = (x.reshape(batch, kv_heads, group, q_len, -1) for x in (acc, m, total))
     s_own = jnp.einsum("bkgqd,btkd->bkgqt", qg, k_new, preferred_element_type=jnp.float32) * head_dim**-0.5
     s_own = jnp.where(jnp.tril(jnp.ones((q_len, q_len), bool)), s_own, -jnp.inf)
     m_all = jnp.maximum(m, jnp.max(s_own, axis=-1, keepdims=True))                   # finite: the diagonal
@@ -162,7 +163,7 @@ def pallas_decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, flavo
     alpha = jnp.exp(m - m_all)
     num = alpha * acc + jnp.einsum("bkgqt,btkd->bkgqd", p_own.astype(v_new.dtype), v_new,
                                    preferred_element_type=jnp.float32)
-    out = num / (alpha * l + jnp.sum(p_own, axis=-1, keepdims=True))
+    out = num / (alpha * total + jnp.sum(p_own, axis=-1, keepdims=True))
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
@@ -179,9 +180,10 @@ def kernel_reasons(length: int, head_dim: int, interpret: bool = False):
 
 def decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, *, impl: str = "auto",
                      platform: str | None = None, interpret: bool = False):
-    """[B, Sq, H, hd] attention over cache slots [start, end) (per row) and the causal chunk, by `impl`."""
+    """[B, Sq, H, hd] attention over cache slots [start, end) per row and the causal chunk, by `impl`."""
     platform = platform or mesh_platform()
-    flavor = choose("decode_attention", impl, platform, interpret, *kernel_reasons(cache_k.shape[1], q.shape[3], interpret))
+    reasons = kernel_reasons(cache_k.shape[1], q.shape[3], interpret)
+    flavor = choose("decode_attention", impl, platform, interpret, *reasons)
     batch = q.shape[0]
     start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
     end = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (batch,))
