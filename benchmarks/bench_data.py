@@ -5,7 +5,7 @@
 
 Prints, per pipeline: batch slots/s (batch_size * seq_len per batch, what a train step consumes),
 real tokens/s (padding excluded) and the ratio to the train step's slots/s. Also times the prepare
-CLI's tokenization. The train-step rate comes from `configs/demo.py` via `ouro_jax.trainer`
+CLI's tokenization. The train-step rate comes from `configs/demo.py` via `ouro_jax.train.step`
 (compile once, then timed steps) unless `--train-tokens-per-s` is given.
 """
 
@@ -15,13 +15,11 @@ import argparse
 import importlib.util
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
@@ -68,7 +66,7 @@ def time_train_step(config, steps: int) -> float:
     import jax
 
     from ouro_jax import sharding as shd
-    from ouro_jax.trainer import as_model_batch, build_train_program
+    from ouro_jax.train.step import as_model_batch, build_train_program
 
     mesh = shd.make_mesh(dict(config.mesh))
     program = build_train_program(config, mesh)

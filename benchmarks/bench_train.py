@@ -4,20 +4,18 @@
 
 Model: d=512, 4 layers, T=4 (8 heads of 64, SwiGLU 1408, vocab 8192), Stage I objective, batch 8 x 256
 tokens; the loops over layers and steps either as nn.scan (the default, for compile time at scale) or
-unrolled (faster on CPU). Model FLOPs are analytic (ouro_jax.metrics.model_flops_per_token: every matmul of the T
-loops, the LM head at every step, attention; x3 for the backward pass; no rematerialization).
+unrolled (`execution.unroll`: the same params, faster on CPU). Model FLOPs are analytic
+(ouro_jax.metrics.model_flops_per_token: every matmul of the T loops, the LM head at every step,
+attention; x3 for the backward pass; no rematerialization).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pathlib
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -25,8 +23,8 @@ import numpy as np  # noqa: E402
 from ouro_jax import config as presets  # noqa: E402
 from ouro_jax import sharding as shd  # noqa: E402
 from ouro_jax.metrics import measure_matmul_flops, model_flops_per_token  # noqa: E402
-from ouro_jax.train_config import base_config, model_fields  # noqa: E402
-from ouro_jax.trainer import build_train_program  # noqa: E402
+from ouro_jax.train.config import base_config, model_fields  # noqa: E402
+from ouro_jax.train.step import build_train_program  # noqa: E402
 
 BATCH, SEQ = 8, 256
 
@@ -35,8 +33,8 @@ def bench_config(dtype: str, remat: str, scan: bool):
     c = base_config()
     c.model = model_fields(presets.tiny(
         vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=8, head_dim=64, total_ut_steps=4, max_position_embeddings=SEQ,
-        dtype=dtype, remat_policy=remat, scan_layers=scan, scan_steps=scan))
+        num_key_value_heads=8, head_dim=64, total_ut_steps=4, max_position_embeddings=SEQ))
+    c.execution.update(dtype=dtype, remat_policy=remat, unroll=not scan)
     c.mesh.update(data=1, fsdp=1, tensor=1)
     c.data.update(seq_len=SEQ, batch_size=BATCH)
     c.train.update(steps=1000, ce_chunk_size=SEQ)
@@ -77,7 +75,8 @@ def main():
     parser.add_argument("--loops", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"])
     args = parser.parse_args()
     print(f"devices: {jax.devices()[0].device_kind} x1, batch {BATCH} x {SEQ} tokens, remat {args.remat}")
-    print(f"{'compute':>9} | {'loops':>8} | {'s/step':>7} | {'tokens/s':>9} | {'model GFLOP/s':>13} | {'matmul peak GFLOP/s':>19} | ratio")
+    print(f"{'compute':>9} | {'loops':>8} | {'s/step':>7} | {'tokens/s':>9} | {'model GFLOP/s':>13} | "
+          f"{'matmul peak GFLOP/s':>19} | ratio")
     for dtype in args.dtype:
         peak = measure_matmul_flops(dtype, size=1024)
         for loops in args.loops:

@@ -9,15 +9,15 @@ The rate 1e-3 with b2 = 0.99 matters: at 2e-3 or 1e-2 most seeds stall near 0.45
 """
 
 from ouro_jax import config as model_presets
-from ouro_jax.train_config import base_config, model_fields
+from ouro_jax.train.config import base_config, model_fields
 
 
 def get_config():
     c = base_config()
     c.model = model_fields(model_presets.tiny(
         vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=16, total_ut_steps=4, max_position_embeddings=128,
-        scan_layers=False, scan_steps=False))  # unrolled loops: 17% faster steps on CPU than nn.scan
+        num_key_value_heads=4, head_dim=16, total_ut_steps=4, max_position_embeddings=128))
+    c.execution.unroll = True  # unrolled loops: faster steps on CPU than rolled scans
     c.data.sources = "mano:max_len=2,modulus=5"
     c.data.seq_len = 32
     c.data.batch_size = 32

@@ -9,7 +9,7 @@ from stage 1a with `--config.init_from=RUN_1A/params`. The paper ramps the stage
 """
 
 from ouro_jax import config as model_presets
-from ouro_jax.train_config import pretraining_config
+from ouro_jax.train.config import pretraining_config
 
 
 def get_config(stage: str = "stage1a"):

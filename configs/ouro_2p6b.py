@@ -8,7 +8,7 @@
 """
 
 from ouro_jax import config as model_presets
-from ouro_jax.train_config import pretraining_config
+from ouro_jax.train.config import pretraining_config
 
 
 def get_config(stage: str = "stage1b"):

@@ -9,13 +9,14 @@ The optimizer holds state for the gate only; every LM parameter leaves bit-ident
 """
 
 from ouro_jax import config as model_presets
-from ouro_jax.train_config import base_config, model_fields
+from ouro_jax.train.config import base_config, model_fields
 
 
 def get_config():
     c = base_config()
     c.stage = 2
-    c.model = model_fields(model_presets.ouro_1p4b(dtype="bfloat16", param_dtype="float32", remat_policy="none"))
+    c.model = model_fields(model_presets.ouro_1p4b())
+    c.execution.update(dtype="bfloat16", param_dtype="float32", remat_policy="none")
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.data.update(sources="", seq_len=2048, batch_size=64, eval_examples=0)
     c.optim.update(peak_lr=1e-3, init_lr=0.0, warmup_steps=100, decay="cosine", decay_steps=500, end_lr=1e-4,

@@ -1,7 +1,7 @@
 """Tiny model on Mano for tests and smoke runs: seconds on one CPU core."""
 
 from ouro_jax import config as model_presets
-from ouro_jax.train_config import base_config, model_fields
+from ouro_jax.train.config import base_config, model_fields
 
 
 def get_config():

@@ -17,7 +17,7 @@ import sys
 import jax
 
 from ouro_jax import sharding as shd
-from ouro_jax.trainer import build_train_program
+from ouro_jax.train.step import build_train_program
 
 HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16 * 2**30, "v5p": 95 * 2**30, "v6e": 32 * 2**30}
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -171,7 +171,8 @@ def main(argv) -> int:
     config, topology = FLAGS.config, FLAGS.topology
     if FLAGS.find_max_batch:
         best, _ = max_batch_per_chip(config, topology)
-        print(f"largest batch per chip that fits on {topology}: {best} ({best * int(config.data.seq_len)} tokens per chip)")
+        tokens = best * int(config.data.seq_len)
+        print(f"largest batch per chip that fits on {topology}: {best} ({tokens} tokens per chip)")
         return 0 if best else 1
     try:
         report = compile_train_step(config, topology, FLAGS.batch_per_chip)

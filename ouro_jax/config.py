@@ -1,4 +1,8 @@
-"""OuroConfig: the shape of a looped language model, its presets, and HF `config.json` I/O."""
+"""OuroConfig: what defines a looped language model's checkpoint; Execution: how it runs.
+
+`OuroConfig.to_dict` / `from_dict` are the one codec of the persisted fields (params checkpoints, the
+training config); `from_hf_config` / `to_hf_config` read and write HF `config.json`; presets.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ouro_jax.errors import ConfigError
+
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
 KERNEL_IMPLS = ("auto", "xla", "pallas")
-EXECUTION_FIELDS = ("attention_impl", "cross_entropy_impl", "kernel_interpret")  # never persisted
-
+DTYPES = ("float32", "bfloat16", "float16")
+# The fields that fix the parameter shapes: what a run started from a checkpoint takes from it.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "tie_word_embeddings")
 # Fields of an HF `config.json` that carry no model-shape information for us (bookkeeping of
 # transformers or settings we check separately below).
 _HF_IGNORED = frozenset({
@@ -33,13 +41,50 @@ _HF_FIELDS = {
 }
 
 
-class ConfigError(ValueError):
-    """An unknown, inconsistent or unsupported model setting."""
+def _check_types(obj) -> None:
+    """Rejects values of the wrong type (a JSON "64" for an int field, say) with a ConfigError."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), f.type.split(" | ")
+        ok = ((("int" in kind or "float" in kind) and isinstance(value, int) and not isinstance(value, bool))
+              or ("float" in kind and isinstance(value, float)) or ("bool" in kind and isinstance(value, bool))
+              or ("str" in kind and isinstance(value, str)) or ("None" in kind and value is None))
+        if not ok and f.type != "Execution":
+            raise ConfigError(f"{type(obj).__name__}.{f.name} must be {f.type}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a model runs (never persisted with a checkpoint): dtypes, rematerialization, loop unrolling."""
+
+    dtype: str = "float32"  # compute dtype; norms, softmax and exit math always run in float32
+    param_dtype: str = "float32"  # dtype of the weights held in memory (master weights in training)
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+    unroll: bool = False  # unroll the layer and step scans: faster on CPU, larger programs (same params)
+    # Kernels, see ouro_jax/kernels: "auto" (by the mesh's platform) | "xla" | "pallas".
+    attention_impl: str = "auto"       # training / prefill attention and decode attention
+    cross_entropy_impl: str = "auto"   # the per-step linear cross-entropy and the eval step's argmax
+    kernel_interpret: bool = False     # run Pallas kernels in the interpreter (tests on CPU)
+
+    def __post_init__(self):
+        _check_types(self)
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        for name in ("attention_impl", "cross_entropy_impl"):
+            if getattr(self, name) not in KERNEL_IMPLS:
+                raise ConfigError(f"{name} must be one of {KERNEL_IMPLS}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Execution:
+        return _from_fields(cls, fields)
 
 
 @dataclasses.dataclass(frozen=True)
 class OuroConfig:
-    """Model shape and numerics. Frozen and hashable: usable as a static `jit` argument."""
+    """What defines a checkpoint (shapes, vocabulary, steps, RoPE, exit threshold, special ids), plus
+    the `execution` settings, which are never persisted. Frozen and hashable: a static `jit` argument."""
 
     vocab_size: int = 49152
     hidden_size: int = 2048
@@ -59,21 +104,14 @@ class OuroConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     initializer_range: float = 0.02
-    param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype; norms, softmax and exit math always run in float32
-    scan_layers: bool = True  # nn.scan over layers (stacked params) or a Python loop (layers_{i})
-    scan_steps: bool = True  # nn.scan over recurrent steps or a Python loop
-    remat_policy: str = "none"  # one of REMAT_POLICIES
-    # Kernels (execution settings, never persisted): "auto" | "xla" | "pallas", see ouro_jax/kernels.
-    attention_impl: str = "auto"       # training / prefill attention and decode attention
-    cross_entropy_impl: str = "auto"   # the per-step linear cross-entropy (and the eval step's argmax)
-    kernel_interpret: bool = False     # run Pallas kernels in the interpreter (tests on CPU)
+    execution: Execution = Execution()
 
     def __post_init__(self):
+        _check_types(self)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "total_ut_steps",
                      "max_position_embeddings"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
@@ -81,35 +119,47 @@ class OuroConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
-        for name in ("attention_impl", "cross_entropy_impl"):
-            if getattr(self, name) not in KERNEL_IMPLS:
-                raise ConfigError(f"{name} must be one of {KERNEL_IMPLS}, got {getattr(self, name)!r}")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
         if self.early_exit_threshold is not None and not 0.0 <= self.early_exit_threshold <= 1.0:
             raise ConfigError(f"early_exit_threshold must lie in [0, 1], got {self.early_exit_threshold}")
 
     @property
     def compute_dtype(self):
-        return jnp.dtype(self.dtype)
+        return jnp.dtype(self.execution.dtype)
 
     @property
     def weight_dtype(self):
-        return jnp.dtype(self.param_dtype)
+        return jnp.dtype(self.execution.param_dtype)
 
-    def replace(self, **changes) -> "OuroConfig":
+    def replace(self, **changes) -> OuroConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown OuroConfig field(s): {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
+    def with_execution(self, **changes) -> OuroConfig:
+        """This config with some execution settings changed (e.g. dtype="bfloat16")."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(Execution)}
+        if unknown:
+            raise ConfigError(f"unknown Execution field(s): {sorted(unknown)}")
+        return dataclasses.replace(self, execution=dataclasses.replace(self.execution, **changes))
+
+    # ---- the one codec of the persisted fields -------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that define the checkpoint (no execution settings): what is saved with one."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "execution"}
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any], execution: Execution | None = None) -> OuroConfig:
+        """Inverse of `to_dict`; unknown or mistyped fields raise ConfigError."""
+        if "execution" in fields:
+            raise ConfigError("'execution' is not a checkpoint field; pass execution= instead")
+        return _from_fields(cls, {**fields, "execution": execution or Execution()})
+
     # ---- HF config.json ------------------------------------------------------------------------
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any] | str | os.PathLike, **overrides) -> "OuroConfig":
+    def from_hf_config(cls, hf: dict[str, Any] | str | os.PathLike, execution: Execution | None = None) -> OuroConfig:
         """Builds a config from an HF `config.json` (a dict, the file, or its directory)."""
         if not isinstance(hf, dict):
             path = os.fspath(hf)
@@ -142,16 +192,16 @@ class OuroConfig:
                 raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'default')")
             if "rope_theta" in rope:
                 kwargs["rope_theta"] = rope["rope_theta"]
-        if "head_dim" not in kwargs and "hidden_size" in kwargs:
-            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs.get("num_attention_heads", cls.num_attention_heads)
-        kwargs.setdefault("num_key_value_heads", kwargs.get("num_attention_heads", cls.num_attention_heads))
+        heads = kwargs.get("num_attention_heads", cls.num_attention_heads)
+        if "head_dim" not in kwargs and isinstance(kwargs.get("hidden_size"), int) and isinstance(heads, int):
+            kwargs["head_dim"] = kwargs["hidden_size"] // heads
+        kwargs.setdefault("num_key_value_heads", heads)
         kwargs["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", False))
-        kwargs["rope_theta"] = float(kwargs.get("rope_theta", cls.rope_theta))
         # The released config names 0 as bos/eos; the tokenizer's real ids are fixed by the vocabulary.
-        return cls(**kwargs).replace(**overrides)
+        return _from_fields(cls, {**kwargs, "execution": execution or Execution()})
 
-    def to_hf_config(self) -> dict[str, Any]:
-        """The HF `config.json` dict of this model (model_type 'ouro', our remote code)."""
+    def to_hf_config(self, dtype: str = "float32") -> dict[str, Any]:
+        """The HF `config.json` dict of this model (model_type 'ouro', our remote code), weights stored as `dtype`."""
         return {
             "architectures": ["OuroForCausalLM"],
             "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig",
@@ -166,7 +216,7 @@ class OuroConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "use_cache": True,
-            "dtype": self.param_dtype,
+            "dtype": dtype,
         }
 
 
@@ -189,6 +239,17 @@ def tiny(**overrides) -> OuroConfig:
 
 
 PRESETS = {"ouro_1p4b": ouro_1p4b, "ouro_2p6b": ouro_2p6b, "tiny": tiny}
+
+
+def _from_fields(cls, fields: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s): {unknown}")
+    try:
+        return cls(**fields)
+    except TypeError as e:  # e.g. a value that cannot be compared with the bounds checked above
+        raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
 def preset(name: str, **overrides) -> OuroConfig:

@@ -1,6 +1,6 @@
-"""Export a checkpoint to a Hugging Face directory: `python -m ouro_jax.export CHECKPOINT OUT_DIR`.
+"""Export a checkpoint to a Hugging Face directory: `ouro-export CHECKPOINT OUT_DIR` (or `python -m ouro_jax.export`).
 
-CHECKPOINT is an ouro_jax params checkpoint (`ouro_jax.checkpoint.save_params`) or an HF Ouro
+CHECKPOINT is an ouro_jax params checkpoint (`ouro_jax.params_io.save_params`) or an HF Ouro
 directory (re-exported with our remote code and the correct special ids). The result loads with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`.
 """
@@ -8,13 +8,26 @@ directory (re-exported with our remote code and the correct special ids). The re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from ouro_jax.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_checkpoint
+from ouro_jax.errors import OuroError
+from ouro_jax.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_hf
+from ouro_jax.params_io import load_model
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> str:
+    """Exports an ouro_jax params checkpoint (or re-exports an HF Ouro directory) to out_dir.
+
+    kwargs are those of `export_hf`. Re-exporting a released checkpoint gives it our remote code
+    and the correct special ids.
+    """
+    cfg, params = load_model(checkpoint)
+    return export_hf(out_dir, cfg, params, **kwargs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ouro_jax.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ouro-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="ouro_jax params checkpoint or HF Ouro directory")
     parser.add_argument("out_dir", help="HF directory to create")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default=None,
@@ -32,12 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype,
                                 max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                                 overwrite=args.overwrite)
-    except (OSError, ValueError) as e:  # existing target, missing/corrupt checkpoint, bad size or config
-        print(f"export failed: {e}", file=sys.stderr)
+    except (OuroError, OSError, ValueError) as e:  # existing target, missing/corrupt checkpoint, bad size or config
+        print(f"export failed: {e}".replace("\n", " "), file=sys.stderr)
         return 1
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

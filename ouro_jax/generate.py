@@ -1,9 +1,9 @@
-"""Text generation: `python -m ouro_jax.generate --model DIR --prompt "..."`.
+"""Text generation: `ouro-generate --model DIR --prompt "..."` (or `python -m ouro_jax.generate`).
 
-The engine lives in `ouro_jax.inference` (KV-cache policies, prefill/decode with early exit,
-sampling); this module re-exports it and adds the command line. The model directory is an HF Ouro
-directory or a params checkpoint of ours; text is tokenized with the directory's `tokenizer.json`
-when present, else with the byte-level tokenizer (or `--prompt-ids` gives the ids directly).
+The command line only: the engine and the library `generate` live in `ouro_jax.inference`. The
+model directory is an HF Ouro directory or a params checkpoint of ours; text is tokenized with the
+directory's `tokenizer.json` when present, else with the byte-level tokenizer (or `--prompt-ids`
+gives the ids directly).
 """
 
 from __future__ import annotations
@@ -12,22 +12,22 @@ import argparse
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from ouro_jax.inference import (POLICIES, GenerationResult, cache_bytes, default_cache_length, generate, prompt_bucket,
-                                trace_count)
+from ouro_jax.config import Execution
+from ouro_jax.inference import EXIT_MODES, POLICIES, GenerationResult, default_cache_length, generate
+from ouro_jax.params_io import load_model
 
-__all__ = ["GenerationResult", "POLICIES", "cache_bytes", "default_cache_length", "generate", "main", "prompt_bucket",
-           "trace_count"]
+__all__ = ["build_parser", "main", "run"]
 
 
 def _parse_ids(text: str, what: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
-        raise SystemExit(f"error: {what} must be integers separated by commas or spaces, got {text!r}")
+        raise SystemExit(f"error: {what} must be integers separated by commas or spaces, got {text!r}") from None
 
 
 def _tokenizer(model_dir: str, spec: str | None):
@@ -61,7 +61,7 @@ class _TextStream:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ouro_jax.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ouro-generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF Ouro directory or ouro_jax params checkpoint")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
@@ -73,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--policy", default="full", help=f"decode KV-cache policy: {', '.join(POLICIES)}")
     p.add_argument("--exit-threshold", type=float, help="Q-exit threshold q in [0, 1] (default: the config's; 1 = off)")
+    p.add_argument("--exit-mode", default="early", choices=EXIT_MODES,
+                   help="early: stop looping at the Q-exit step (saves compute); select: run every step and pick "
+                        "the exit step's logits (the released generate, token for token)")
     p.add_argument("--depth", type=int, help="recurrent steps (default: the trained T; more extrapolates)")
+    p.add_argument("--draft-tokens", type=int, default=0,
+                   help="self-speculative decoding: tokens drafted per round (0 = off; lossless, --policy full)")
+    p.add_argument("--draft-depth", type=int, default=1, help="recurrent steps of the draft (< --depth)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
@@ -86,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> GenerationResult:
     args = build_parser().parse_args(argv)
-    from ouro_jax.checkpoint import load_model
 
     if args.policy not in POLICIES:
         raise SystemExit(f"error: unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
-    cfg, params = load_model(args.model, **({"dtype": args.dtype} if args.dtype else {}))
+    try:
+        cfg, params = load_model(args.model, execution=Execution(dtype=args.dtype) if args.dtype else None)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load --model {args.model}: {e}") from None
     tokenizer = None
     if args.prompt_ids is not None:
         if args.chat:
@@ -114,11 +122,12 @@ def main(argv: Sequence[str] | None = None) -> GenerationResult:
         stop_ids = []
 
     stream = _TextStream(tokenizer, stop_ids) if not args.no_stream else None
-    options = dict(policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold,
+    options = dict(policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold, exit_mode=args.exit_mode,
+                   draft_tokens=args.draft_tokens, draft_depth=args.draft_depth,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    stop_token_ids=stop_ids, stream=stream)
-    options["cache_length"] = default_cache_length(len(ids), args.max_new_tokens)
     try:  # a one-token run compiles the program (same shapes) that the timed run then reuses
+        options["cache_length"] = default_cache_length(len(ids), args.max_new_tokens, draft_tokens=args.draft_tokens)
         started = time.perf_counter()
         generate(cfg, params, [ids], max_new_tokens=1, **options)
         compile_s = time.perf_counter() - started
@@ -128,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> GenerationResult:
         result = generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, **options)
         seconds = time.perf_counter() - started
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
     generated = result.rows()[0]
     if stream is None or tokenizer is None:
@@ -140,9 +149,17 @@ def main(argv: Sequence[str] | None = None) -> GenerationResult:
     print(f"[{len(generated)} tokens in {seconds:.3f} s: {len(generated) / seconds:.1f} tokens/s "
           f"(first call incl. compile {compile_s:.1f} s); mean depth {result.mean_depth:.2f} of {depth}; "
           f"decode layer applications {result.decode_layer_applications}; "
-          f"KV cache {result.cache_bytes / 2**20:.2f} MiB ({args.policy})]")
+          f"KV cache {result.cache_bytes / 2**20:.2f} MiB ({args.policy})"
+          + (f"; speculative: {result.accepted_tokens}/{result.drafted_tokens} drafts accepted "
+             f"({result.acceptance_rate:.0%}) in {result.draft_rounds} rounds" if args.draft_tokens else "") + "]")
     return result
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """The `ouro-generate` console script: 0 on success; bad input exits non-zero with one line on stderr."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

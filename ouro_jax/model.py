@@ -12,6 +12,7 @@ per-step head work (hidden states, gate, training loss) happens inside the loop 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, NamedTuple
 
@@ -82,13 +83,17 @@ def kernel_segments(attention_mask: Array | None, segment_ids: Array | None, sha
 
 
 def step_cross_entropy(cfg: OuroConfig, hidden: Array, head: Array, targets: Array, chunk_size: int) -> Array:
-    """Per-token CE [B, S] of one step: the fused kernel or the chunked XLA path (cfg.cross_entropy_impl)."""
-    reasons = xent_kernel.kernel_reasons(hidden.shape[0] * hidden.shape[1])
-    if kernels.choose("cross_entropy", cfg.cross_entropy_impl, kernels.mesh_platform(), cfg.kernel_interpret,
-                      *reasons) is None:
+    """Per-token CE [B, S] of one step: the fused kernel or the chunked XLA path (cfg.execution.cross_entropy_impl)."""
+    run = cfg.execution
+    if not uses_kernel("cross_entropy", run.cross_entropy_impl, run, xent_kernel.kernel_reasons(hidden[..., 0].size)):
         return chunked_cross_entropy(hidden, head, targets, chunk_size)
-    return kernels.linear_cross_entropy(hidden, head, targets, impl=cfg.cross_entropy_impl,
-                                        interpret=cfg.kernel_interpret)[0]
+    return kernels.linear_cross_entropy(hidden, head, targets, impl=run.cross_entropy_impl,
+                                        interpret=run.kernel_interpret)[0]
+
+
+def uses_kernel(op: str, impl: str, run, reasons) -> bool:
+    """Whether `op` runs a Pallas kernel: `impl` on the platform of the mesh in context (see kernels.dispatch)."""
+    return kernels.choose(op, impl, kernels.mesh_platform(), run.kernel_interpret, *reasons) is not None
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
@@ -156,7 +161,7 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
         mask, segments = mask if isinstance(mask, tuple) else (mask, None)
-        impl, interpret = cfg.attention_impl, cfg.kernel_interpret
+        impl, interpret = cfg.execution.attention_impl, cfg.execution.kernel_interpret
         if kv_cache is None and segments is not None and self._kernel("attention", q, k.shape[1]):
             out = kernels.attention(q, k, v, segments, impl=impl, interpret=interpret)
         elif kv_cache is not None and self._kernel("decode", q, kv_cache[0].shape[1]):
@@ -175,14 +180,13 @@ class Attention(nn.Module):
         return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt)), (k, v)
 
     def _kernel(self, op: str, q: Array, key_length: int) -> bool:
-        """Whether `op` runs a Pallas kernel here (cfg.attention_impl on the mesh's platform and shapes)."""
-        cfg = self.cfg
-        if cfg.attention_impl == "xla" or self.is_initializing():   # init only needs shapes
+        """Whether `op` runs a Pallas kernel here (cfg.execution.attention_impl on the mesh's platform and shapes)."""
+        run = self.cfg.execution
+        if run.attention_impl == "xla" or self.is_initializing():   # init only needs shapes
             return False
-        platform = kernels.mesh_platform()
-        reasons = (flash_kernel.kernel_reasons(q.shape[1], q.shape[3], q.dtype, cfg.kernel_interpret)
-                   if op == "attention" else decode_kernel.kernel_reasons(key_length, q.shape[3], cfg.kernel_interpret))
-        return kernels.choose(op, cfg.attention_impl, platform, cfg.kernel_interpret, *reasons) is not None
+        reasons = (flash_kernel.kernel_reasons(q.shape[1], q.shape[3], q.dtype, run.kernel_interpret)
+                   if op == "attention" else decode_kernel.kernel_reasons(key_length, q.shape[3], run.kernel_interpret))
+        return uses_kernel(op, run.attention_impl, run, reasons)
 
 
 class MLP(nn.Module):
@@ -222,27 +226,21 @@ class DecoderLayer(nn.Module):
 
 
 class LayerStack(nn.Module):
-    """The N shared layers: `nn.scan` with stacked params, or a Python loop over `layers_{i}`."""
+    """The N shared layers: an `nn.scan` with stacked params (unrolled when `execution.unroll`)."""
 
     cfg: OuroConfig
 
     @nn.compact
     def __call__(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
-        cfg = self.cfg
+        cfg, run = self.cfg, self.cfg.execution
         layer = DecoderLayer
-        if cfg.remat_policy != "none":
-            layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                            length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            return stack(cfg, return_kv, name="layers")(h, positions, mask, kv_cache, cache_index)
-        kvs = []
-        for i in range(cfg.num_hidden_layers):
-            cache_i = None if kv_cache is None else jax.tree.map(lambda c: c[i], kv_cache)
-            h, kv = layer(cfg, return_kv, name=f"layers_{i}")(h, positions, mask, cache_i, cache_index)
-            kvs.append(kv)
-        return h, (None if kvs[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *kvs))
+        if run.remat_policy != "none":
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[run.remat_policy], prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_hidden_layers,
+                        unroll=cfg.num_hidden_layers if run.unroll else 1,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(cfg, return_kv, name="layers")(h, positions, mask, kv_cache, cache_index)
 
 
 class ExitGate(nn.Module):
@@ -291,13 +289,13 @@ class Ouro(nn.Module):
         """Greedy ids [B, S] int32 of normed hidden states [B, S, d]: the fused kernel's argmax when
         cross_entropy_impl picks it (no [B, S, V] logits), else the argmax of `logits`."""
         cfg, head = self.cfg, self.head_kernel().astype(self.cfg.compute_dtype)
-        reasons = xent_kernel.kernel_reasons(hidden.shape[0] * hidden.shape[1])
-        if kernels.choose("cross_entropy", cfg.cross_entropy_impl, kernels.mesh_platform(), cfg.kernel_interpret,
-                          *reasons) is None:
+        run = cfg.execution
+        reasons = xent_kernel.kernel_reasons(hidden[..., 0].size)
+        if not uses_kernel("cross_entropy", run.cross_entropy_impl, run, reasons):
             return jnp.argmax(self.logits(hidden), axis=-1).astype(jnp.int32)
         targets = jnp.zeros(hidden.shape[:2], jnp.int32)
         return kernels.linear_cross_entropy(hidden.astype(cfg.compute_dtype), head, targets,
-                                            impl=cfg.cross_entropy_impl, interpret=cfg.kernel_interpret)[1]
+                                            impl=run.cross_entropy_impl, interpret=run.kernel_interpret)[1]
 
     def step(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
         """One recurrent step: the layer stack, the final norm, the exit gate -> (h, gate_logit, kv).
@@ -326,7 +324,7 @@ class Ouro(nn.Module):
         if positions is None:
             positions = default_positions(attention_mask, segment_ids, input_ids.shape)
         mask = causal_mask(attention_mask, segment_ids, input_ids.shape)
-        if self.cfg.attention_impl != "xla":   # the kernels take segment ids; XLA drops what is unused
+        if self.cfg.execution.attention_impl != "xla":   # the kernels take segment ids; XLA drops what is unused
             mask = (mask, kernel_segments(attention_mask, segment_ids, input_ids.shape))
         h = self.embed(input_ids)
 
@@ -338,43 +336,27 @@ class Ouro(nn.Module):
                                              targets, ce_chunk_size)
             return h, (gate_logits, h if return_hidden else None, step_ce, kv)
 
-        if self.cfg.scan_steps:
-            loop = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
-                           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=num_steps)
-            _, outputs = loop(self, h, None, positions, mask, targets)
-        else:
-            per_step = []
-            for _ in range(num_steps):
-                h, out = body(self, h, None, positions, mask, targets)
-                per_step.append(out)
-            outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+        loop = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
+                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=num_steps,
+                       unroll=num_steps if self.cfg.execution.unroll else 1)
+        _, outputs = loop(self, h, None, positions, mask, targets)
         return OuroOutput(*outputs)
 
 
-def init_params(cfg: OuroConfig, rng: Array, seq_len: int = 8) -> dict[str, Any]:
-    """Randomly initialized parameters (unboxed from their partitioning metadata)."""
-    ids = jnp.zeros((1, seq_len), jnp.int32)
-    return nn.unbox(Ouro(cfg).init(rng, ids, num_steps=1)["params"])
+def init_boxed_params(cfg: OuroConfig, rng: Array) -> dict[str, Any]:
+    """Randomly initialized parameters, boxed with their logical partitioning (the one model-init call)."""
+    return Ouro(cfg).init(rng, jnp.zeros((1, 8), jnp.int32), num_steps=1)["params"]
+
+
+def init_params(cfg: OuroConfig, rng: Array) -> dict[str, Any]:
+    """Randomly initialized parameters (unboxed)."""
+    return nn.unbox(init_boxed_params(cfg, rng))
 
 
 def abstract_params(cfg: OuroConfig) -> dict[str, Any]:
     """Shapes and dtypes of the parameters, with their logical partitioning; nothing is materialized."""
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    return jax.eval_shape(lambda rng, x: Ouro(cfg).init(rng, x, num_steps=1), jax.random.key(0), ids)["params"]
+    return jax.eval_shape(functools.partial(init_boxed_params, cfg), jax.random.key(0))
 
 
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
-
-
-def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """Stacked-layer params (scan_layers=True) -> `layers_{i}` params (scan_layers=False)."""
-    stacked = params["decoder"]["layers"]
-    decoder = {f"layers_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)}
-    return {**params, "decoder": decoder}
-
-
-def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """`layers_{i}` params -> stacked-layer params; the inverse of `unstack_layers`."""
-    layers = [params["decoder"][f"layers_{i}"] for i in range(num_layers)]
-    return {**params, "decoder": {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}}

@@ -16,26 +16,22 @@ import jax
 import jax.numpy as jnp
 
 from ouro_jax.config import OuroConfig
-from ouro_jax.model import stack_layers
+from ouro_jax.params_io import load_model, save_params
 
 
 def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) -> tuple[OuroConfig, dict[str, Any]]:
     """(config, params) with the layer stack repeated `repeats` times: layer i of the result is
-    layer i mod N of the source. Accepts stacked or per-layer params; returns stacked ones."""
+    layer i mod N of the source."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if "layers" not in params["decoder"]:
-        params = stack_layers(params, cfg.num_hidden_layers)
     layers = params["decoder"]["layers"]
     repeated = {k: v for k, v in params.items() if k != "decoder"}
     repeated["decoder"] = {"layers": jax.tree.map(lambda x: jnp.concatenate([x] * repeats, axis=0), layers)}
-    return cfg.replace(num_hidden_layers=cfg.num_hidden_layers * repeats, scan_layers=True), repeated
+    return cfg.replace(num_hidden_layers=cfg.num_hidden_layers * repeats), repeated
 
 
 def upcycle_checkpoint(source: str, destination: str, repeats: int = 2) -> OuroConfig:
     """Reads a checkpoint (ours or HF), writes the upcycled params checkpoint; returns its config."""
-    from ouro_jax.checkpoint import load_model, save_params
-
     cfg, params = load_model(source)
     cfg, params = upcycle_params(cfg, params, repeats)
     save_params(destination, cfg, params)

@@ -16,7 +16,7 @@ GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden" / "ouro_tiny"
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
     if not GOLDEN_DIR.is_dir():
-        raise FileNotFoundError(f"golden reference not found at {GOLDEN_DIR} (a byte-identical copy of the shared golden reference)")
+        raise FileNotFoundError(f"golden reference not found at {GOLDEN_DIR}")
     return GOLDEN_DIR
 
 

@@ -4,12 +4,13 @@ import pytest
 
 from ouro_jax import aot
 from ouro_jax import config as presets
-from ouro_jax.train_config import base_config, model_fields
+from ouro_jax.train.config import base_config, model_fields
 
 
 def _config(**mesh):
     c = base_config()
-    c.model = model_fields(presets.tiny(dtype="bfloat16", remat_policy="full"))
+    c.model = model_fields(presets.tiny())
+    c.execution.update(dtype="bfloat16", remat_policy="full")
     c.mesh.update(mesh)
     c.data.seq_len = 64
     c.train.ce_chunk_size = 32
@@ -50,7 +51,7 @@ def test_gather_weights_once_trains_identically_on_8_devices():
     import numpy as np
 
     from ouro_jax import sharding as shd
-    from ouro_jax.trainer import build_train_program
+    from ouro_jax.train.step import build_train_program
 
     batch_rng = np.random.default_rng(0)
     ids = batch_rng.integers(3, 128, (8, 33), dtype=np.int32)
@@ -59,7 +60,7 @@ def test_gather_weights_once_trains_identically_on_8_devices():
     results = []
     for once in (False, True):
         config = _config(data=1, fsdp=-1, tensor=1)
-        config.model.dtype = "float32"
+        config.execution.dtype = "float32"
         config.data.update(seq_len=32, batch_size=8)
         config.train.gather_weights_once = once
         mesh = shd.make_mesh(dict(config.mesh))
@@ -75,9 +76,8 @@ def test_gather_weights_once_trains_identically_on_8_devices():
 @pytest.mark.aot
 def test_pallas_kernels_lower_for_v5p_inside_the_scans_with_remat_and_fsdp():
     c = base_config()
-    c.model = model_fields(presets.tiny(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                                        dtype="bfloat16", remat_policy="save_proj", attention_impl="pallas",
-                                        cross_entropy_impl="pallas"))
+    c.model = model_fields(presets.tiny(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64))
+    c.execution.update(dtype="bfloat16", remat_policy="save_proj", attention_impl="pallas", cross_entropy_impl="pallas")
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.data.seq_len = 128
     report = aot.compile_train_step(c, "v5p:2x2x1", batch_per_chip=1)

@@ -86,7 +86,8 @@ def test_hf_tokenizer_and_no_eos(corpus, tmp_path):
         vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok.save(str(tmp_path / "tokenizer.json"))
-    m = prepare([str(corpus / "c.parquet")], tmp_path / "out", tokenizer=str(tmp_path), append_eos=False, progress=False)
+    m = prepare([str(corpus / "c.parquet")], tmp_path / "out", tokenizer=str(tmp_path), append_eos=False,
+                progress=False)
     hf = HFTokenizer(tmp_path)
     assert m["tokenizer"]["kind"] == "hf" and m["tokenizer"]["sha256"] == hf.sha256 and m["eos_id"] is None
     docs, _ = read_back(tmp_path / "out")

@@ -9,8 +9,8 @@ import pytest
 
 from ouro_jax import config
 from ouro_jax import generate as cli
-from ouro_jax.inference import (SamplingParams, filter_logits, generate, resolve_exit_threshold, sample_tokens,
-                                trace_count)
+from ouro_jax.inference import SamplingParams, filter_logits, generate, resolve_exit_threshold, sample_tokens
+from ouro_jax.inference.engine import _generate_program
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +83,14 @@ def test_streaming_callback_sees_every_token_in_order(golden_model, prompt):
 def test_one_compilation_serves_other_prompts_lengths_and_settings(golden_model, golden, prompt):
     cfg, params = golden_model
     generate(cfg, params, [prompt], max_new_tokens=10, return_logits=True)
-    before = trace_count()
+    compiled = _generate_program._cache_size()
     shorter = golden["input_ids"][1, 3:].tolist()            # 9 tokens: the same bucket of 16
     for kw in (dict(max_new_tokens=3), dict(max_new_tokens=16, cache_length=32), dict(temperature=0.9, top_k=5, seed=9),
                dict(top_p=0.5, temperature=1.0), dict(exit_threshold=0.3), dict(stop_token_ids=[5, 6, 7])):
         kw = {"max_new_tokens": 10, **kw}
         result = generate(cfg, params, [shorter], return_logits=True, **kw)
         assert result.tokens.shape == (1, kw["max_new_tokens"]) and result.cache_length == 32
-    assert trace_count() == before
+    assert _generate_program._cache_size() == compiled
 
 
 def test_bad_input_gets_clear_errors(golden_model, prompt):
@@ -110,6 +110,12 @@ def test_bad_input_gets_clear_errors(golden_model, prompt):
         (dict(temperature=-1.0), "temperature must be >= 0"),
         (dict(stop_token_ids=[200]), "stop token ids outside the vocabulary"),
         (dict(seed=-3), "seed must be an integer"),
+        (dict(exit_mode="fast"), "unknown exit_mode 'fast'"),
+        (dict(draft_tokens=2, policy="last"), "speculative decoding needs the 'full' KV-cache policy"),
+        (dict(draft_tokens=2, exit_threshold=0.5), "use exit_mode='select'"),
+        (dict(draft_tokens=2, draft_depth=4), r"draft_depth must be an integer in \[1, depth=4\)"),
+        (dict(draft_tokens=-1), "draft_tokens must be an integer >= 0"),
+        (dict(draft_tokens=8, cache_length=32), r"\+ draft_tokens \(8\) needs 33 cache positions"),
     ]
     for overrides, message in cases:
         kw = {"prompts": [prompt], "max_new_tokens": 10, **overrides}
@@ -172,3 +178,21 @@ def test_cli_errors_name_the_problem(golden_dir, capsys):
         cli.main(["--model", str(golden_dir), "--prompt-ids", " "])
     with pytest.raises(SystemExit, match="--prompt-ids must be integers"):
         cli.main(["--model", str(golden_dir), "--prompt-ids", "1,x"])
+    with pytest.raises(SystemExit, match="error: cannot load --model"):
+        cli.run(["--model", str(golden_dir / "missing"), "--prompt-ids", "1,2"])
+    with pytest.raises(SystemExit, match="draft_depth must be an integer"):
+        cli.run(["--model", str(golden_dir), "--prompt-ids", "1,2", "--draft-tokens", "2", "--draft-depth", "9"])
+
+
+@pytest.mark.slow
+def test_console_script_run_returns_0_and_prints_speculation(golden_dir, golden_model, capsys):
+    args = ["--model", str(golden_dir), "--prompt-ids", "5,77,3,19", "--max-new-tokens", "6", "--no-stream"]
+    assert cli.run(args + ["--draft-tokens", "3", "--draft-depth", "2"]) == 0
+    speculative = capsys.readouterr().out
+    assert cli.run(args + ["--exit-mode", "select", "--exit-threshold", "0.6"]) == 0
+    select = capsys.readouterr().out
+    cfg, params = golden_model
+    full = generate(cfg, params, [[5, 77, 3, 19]], max_new_tokens=6)
+    assert speculative.startswith(" ".join(map(str, full.rows()[0])) + "\n") and "drafts accepted" in speculative
+    chosen = generate(cfg, params, [[5, 77, 3, 19]], max_new_tokens=6, exit_threshold=0.6, exit_mode="select")
+    assert select.startswith(" ".join(map(str, chosen.rows()[0])) + "\n")

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ouro_jax import config, exit as ex, model
-from ouro_jax.hf import CheckpointError, hf_tensors, load_hf
+from ouro_jax import config, model
+from ouro_jax import exit as ex
+from ouro_jax.errors import CheckpointError
+from ouro_jax.hf import hf_tensors, load_hf
 from ouro_jax.hf.safetensors_io import SafetensorsFile, write_safetensors
 from ouro_jax.model import Ouro
 

@@ -10,14 +10,14 @@ from ouro_jax import sharding as shd
 from ouro_jax.inference.cache import POLICIES
 from ouro_jax.inference.engine import generate
 from ouro_jax.model import Ouro
-from ouro_jax.trainer import build_train_program
+from ouro_jax.train.step import build_train_program
 
 KERNELS_ON = dict(attention_impl="pallas", cross_entropy_impl="pallas", kernel_interpret=True)
 
 
 def test_golden_reference_with_kernels(golden_model, golden):
     cfg, params = golden_model
-    model = Ouro(cfg.replace(**KERNELS_ON))
+    model = Ouro(cfg.with_execution(**KERNELS_ON))
     ids = jnp.asarray(golden["input_ids"])
     targets = jnp.roll(ids, -1, axis=1)
     out = model.apply({"params": params}, ids, targets=targets)
@@ -40,7 +40,8 @@ def test_golden_reference_with_kernels(golden_model, golden):
 def test_train_and_eval_step_equal_the_xla_step():
     results = []
     for kernels_on in (False, True):
-        config = tiny_train_config(**(KERNELS_ON if kernels_on else {}))
+        config = tiny_train_config()
+        config.execution.update(**(KERNELS_ON if kernels_on else dict(attention_impl="xla", cross_entropy_impl="xla")))
         mesh = shd.make_mesh(dict(config.mesh))
         program = build_train_program(config, mesh)
         state = program.init(jax.random.key(0))
@@ -61,7 +62,7 @@ def test_greedy_generation_with_kernels_gives_the_same_tokens(golden_model, gold
     prompts = [golden["input_ids"][0].tolist(), golden["input_ids"][1, 5:].tolist()]   # ragged: left padding
     for q in (1.0, 0.5):
         run = lambda c, q=q: generate(c, params, prompts, max_new_tokens=6, policy=policy, exit_threshold=q)
-        plain = run(cfg.replace(attention_impl="xla", cross_entropy_impl="xla"))
-        fused = run(cfg.replace(**KERNELS_ON))
+        plain = run(cfg.with_execution(attention_impl="xla", cross_entropy_impl="xla"))
+        fused = run(cfg.with_execution(**KERNELS_ON))
         np.testing.assert_array_equal(fused.tokens, plain.tokens)
         np.testing.assert_array_equal(fused.depths, plain.depths)

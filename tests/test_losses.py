@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import FAST_COMPILE
 
 from ouro_jax import config, losses, model
 from ouro_jax.model import Ouro
-from train_helpers import FAST_COMPILE
 
 
 def _random_inputs(seed, shape=(4, 3, 7)):
@@ -67,7 +67,8 @@ def test_stage2_labels_are_detached_and_bounded():
     labels = losses.gate_continue_labels(jnp.asarray(step_ce), 50.0, 0.005)
     assert labels.shape == (3, 3, 7)
     assert float(labels.min()) >= float(jax.nn.sigmoid(-50.0 * 0.005)) - 1e-7  # SPEC 4: never below ~0.438
-    grad = jax.grad(lambda ce: losses.stage2_loss(ce, jnp.asarray(z), jnp.ones((3, 7)), 50.0, 0.005))(jnp.asarray(step_ce))
+    loss = lambda ce: losses.stage2_loss(ce, jnp.asarray(z), jnp.ones((3, 7)), 50.0, 0.005)
+    grad = jax.grad(loss)(jnp.asarray(step_ce))
     assert not np.any(np.asarray(grad))
 
 
@@ -112,8 +113,9 @@ def test_in_loop_loss_gradients_equal_materialized_logits(tiny_model):
         return objective(step_ce, out.gate_logits, stage)
 
     for stage in (1, 2):
-        loss_a, grads_a = jax.jit(jax.value_and_grad(in_loop), static_argnums=1, compiler_options=FAST_COMPILE)(params, stage)
-        loss_b, grads_b = jax.jit(jax.value_and_grad(naive), static_argnums=1, compiler_options=FAST_COMPILE)(params, stage)
+        jitted = lambda f: jax.jit(jax.value_and_grad(f), static_argnums=1, compiler_options=FAST_COMPILE)
+        loss_a, grads_a = jitted(in_loop)(params, stage)
+        loss_b, grads_b = jitted(naive)(params, stage)
         np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_a, grads_b)
         assert float(jnp.abs(grads_a["exit_gate"]["kernel"]).max()) > 0

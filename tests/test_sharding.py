@@ -3,11 +3,14 @@
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from train_helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
 
 from ouro_jax import sharding as shd
-from ouro_jax import trainer
-from train_helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
+from ouro_jax.model import Ouro, init_params
+from ouro_jax.train import step as trainer
+from ouro_jax.train.config import model_config
 
 
 def test_make_mesh_sizes_and_errors():
@@ -64,9 +67,19 @@ def test_eight_devices_match_one_device():
                  jax.device_get(state.params), reference["params"])
 
 
-def test_activation_constraints_are_applied_under_the_mesh():
-    cfg = tiny_train_config()
-    mesh = shd.make_mesh((2, 2, 2))
-    program = trainer.build_train_program(cfg, mesh, FAST_COMPILE)
-    text = program.step.lower(program.abstract_state, program.abstract_batch).as_text()
-    assert "sharding_constraint" in text
+def test_activation_constraints_shard_the_batch_under_the_mesh():
+    cfg, mesh = model_config(tiny_train_config()), shd.make_mesh((2, 2, 2))
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(init_params(cfg, jax.random.key(0)), replicated)
+    ids = jax.device_put(np.zeros((8, 16), np.int32), replicated)
+
+    def hidden_states(params, ids, constrained):
+        if not constrained:
+            return Ouro(cfg).apply({"params": params}, ids).hidden_states
+        with shd.activation_rules(mesh):
+            return Ouro(cfg).apply({"params": params}, ids).hidden_states
+
+    run = jax.jit(hidden_states, static_argnums=2)
+    assert run(params, ids, False).sharding.spec == P()  # replicated inputs alone: nothing is split
+    out = run(params, ids, True)  # [T, B, S, d]: the logical batch axis lands on data x fsdp
+    assert out.sharding.spec == P(None, ("data", "fsdp")) and len(out.sharding.device_set) == 8

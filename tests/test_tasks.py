@@ -53,9 +53,9 @@ def test_mano_length_distribution():
     task = Mano(max_len=L)
     examples = training_examples(task, 6000)
     lengths = np.array([task.num_ops(p) for p, _ in examples])
-    for (p, _), l in zip(examples, lengths):
+    for (p, _), length in zip(examples, lengths):
         ops = sum(task.op_base <= t < task.len_base for t in p)
-        assert ops == l and len(p) == 2 * l + 4  # l operators, 2l+1 expression tokens
+        assert ops == length and len(p) == 2 * length + 4  # operators, 2 * length + 1 expression tokens
     counts = np.bincount(lengths, minlength=L + 1)[1:]
     assert counts.sum() == 6000 and len(counts) == L
     expected = 6000 / L

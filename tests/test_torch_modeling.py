@@ -17,13 +17,14 @@ import torch
 from flax import traverse_util
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from ouro_jax import config, exit as ex
-from ouro_jax.generate import generate as jax_generate
+from ouro_jax import config
+from ouro_jax import exit as ex
 from ouro_jax.hf import export_hf, load_hf
-from ouro_jax.hf.export import REMOTE_CODE_FILES
+from ouro_jax.hf.export import REMOTE_CODE_DIR, REMOTE_CODE_FILES
+from ouro_jax.inference import generate as jax_generate
 from ouro_jax.model import Ouro, abstract_params
 
-HF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ouro_jax", "hf")
+HF_DIR = REMOTE_CODE_DIR
 TOL = 1e-4  # float32
 
 
@@ -227,7 +228,7 @@ def test_exported_greedy_generate_matches_jax_with_left_padding(exported, jax_re
 
 def test_exported_bfloat16(exported, tmp_path):
     cfg, params, _ = exported
-    cfg16 = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
+    cfg16 = cfg.with_execution(param_dtype="bfloat16", dtype="bfloat16")
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     model = load(export_hf(tmp_path / "bf16", cfg16, params16))
     assert model.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16

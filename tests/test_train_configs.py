@@ -5,10 +5,11 @@ import os
 
 import jax
 import pytest
-
-from ouro_jax import model, trainer
-from ouro_jax import sharding as shd
 from train_helpers import REPO
+
+from ouro_jax import model
+from ouro_jax import sharding as shd
+from ouro_jax.train import step as trainer
 
 
 def load_config(name, arg=None):
@@ -29,7 +30,7 @@ def test_released_shapes_build_sharded_programs(name, arg, params, steps_t, stag
     program = trainer.build_train_program(config, shd.make_mesh(dict(config.mesh)))
     assert program.stage == stage and program.model_cfg.total_ut_steps == steps_t
     assert model.count_params(program.abstract_state.params) == params
-    assert program.model_cfg.dtype == "bfloat16" and program.model_cfg.param_dtype == "float32"
+    assert program.model_cfg.execution.dtype == "bfloat16" and program.model_cfg.execution.param_dtype == "float32"
     # FSDP over the 8 test devices: the embedding axis of every big matrix is split 8 ways.
     assert program.state_shardings.params["lm_head"].spec[0] == "fsdp"
     adam = program.abstract_state.opt_state[1][0]
@@ -50,7 +51,7 @@ def test_bfloat16_compute_over_float32_master_weights():
     from train_helpers import tiny_train_config
 
     config = tiny_train_config()
-    config.model.update(dtype="bfloat16", param_dtype="float32")
+    config.execution.update(dtype="bfloat16", param_dtype="float32")
     program = trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     assert {x.dtype.name for x in jax.tree.leaves(program.abstract_state.params)} == {"float32"}
     assert {x.dtype.name for x in jax.tree.leaves(program.abstract_state.opt_state) if x.ndim} == {"float32"}

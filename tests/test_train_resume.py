@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from ouro_jax.checkpoint import TrainCheckpointer, load_params
-from ouro_jax.data import make_batch_iterator
 from train_helpers import PYTHON, REPO, subprocess_env
+
+from ouro_jax.data import make_batch_iterator
+from ouro_jax.params_io import load_params
+from ouro_jax.train.checkpointer import TrainCheckpointer
+from ouro_jax.train.config import model_config
 
 # The tiny config, made heavy enough per step (batch 64 x 32) that the kill lands mid-run.
 ARGS = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--config.data.batch_size=64",
@@ -103,7 +105,7 @@ def _abstract_state(workdir):
     import ml_collections
 
     from ouro_jax import sharding as shd
-    from ouro_jax import trainer
+    from ouro_jax.train import step as trainer
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
@@ -150,17 +152,21 @@ def test_bad_command_lines_fail_clearly(tmp_path):
         proc = subprocess.run([PYTHON, "-m", "ouro_jax.train", *ARGS, *extra], cwd=REPO, env=subprocess_env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert ("'stepz'" in proc.stderr and 'Did you mean "steps"' in proc.stderr) if extra else "--workdir" in proc.stderr
+        if extra:
+            assert "'stepz'" in proc.stderr and 'Did you mean "steps"' in proc.stderr
+        else:
+            assert "--workdir" in proc.stderr
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_without_a_checkpoint(tmp_path):
-    from ouro_jax import train, trainer
-    from ouro_jax.checkpoint import save_params
-    from ouro_jax.model import init_params
     from train_helpers import FAST_COMPILE, tiny_train_config
 
+    from ouro_jax.model import init_params
+    from ouro_jax.params_io import save_params
+    from ouro_jax.train import loop as train
+
     config = tiny_train_config()
-    model_cfg = trainer.model_config(config)
+    model_cfg = model_config(config)
     params = jax.tree.map(np.array, init_params(model_cfg, jax.random.key(0)))
     params["lm_head"][:, 0] = np.nan
     save_params(tmp_path / "bad_params", model_cfg, params)

@@ -7,13 +7,15 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from train_helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
 
-from ouro_jax import losses, optim, trainer
+from ouro_jax import losses, optim
 from ouro_jax import sharding as shd
-from ouro_jax.checkpoint import NonFiniteParamsError, TrainCheckpointer
 from ouro_jax.metrics import matmul_flops_per_token, model_flops_per_token, peak_flops
 from ouro_jax.model import Ouro, abstract_params
-from train_helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
+from ouro_jax.train import step as trainer
+from ouro_jax.train.checkpointer import NonFiniteParamsError, TrainCheckpointer
+from ouro_jax.train.config import model_config
 
 
 def _one_device():
@@ -28,7 +30,8 @@ def _optim(**kw):
 
 def test_warmup_stable_decay_schedules():
     linear = optim.lr_schedule(_optim(), total_steps=100)
-    np.testing.assert_allclose([linear(s) for s in (0, 5, 10, 50, 80, 90, 100)], [0, 0.5, 1, 1, 1, 0.55, 0.1], atol=1e-6)
+    np.testing.assert_allclose([linear(s) for s in (0, 5, 10, 50, 80, 90, 100)], [0, 0.5, 1, 1, 1, 0.55, 0.1],
+                               atol=1e-6)
     cosine = optim.lr_schedule(_optim(decay="cosine"), total_steps=100)
     np.testing.assert_allclose([cosine(s) for s in (50, 80, 90, 100)], [1, 1, 0.55, 0.1], atol=1e-6)
     constant = optim.lr_schedule(_optim(decay="none"), total_steps=100)
@@ -53,7 +56,7 @@ def test_beta_schedules():
 
 
 def test_no_weight_decay_on_norm_gains_and_biases():
-    params = nn.unbox(abstract_params(trainer.model_config(tiny_train_config())))
+    params = nn.unbox(abstract_params(model_config(tiny_train_config())))
     mask = optim.weight_decay_mask(params)
     assert mask["final_norm"]["scale"] is False and mask["exit_gate"]["bias"] is False
     assert mask["decoder"]["layers"]["input_layernorm"]["scale"] is False
@@ -184,7 +187,7 @@ def test_nonfinite_updates_are_skipped_counted_and_never_checkpointed(tmp_path):
 
 
 def test_model_flops_count():
-    cfg = trainer.model_config(tiny_train_config())
+    cfg = model_config(tiny_train_config())
     d, f, n, v, t = 32, 64, 2, 64, 3
     per_layer = 4 * d * 2 * 16 + 3 * d * f  # q,k,v,o with 2 heads x 16 + SwiGLU
     assert matmul_flops_per_token(cfg) == 2 * (n * per_layer + d * v + d)

@@ -4,10 +4,12 @@ import subprocess
 
 import jax
 import numpy as np
-
-from ouro_jax import config, model, train, trainer, upcycle
-from ouro_jax.checkpoint import load_params, save_params
 from train_helpers import PYTHON, REPO, subprocess_env, tiny_train_config
+
+from ouro_jax import config, model, upcycle
+from ouro_jax.params_io import load_params, save_params
+from ouro_jax.train import loop as train
+from ouro_jax.train.config import model_config
 
 
 def test_upcycle_repeats_the_whole_stack():
@@ -26,16 +28,15 @@ def test_upcycle_repeats_the_whole_stack():
     assert model.count_params(big) == model.count_params(params) + 3 * per_layer
     out = jax.jit(model.Ouro(big_cfg).apply)({"params": big}, np.arange(5)[None] % cfg.vocab_size)
     assert np.isfinite(np.asarray(out.gate_logits)).all()
-    unstacked_cfg, unstacked = upcycle.upcycle_params(cfg.replace(scan_layers=False),
-                                                      model.unstack_layers(params, 3), repeats=3)
-    assert unstacked_cfg.num_hidden_layers == 9 and unstacked_cfg.scan_layers
-    np.testing.assert_array_equal(unstacked["decoder"]["layers"]["mlp"]["up_proj"][7],
+    triple_cfg, triple = upcycle.upcycle_params(cfg, params, repeats=3)
+    assert triple_cfg.num_hidden_layers == 9
+    np.testing.assert_array_equal(triple["decoder"]["layers"]["mlp"]["up_proj"][7],
                                   params["decoder"]["layers"]["mlp"]["up_proj"][1])
 
 
 def test_upcycle_cli_and_training_adopts_the_checkpoint_shape(tmp_path):
     train_config = tiny_train_config()
-    cfg = trainer.model_config(train_config)
+    cfg = model_config(train_config)
     save_params(tmp_path / "small", cfg, model.init_params(cfg, jax.random.key(0)))
     proc = subprocess.run([PYTHON, "-m", "ouro_jax.upcycle", str(tmp_path / "small"), str(tmp_path / "big")],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -43,6 +44,6 @@ def test_upcycle_cli_and_training_adopts_the_checkpoint_shape(tmp_path):
     assert "4 layers" in proc.stdout
     big_cfg, big = load_params(tmp_path / "big")
     assert big_cfg.num_hidden_layers == 4 and big["decoder"]["layers"]["mlp"]["up_proj"].shape[0] == 4
-    train_config.model.dtype = "bfloat16"
+    train_config.execution.dtype = "bfloat16"
     train.adopt_checkpoint_shape(train_config, str(tmp_path / "big"))
-    assert train_config.model.num_hidden_layers == 4 and train_config.model.dtype == "bfloat16"
+    assert train_config.model.num_hidden_layers == 4 and train_config.execution.dtype == "bfloat16"

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from ouro_jax import config as model_presets
-from ouro_jax.train_config import base_config, model_fields
+from ouro_jax.train.config import base_config, model_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 def tiny_train_config(**model_overrides):
     c = base_config()
-    c.model = model_fields(model_presets.tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+    c.model = model_fields(model_presets.tiny(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                              num_attention_heads=2,
                                               num_key_value_heads=2, total_ut_steps=3, **model_overrides))
     c.data.update(sources="mano:max_len=3", seq_len=16, batch_size=8, eval_examples=16, eval_batch_size=16)
     c.optim.update(peak_lr=1e-2, init_lr=1e-3, warmup_steps=2, decay="cosine", decay_steps=5, end_lr=1e-3)
@@ -43,7 +44,7 @@ def random_batch(cfg, seed=0, vocab=None):
 def subprocess_env(devices=1):
     """Environment of a training subprocess: CPU, `devices` fake devices, fast XLA compilation."""
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+    env.update(JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
     return env
 
@@ -58,7 +59,7 @@ def reference_run(steps=5):
     import jax
 
     from ouro_jax import sharding as shd
-    from ouro_jax import trainer
+    from ouro_jax.train import step as trainer
 
     cfg = tiny_train_config()
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])

@@ -15,7 +15,8 @@ The iterator:
                       packing="auto", read_threads=0, prefetch=2) -> grain.DatasetIterator
 
 `sources`: one or a list of `TokenShards(dir)` (written by `python -m ouro_jax.data.prepare`),
-`InMemoryDocuments(token arrays, target_weights)`, tasks (`Mano`, `MultiHopQA`, `make_task(name, **kw)`), or specs for `make_source` ("mano:max_len=10",
+`InMemoryDocuments(token arrays, target_weights)`, tasks (`Mano`, `MultiHopQA`, `make_task(name, **kw)`),
+or specs for `make_source` ("mano:max_len=10",
 a prepared directory, {"kind": "shards", "path": ...}). `batch_size` is per process; the process
 shard defaults to `jax.process_index()/process_count()`. State: `it.get_state()` (JSON-able) /
 `it.set_state(state)`, or orbax `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
@@ -36,7 +37,8 @@ from ouro_jax.data.tasks import EvalSet, SyntheticTask, make_task
 from ouro_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
-    "ByteTokenizer", "EvalSet", "HFTokenizer", "InMemoryDocuments", "Mano", "MultiHopQA", "SyntheticTask", "TokenShards",
+    "ByteTokenizer", "EvalSet", "HFTokenizer", "InMemoryDocuments", "Mano", "MultiHopQA", "SyntheticTask",
+    "TokenShards",
     "encode_chat", "load_tokenizer", "make_batch_dataset", "make_batch_iterator", "make_source", "make_task",
     "render_chatml", "training_batch",
 ]

@@ -7,7 +7,7 @@ tokens an assistant writes (its content and the closing `<|im_end|>`): the loss 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

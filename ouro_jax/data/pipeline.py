@@ -21,7 +21,8 @@ Stages, all deterministic given `seed`:
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import grain
 import grain.experimental
@@ -60,7 +61,8 @@ class InMemoryDocuments:
             self._weights = [np.ones(len(d), np.int32) for d in self._docs]
         else:
             self._weights = [np.asarray(w, np.int32).reshape(-1) for w in target_weights]
-            if len(self._weights) != len(self._docs) or any(len(w) != len(d) for w, d in zip(self._weights, self._docs)):
+            pairs = zip(self._weights, self._docs)
+            if len(self._weights) != len(self._docs) or any(len(w) != len(d) for w, d in pairs):
                 raise ValueError("target_weights must give one weight per token of every document")
         if not self._docs:
             raise ValueError("InMemoryDocuments needs at least one document")

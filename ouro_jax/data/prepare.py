@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import random
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -12,7 +12,8 @@ import hashlib
 import os
 import pathlib
 import re
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -20,16 +20,18 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
 from ouro_jax.config import OuroConfig
-from ouro_jax.hf.checkpoint import INDEX_FILE, SINGLE_FILE, hf_tensors, key_table
-from ouro_jax.hf.safetensors_io import CheckpointError, write_safetensors
-from ouro_jax.model import abstract_params
+from ouro_jax.errors import CheckpointError
+from ouro_jax.hf.keys import INDEX_FILE, SINGLE_FILE, hf_tensors, key_table, param_shapes
+from ouro_jax.hf.safetensors_io import write_safetensors
 
 REMOTE_CODE_FILES = ("configuration_ouro.py", "modeling_ouro.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -38,7 +40,7 @@ EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_HERE = os.path.dirname(os.path.abspath(__file__))
+REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code")
 
 
 def parse_size(size: int | str) -> int:
@@ -53,11 +55,6 @@ def parse_size(size: int | str) -> int:
     if value < 1:
         raise ValueError(f"size must be positive, got {size!r}")
     return value
-
-
-def hf_config(cfg: OuroConfig, dtype: str) -> dict[str, Any]:
-    """The `config.json` of an export: `OuroConfig.to_hf_config()` with the stored dtype."""
-    return {**cfg.to_hf_config(), "dtype": dtype}
 
 
 def generation_config(cfg: OuroConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -83,24 +80,19 @@ class _LazyTensor:
         return array if dtype is None else array.astype(dtype)
 
 
-def _shapes(tree: dict[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
-    return {path: tuple(np.shape(leaf.value if hasattr(leaf, "value") else leaf))
-            for path, leaf in traverse_util.flatten_dict(tree).items()}
-
-
 def _lazy_tensors(cfg: OuroConfig, params: dict[str, Any], dtype: np.dtype) -> list[_LazyTensor]:
     """Every HF tensor of the checkpoint, in the released order, after checking params against the config."""
-    got, want = _shapes(params), _shapes(abstract_params(cfg))
+    got = {path: tuple(np.shape(leaf)) for path, leaf in traverse_util.flatten_dict(params).items()}
+    want = param_shapes(cfg)
     problems = [f"missing {'/'.join(p)}" for p in sorted(set(want) - set(got))]
     problems += [f"unexpected {'/'.join(p)}" for p in sorted(set(got) - set(want))]
     problems += [f"{'/'.join(p)}: shape {got[p]}, expected {want[p]}" for p in sorted(set(got) & set(want))
                  if got[p] != want[p]]
     if problems:
-        raise CheckpointError("params do not fit the config:\n  " + "\n  ".join(problems))
-    stacked = want if cfg.scan_layers else _shapes(abstract_params(cfg.replace(scan_layers=True)))
+        raise CheckpointError("params do not fit the config: " + "; ".join(problems))
     tensors = []
     for mapping, (key, fetch) in zip(key_table(cfg), hf_tensors(cfg, params, dtype), strict=True):
-        ours = stacked[mapping.path][1:] if mapping.layer is not None else stacked[mapping.path]
+        ours = want[mapping.path][1:] if mapping.layer is not None else want[mapping.path]
         tensors.append(_LazyTensor(key, mapping.hf_shape(ours), dtype, fetch))
     return tensors
 
@@ -161,10 +153,10 @@ def _write_export(tmp: str, cfg: OuroConfig, params: dict[str, Any], dtype_name:
             weight_map.update({t.key: name for t in shard})
         _write_json(os.path.join(tmp, INDEX_FILE),
                     {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map})
-    _write_json(os.path.join(tmp, "config.json"), hf_config(cfg, dtype_name))
+    _write_json(os.path.join(tmp, "config.json"), cfg.to_hf_config(dtype_name))
     _write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg, generation))
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(os.path.join(_HERE, name), os.path.join(tmp, name))
+        shutil.copyfile(os.path.join(REMOTE_CODE_DIR, name), os.path.join(tmp, name))
     for path in tokenizer_files:
         shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
     _fsync_tree(tmp)
@@ -194,16 +186,17 @@ def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any
               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
               tokenizer: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
               generation: dict[str, Any] | None = None, overwrite: bool = False) -> str:
-    """Writes params (our stacked or unstacked layout, on device or host) as an HF Ouro directory.
+    """Writes params (on device or host) as an HF Ouro directory.
 
-    dtype: 'float32' or 'bfloat16' (default: cfg.param_dtype, float32 for float16 params).
+    dtype: 'float32' or 'bfloat16' (default: bfloat16 when every parameter is bfloat16, else float32).
     max_shard_size: bytes or e.g. '5GB'; above it the weights are split into shards with an index.
     tokenizer: a directory (its tokenizer files are copied) or a list of files.
     generation: extra `generation_config.json` fields. An existing non-empty out_dir is refused unless
     overwrite=True. Returns the absolute path of out_dir.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    dtype_name = dtype or (cfg.param_dtype if cfg.param_dtype in EXPORT_DTYPES else "float32")
+    stored_bf16 = all(np.dtype(leaf.dtype) == EXPORT_DTYPES["bfloat16"] for leaf in jax.tree.leaves(params))
+    dtype_name = dtype or ("bfloat16" if stored_bf16 else "float32")
     if dtype_name not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
@@ -224,15 +217,3 @@ def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> str:
-    """Exports an ouro_jax params checkpoint (or re-exports an HF Ouro directory) to out_dir.
-
-    kwargs are those of `export_hf`. Re-exporting a released checkpoint gives it our remote code
-    and the correct special ids.
-    """
-    from ouro_jax.checkpoint import load_model
-
-    cfg, params = load_model(checkpoint)
-    return export_hf(out_dir, cfg, params, **kwargs)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
+
+from ouro_jax.errors import CheckpointError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -22,10 +24,6 @@ DTYPES = {
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit the model."""
 
 
 class SafetensorsFile:
@@ -56,10 +54,12 @@ class SafetensorsFile:
             try:
                 dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: corrupt or unsupported header entry for {name!r}: {entry}") from None
+                raise CheckpointError(
+                    f"{self.path}: corrupt or unsupported header entry for {name!r}: {entry}") from None
             if not 0 <= begin <= end <= data_size or end - begin != int(np.prod(shape)) * dtype.itemsize:
                 raise CheckpointError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong byte size "
-                                      f"(offsets {begin}..{end}, shape {shape}, {entry['dtype']}; data has {data_size} bytes)")
+                                      f"(offsets {begin}..{end}, shape {shape}, {entry['dtype']}; "
+                                      f"data has {data_size} bytes)")
             self._entries[name] = (dtype, shape, begin, end)
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
 

@@ -109,3 +109,15 @@ def write_step(cache: KVCache, policy: str, new_kv: tuple[jax.Array, jax.Array],
             column = jnp.where(rows, jnp.where(step == 0, new, mean.astype(c.dtype)), column)
         out.append(jax.lax.dynamic_update_slice_in_dim(c, column, index, axis=3))
     return KVCache(*out)
+
+
+def write_chunk(cache: KVCache, policy: str, new_kv: tuple[jax.Array, jax.Array], index: jax.Array,
+                step: jax.Array) -> KVCache:
+    """Stores a chunk's step-`step` K/V (`new_kv`, each `[N, B, S, KVH, hd]`) at positions
+    [index, index + S) of slot `step`: the `full` policy's layout, where every step has its own slot
+    (speculative verification computes every step of the chunk, so no deeper slot needs a copy)."""
+    if policy != "full":
+        raise ValueError(f"chunked cache writes need the 'full' policy, got {policy!r}")
+    zero = jnp.int32(0)
+    return KVCache(*(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (step, zero, zero, index, zero, zero))
+                     for c, new in zip(cache, new_kv)))

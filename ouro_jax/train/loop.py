@@ -1,4 +1,4 @@
-"""Training loop and CLI: `python -m ouro_jax.train --config configs/<name>.py --workdir DIR [--config.k=v]`.
+"""The training loop: `train(config, workdir)` runs or resumes a run (CLI: `ouro_jax.train.cli`).
 
 WORKDIR gets `checkpoints/` (orbax: train state + data iterator, async, newest K kept),
 `metrics.jsonl` and `tb/` (every step), and `params/` (a params-only export for inference) at the
@@ -13,22 +13,21 @@ import dataclasses
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ouro_jax import sharding as shd
-from ouro_jax.checkpoint import TrainCheckpointer, load_model, load_model_config, save_params
-from ouro_jax.config import EXECUTION_FIELDS, OuroConfig
+from ouro_jax.config import ARCHITECTURE_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
 from ouro_jax.data.tasks import SyntheticTask
 from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops
-from ouro_jax.trainer import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
-
-NUMERIC_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "scan_steps", *EXECUTION_FIELDS)
+from ouro_jax.params_io import load_model, load_model_config, save_params
+from ouro_jax.train.checkpointer import TrainCheckpointer
+from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -136,10 +135,10 @@ def make_evaluations(config, sources: list[Any], mesh) -> dict[str, TaskEvaluati
 # ---- model initialization ---------------------------------------------------------------------
 
 def adopt_checkpoint_shape(config, path: str) -> None:
-    """Sets every model field but the numerics (dtype, param_dtype, remat, scan switches) from the
-    checkpoint at `path`: the checkpoint defines the model it holds."""
-    stored = dataclasses.asdict(load_model_config(path))
-    changed = {k: (config.model[k], v) for k, v in stored.items() if k not in NUMERIC_FIELDS and config.model[k] != v}
+    """Sets the architecture fields (the parameter shapes) from the checkpoint at `path`; recurrent
+    steps, RoPE theta, positions and every execution setting stay those of the run config."""
+    stored = load_model_config(path).to_dict()
+    changed = {k: (config.model[k], stored[k]) for k in ARCHITECTURE_FIELDS if config.model[k] != stored[k]}
     if changed:
         print(f"[init] model fields taken from {path}: " +
               ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
@@ -166,8 +165,6 @@ class _StopSignals:
         """Whether any process got a stop signal (all processes agree, so they save the same step)."""
         if jax.process_count() == 1:
             return self.signum is not None
-        from jax.experimental import multihost_utils
-
         signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
         self.signum = self.signum or int(np.max(signums)) or None
         return self.signum is not None
@@ -183,105 +180,137 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def train(config, workdir: str) -> TrainResult:
-    """Runs (or resumes) the training of `config` in `workdir`."""
-    workdir = os.path.abspath(workdir)
-    if config.init_from:
-        adopt_checkpoint_shape(config, config.init_from)
-    mesh = shd.make_mesh(dict(config.mesh))
-    program = build_train_program(config, mesh, dict(config.train.compiler_options) or None)
-    model_cfg, total_steps = program.model_cfg, int(config.train.steps)
-    sources = make_sources(config, model_cfg)
-    data = make_train_iterator(config, sources)
-    evaluations = make_evaluations(config, sources, mesh)
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    checkpointer = TrainCheckpointer(checkpoint_dir, save_every=int(config.train.checkpoint_every),
-                                     keep=int(config.train.keep_checkpoints) or None,
-                                     async_save=bool(config.train.async_checkpointing))
+def _initial_state(config, program: TrainProgram, checkpointer: TrainCheckpointer, data) -> tuple[int, Any, bool]:
+    """(step, state, resumed): the newest restorable checkpoint, else `init_from`, else a random init."""
     restored = checkpointer.restore_latest(program.abstract_state, data)
-    saved_step = None
     if restored is not None:
-        step, state = restored
-        saved_step = step
-        print(f"[train] resumed from step {step} ({checkpoint_dir})", flush=True)
-    elif config.init_from:
-        _, params = load_model(config.init_from, param_dtype=model_cfg.param_dtype)
-        step, state = 0, place_params(program, params)
+        print(f"[train] resumed from step {restored[0]} ({checkpointer.directory})", flush=True)
+        return (*restored, True)
+    if config.init_from:
+        _, params = load_model(config.init_from, param_dtype=program.model_cfg.execution.param_dtype)
         print(f"[train] initialized from {config.init_from}", flush=True)
-    else:
-        step, state = 0, program.init(jax.random.key(int(config.seed)))
+        return 0, place_params(program, params), False
+    return 0, program.init(jax.random.key(int(config.seed))), False
+
+
+def _write_run_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    start = time.perf_counter()
-    step_fn = program.step.lower(program.abstract_state, program.abstract_batch).compile()
-    print(f"[train] stage {program.stage}, model {model_fields_summary(model_cfg)}, mesh {dict(mesh.shape)}, "
-          f"compiled in {time.perf_counter() - start:.1f}s", flush=True)
-    tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
-    flops_per_token = model_flops_per_token(model_cfg, int(config.data.seq_len), stage=program.stage)
-    peak, peak_source = peak_flops(dtype=model_cfg.dtype)
-    print(f"[train] {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak / 1e12:.3f} TFLOP/s ({peak_source})", flush=True)
-    writer = MetricsWriter(workdir, total_steps=total_steps, log_every=int(config.train.log_every),
-                           progress_bar=bool(config.train.progress_bar), initial_step=step)
-    eval_every = int(config.train.eval_every)
-    eval_metrics: dict[str, Any] = {}
 
-    def run_evaluations(at_step: int) -> None:
-        for name, evaluation in evaluations.items():
-            eval_metrics[name] = evaluation(program, state.params)
-            writer.write(at_step, eval_metrics[name], kind=f"eval/{name}")
+class _Trainer:
+    """One run's pieces (program, data, checkpoints, metrics) and the step loop over them."""
 
-    try:
-        with _StopSignals() as stop:
-            last = time.perf_counter()
-            while step < total_steps and not stop.requested():
-                batch = shd.global_batch(as_model_batch(next(data)), mesh)
-                state, metrics = step_fn(state, batch)
-                metrics = jax.device_get(metrics)
-                step += 1
-                now = time.perf_counter()
-                tokens_per_s = tokens_per_step / (now - last)
-                last = now
-                metrics.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
-                writer.write(step, metrics)
-                if metrics["skipped"]:
-                    writer.log(f"[train] step {step}: non-finite loss or gradient, update skipped "
-                               f"({int(metrics['nonfinite_streak'])} in a row, {int(metrics['nonfinite_total'])} in total)")
-                    if metrics["nonfinite_streak"] >= int(config.train.max_consecutive_nonfinite):
-                        raise NonFiniteTrainingError(
-                            f"{int(metrics['nonfinite_streak'])} consecutive non-finite losses/gradients up to step "
-                            f"{step} (train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
-                            f"the last good checkpoint is in {checkpoint_dir}. Lower optim.peak_lr or check the data.")
-                if checkpointer.save(step, state, data):
-                    saved_step = step
-                if eval_every and step % eval_every == 0 and step < total_steps:
-                    run_evaluations(step)
-                    last = time.perf_counter()
-            if stop.signum is not None:
-                if saved_step != step:
-                    checkpointer.save(step, state, data, force=True)
-                checkpointer.wait()
-                raise TrainingInterrupted(stop.signum, step, checkpoint_dir)
-        if saved_step != step:
-            checkpointer.save(step, state, data, force=True)
-        run_evaluations(step)
-        params_dir = None
-        if config.train.export_params:
-            params_dir = os.path.join(workdir, "params")
-            save_params(params_dir, model_cfg, state.params)
-        checkpointer.wait()
-    finally:
-        writer.close()
-        checkpointer.close()
-    return TrainResult(state=state, step=step, eval_metrics=eval_metrics, checkpoint_dir=checkpoint_dir,
-                       params_dir=params_dir)
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.mesh = shd.make_mesh(dict(config.mesh))
+        self.program = build_train_program(config, self.mesh, dict(config.train.compiler_options) or None)
+        sources = make_sources(config, self.program.model_cfg)
+        self.data = make_train_iterator(config, sources)
+        self.evaluations = make_evaluations(config, sources, self.mesh)
+        self.checkpoint_dir = os.path.join(workdir, "checkpoints")
+        self.checkpointer = TrainCheckpointer(self.checkpoint_dir, save_every=int(config.train.checkpoint_every),
+                                              keep=int(config.train.keep_checkpoints) or None,
+                                              async_save=bool(config.train.async_checkpointing))
+        self.step, self.state, resumed = _initial_state(config, self.program, self.checkpointer, self.data)
+        self.saved_step = self.step if resumed else None
+        self.eval_metrics: dict[str, Any] = {}
+
+    def _compile(self):
+        start = time.perf_counter()
+        step_fn = self.program.step.lower(self.program.abstract_state, self.program.abstract_batch).compile()
+        print(f"[train] stage {self.program.stage}, model {model_fields_summary(self.program.model_cfg)}, "
+              f"mesh {dict(self.mesh.shape)}, compiled in {time.perf_counter() - start:.1f}s", flush=True)
+        return step_fn
+
+    def _evaluate(self, writer: MetricsWriter) -> None:
+        for name, evaluation in self.evaluations.items():
+            self.eval_metrics[name] = evaluation(self.program, self.state.params)
+            writer.write(self.step, self.eval_metrics[name], kind=f"eval/{name}")
+
+    def _check_nonfinite(self, metrics, writer: MetricsWriter) -> None:
+        if not metrics["skipped"]:
+            return
+        streak, limit = int(metrics["nonfinite_streak"]), int(self.config.train.max_consecutive_nonfinite)
+        writer.log(f"[train] step {self.step}: non-finite loss or gradient, update skipped "
+                   f"({streak} in a row, {int(metrics['nonfinite_total'])} in total)")
+        if streak >= limit:
+            raise NonFiniteTrainingError(
+                f"{streak} consecutive non-finite losses/gradients up to step {self.step} "
+                f"(train.max_consecutive_nonfinite={limit}); the last good checkpoint is in {self.checkpoint_dir}. "
+                f"Lower optim.peak_lr or check the data.")
+
+    def _save(self, force: bool = False) -> None:
+        if force and self.saved_step == self.step:
+            return
+        if self.checkpointer.save(self.step, self.state, self.data, force=force):
+            self.saved_step = self.step
+
+    def _steps(self, step_fn, writer: MetricsWriter, stop: _StopSignals) -> None:
+        """Trains until the last step or a stop signal: step, log, checkpoint, evaluate."""
+        config, total = self.config, int(self.config.train.steps)
+        tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
+        flops_per_token = model_flops_per_token(self.program.model_cfg, int(config.data.seq_len),
+                                                stage=self.program.stage)
+        peak, peak_source = peak_flops(dtype=self.program.model_cfg.execution.dtype)
+        print(f"[train] {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak / 1e12:.3f} TFLOP/s ({peak_source})",
+              flush=True)
+        eval_every, last = int(config.train.eval_every), time.perf_counter()
+        while self.step < total and not stop.requested():
+            batch = shd.global_batch(as_model_batch(next(self.data)), self.mesh)
+            self.state, metrics = step_fn(self.state, batch)
+            metrics = jax.device_get(metrics)
+            self.step += 1
+            now = time.perf_counter()
+            tokens_per_s, last = tokens_per_step / (now - last), now
+            metrics.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
+            writer.write(self.step, metrics)
+            self._check_nonfinite(metrics, writer)
+            self._save()
+            if eval_every and self.step % eval_every == 0 and self.step < total:
+                self._evaluate(writer)
+                last = time.perf_counter()
+
+    def run(self) -> TrainResult:
+        _write_run_config(self.config, self.workdir)
+        step_fn = self._compile()
+        writer = MetricsWriter(self.workdir, total_steps=int(self.config.train.steps),
+                               log_every=int(self.config.train.log_every),
+                               progress_bar=bool(self.config.train.progress_bar), initial_step=self.step)
+        try:
+            with _StopSignals() as stop:
+                self._steps(step_fn, writer, stop)
+                if stop.signum is not None:
+                    self._save(force=True)
+                    self.checkpointer.wait()
+                    raise TrainingInterrupted(stop.signum, self.step, self.checkpoint_dir)
+            self._save(force=True)
+            self._evaluate(writer)
+            params_dir = None
+            if self.config.train.export_params:
+                params_dir = os.path.join(self.workdir, "params")
+                save_params(params_dir, self.program.model_cfg, self.state.params)
+            self.checkpointer.wait()
+        finally:
+            writer.close()
+            self.checkpointer.close()
+        return TrainResult(state=self.state, step=self.step, eval_metrics=self.eval_metrics,
+                           checkpoint_dir=self.checkpoint_dir, params_dir=params_dir)
+
+
+def train(config, workdir: str) -> TrainResult:
+    """Runs (or resumes) the training of `config` in `workdir`."""
+    workdir = os.path.abspath(workdir)
+    if config.init_from:
+        adopt_checkpoint_shape(config, config.init_from)
+    return _Trainer(config, workdir).run()
 
 
 def model_fields_summary(cfg: OuroConfig) -> str:
     return (f"d={cfg.hidden_size} N={cfg.num_hidden_layers} T={cfg.total_ut_steps} V={cfg.vocab_size} "
-            f"dtype={cfg.dtype}")
+            f"dtype={cfg.execution.dtype}")
 
 
 def report(result: TrainResult) -> str:
@@ -296,45 +325,3 @@ def report(result: TrainResult) -> str:
     if result.params_dir:
         lines.append(f"params for inference: {result.params_dir}")
     return "\n".join(lines)
-
-
-def main(argv) -> None:
-    from absl import flags
-
-    from absl import logging
-
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if config.distributed:
-        jax.distributed.initialize()
-    try:
-        result = train(config, workdir)
-    except TrainingInterrupted as e:
-        print(f"[train] {e}", flush=True)
-        sys.exit(128 + e.signum)
-    print(report(result), flush=True)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with a one-line error (e.g. an unknown --config.key) instead of a traceback."""
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 -- config_flags raises AttributeError/KeyError/TypeError/ValueError
-        message = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-        if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
-            message = message[1:-1]
-        print(f"ouro_jax.train: bad command line ({type(e).__name__}): {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "training config file (configs/<name>.py)", lock_config=True)
-    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported params")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=_parse_flags)

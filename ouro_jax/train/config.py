@@ -3,14 +3,15 @@
     config.stage            1 (Stage I, every parameter) or 2 (Stage II, the exit gate only)
     config.seed             parameter initialization
     config.init_from        params checkpoint (ouro_jax or HF directory) to start from; '' = random init
-    config.model            the fields of OuroConfig (shape and numerics: dtype = compute, param_dtype = master)
+    config.model            the checkpoint fields of OuroConfig (shapes, vocabulary, T, RoPE, exit threshold)
+    config.execution        how it runs (Execution: dtype = compute, param_dtype = master weights, remat, unroll)
     config.mesh             sizes of the ('data', 'fsdp', 'tensor') mesh; one may be -1 (the rest)
     config.data             sources (ouro_jax.data specs), seq_len, global batch_size, seed, evaluation size
     config.optim            AdamW, clipping and the warmup-stable-decay learning rate (optim.py)
     config.loss             beta and its schedule (Stage I), gate_k and gate_gamma (Stage II)
     config.train            steps, grad_accum, checkpointing, logging, evaluation, non-finite policy
 
-Override on the command line: `--config.train.steps=100 --config.model.dtype=bfloat16`.
+Override on the command line: `--config.train.steps=100 --config.execution.dtype=bfloat16`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,22 @@ import dataclasses
 
 import ml_collections
 
-from ouro_jax.config import OuroConfig
+from ouro_jax.config import Execution, OuroConfig
 
 
 def model_fields(cfg: OuroConfig) -> ml_collections.ConfigDict:
-    """`config.model` holding every field of `cfg`."""
-    return ml_collections.ConfigDict(dataclasses.asdict(cfg))
+    """`config.model`: the checkpoint fields of `cfg`."""
+    return ml_collections.ConfigDict(cfg.to_dict())
+
+
+def execution_fields(execution: Execution) -> ml_collections.ConfigDict:
+    """`config.execution`: the execution settings."""
+    return ml_collections.ConfigDict(dataclasses.asdict(execution))
+
+
+def model_config(config) -> OuroConfig:
+    """The OuroConfig of a training config (unknown or mistyped fields raise ConfigError)."""
+    return OuroConfig.from_dict(dict(config.model), Execution.from_dict(dict(config.execution)))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.distributed = False  # jax.distributed.initialize() first (multi-host TPU / GPU clusters)
     c.model = model_fields(OuroConfig())
+    c.execution = execution_fields(Execution())
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.data = ml_collections.ConfigDict(dict(
         sources="mano:max_len=10",  # ';'-separated: "mano:k=v,...", "multihop_qa:...", or a prepared dir
@@ -86,8 +98,8 @@ def pretraining_config(model: OuroConfig, stage: str) -> ml_collections.ConfigDi
         raise ValueError(f"unknown stage {stage!r}; choose from {sorted(PRETRAINING_STAGES)}")
     steps_t, beta, batch, tokens = PRETRAINING_STAGES[stage]
     c = base_config()
-    c.model = model_fields(model.replace(total_ut_steps=steps_t, rope_theta=10_000.0, dtype="bfloat16",
-                                         param_dtype="float32", remat_policy="full"))
+    c.model = model_fields(model.replace(total_ut_steps=steps_t, rope_theta=10_000.0))
+    c.execution.update(dtype="bfloat16", param_dtype="float32", remat_policy="full")
     c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.data.update(sources="", seq_len=PRETRAINING_SEQ_LEN, batch_size=batch, eval_examples=0)
     c.optim.update(peak_lr=3e-4, init_lr=0.0, warmup_steps=2000 if stage == "stage1a" else 0, decay="none",

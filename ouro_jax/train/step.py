@@ -29,8 +29,9 @@ from ouro_jax import sharding as shd
 from ouro_jax.config import OuroConfig
 from ouro_jax.exit import exit_entropy, exit_pdf
 from ouro_jax.losses import stage1_token_loss, stage2_token_loss
-from ouro_jax.model import Ouro, init_params
+from ouro_jax.model import Ouro, init_boxed_params, init_params
 from ouro_jax.optim import beta_schedule, lr_schedule, make_optimizer
+from ouro_jax.train.config import model_config
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
 STAGE_TRAINABLE = {1: None, 2: ("exit_gate",)}  # top-level param groups trained (None: all)
@@ -57,11 +58,6 @@ class TrainProgram(NamedTuple):
     abstract_state: TrainState   # ShapeDtypeStructs with shardings
     abstract_batch: dict[str, jax.ShapeDtypeStruct]
     batch_sharding: NamedSharding
-
-
-def model_config(config) -> OuroConfig:
-    """OuroConfig from `config.model` (a dict of its fields; unknown fields raise ConfigError)."""
-    return OuroConfig().replace(**dict(config.model))
 
 
 def split_trainable(params: dict[str, Any], stage: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -120,83 +116,69 @@ def _where_tree(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | None = None) -> TrainProgram:
-    """Jitted init / train step / eval step of `config` on `mesh`, with the state's shardings.
+class _LossSettings(NamedTuple):
+    stage: int
+    gate_k: float
+    gate_gamma: float
+    ce_chunk_size: int
 
-    `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU).
+
+def _weight_gatherer(config, model_cfg: OuroConfig, param_shardings) -> Callable[[Any], Any]:
+    """params -> params with the looped weights gathered whole (train.gather_weights_once), else as is.
+
+    FSDP gathers each weight where it is used: inside the recurrent loop, T times per pass. Gathering
+    every weight the loop uses once per train step instead (in the compute dtype; the gate stays
+    float32) makes T x fewer all-gathers, at the cost of holding those weights and their gradients
+    whole on every chip. The embedding is used once anyway.
     """
-    model_cfg = model_config(config)
-    stage = int(config.stage)
-    steps = int(config.train.steps)
+    if not config.train.gather_weights_once:
+        return lambda params: params
+    in_loop = [k for k in param_shardings if k != "embed_tokens"]
+    gathered = {k: shd.without_axis(param_shardings[k], "fsdp") for k in in_loop}
+
+    def cast(name, tree):
+        return tree if name == "exit_gate" else jax.tree.map(lambda x: x.astype(model_cfg.compute_dtype), tree)
+
+    return lambda params: {**params, **{k: jax.lax.with_sharding_constraint(cast(k, params[k]), gathered[k])
+                                        for k in in_loop}}
+
+
+def _loss_and_grads(grad_fn, trainable, batch, accum: int):
+    """((loss, stats), grads) of a batch, summed over `accum` microbatches in a scan."""
+    if accum == 1:
+        return grad_fn(trainable, batch)
+
+    def accumulate(carry, microbatch):
+        return jax.tree.map(jnp.add, carry, grad_fn(trainable, microbatch)), None
+
+    microbatches = _microbatches(batch, accum)
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, trainable, first))
+    return jax.lax.scan(accumulate, zeros, microbatches)[0]
+
+
+def _make_train_step(config, model_cfg: OuroConfig, mesh: Mesh, optimizer, losses: _LossSettings, gather):
+    """(state, batch) -> (state, metrics): one optimizer update, skipped when the loss or gradient is non-finite."""
     accum = int(config.train.grad_accum)
-    batch_size, seq_len = int(config.data.batch_size), int(config.data.seq_len)
-    if accum < 1 or batch_size % accum:
-        raise ValueError(f"data.batch_size ({batch_size}) must be divisible by train.grad_accum ({accum})")
-    shd.check_batch_divisible(batch_size // accum, mesh)
-    optimizer = make_optimizer(config.optim, steps)
-    learning_rate = lr_schedule(config.optim, steps)
+    learning_rate = lr_schedule(config.optim, int(config.train.steps))
     beta_at = beta_schedule(config.loss)
-    loss_kwargs = dict(stage=stage, gate_k=float(config.loss.gate_k), gate_gamma=float(config.loss.gate_gamma),
-                       ce_chunk_size=int(config.train.ce_chunk_size))
-
-    def boxed_state(rng):
-        boxed = Ouro(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32), num_steps=1)["params"]
-        return _fresh_state(optimizer, stage, boxed)
-
-    abstract_boxed = jax.eval_shape(boxed_state, jax.random.key(0))
-    state_shardings = shd.tree_shardings(abstract_boxed, mesh)
-    abstract_state = shd.with_shardings(shd.unbox_abstract(abstract_boxed), state_shardings)
-    batch_sharding = NamedSharding(mesh, shd.batch_spec())
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                              sharding=batch_sharding) for k in BATCH_KEYS}
-
-    def init(rng):
-        return _fresh_state(optimizer, stage, init_params(model_cfg, rng))
-
-    # FSDP gathers each weight where it is used: inside the recurrent loop, T times per pass.
-    # gather_weights_once gathers every weight the loop uses once per train step instead (in the
-    # compute dtype; the gate stays float32): T x fewer all-gathers, at the cost of holding those
-    # weights and their gradients whole on every chip. The embedding is used once anyway.
-    in_loop = [k for k in state_shardings.params if k != "embed_tokens"]
-    gathered = ({k: shd.without_axis(state_shardings.params[k], "fsdp") for k in in_loop}
-                if config.train.gather_weights_once else None)
-
-    def gather_weights(params):
-        if gathered is None:
-            return params
-        cast = lambda k, tree: tree if k == "exit_gate" else jax.tree.map(lambda x: x.astype(model_cfg.compute_dtype), tree)
-        return {**params, **{k: jax.lax.with_sharding_constraint(cast(k, params[k]), gathered[k]) for k in in_loop}}
 
     def train_step(state: TrainState, batch):
         with shd.activation_rules(mesh):
-            trainable, frozen = split_trainable(state.params, stage)
+            trainable, frozen = split_trainable(state.params, losses.stage)
             beta = beta_at(state.step)
             total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
             def loss_fn(trainable, microbatch):
-                loss_sum, stats = batch_loss_sums(model_cfg, gather_weights({**frozen, **trainable}), microbatch,
-                                                  beta=beta, **loss_kwargs)
+                loss_sum, stats = batch_loss_sums(model_cfg, gather({**frozen, **trainable}), microbatch,
+                                                  beta=beta, **losses._asdict())
                 return loss_sum / total_tokens, stats
 
-            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            if accum == 1:
-                (loss, stats), grads = grad_fn(trainable, batch)
-            else:
-                def accumulate(carry, microbatch):
-                    (loss, stats), grads = grad_fn(trainable, microbatch)
-                    return jax.tree.map(jnp.add, carry, (loss, stats, grads)), None
-                microbatches = _microbatches(batch, accum)
-                first = jax.tree.map(lambda x: x[0], microbatches)
-                (loss_shape, stats_shape), grads_shape = jax.eval_shape(grad_fn, trainable, first)
-                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, stats_shape, grads_shape))
-                (loss, stats, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
-
+            (loss, stats), grads = _loss_and_grads(jax.value_and_grad(loss_fn, has_aux=True), trainable, batch, accum)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             updates, new_opt_state = optimizer.update(grads, state.opt_state, trainable)
-            new_trainable = optax.apply_updates(trainable, updates)
-            new_trainable = _where_tree(finite, new_trainable, trainable)
+            new_trainable = _where_tree(finite, optax.apply_updates(trainable, updates), trainable)
             new_opt_state = _where_tree(finite, new_opt_state, state.opt_state)
             skipped = (~finite).astype(jnp.int32)
             new_state = TrainState(step=state.step + 1, params={**frozen, **new_trainable}, opt_state=new_opt_state,
@@ -212,21 +194,55 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
             }
             return new_state, metrics
 
+    return train_step
+
+
+def _make_eval_step(model_cfg: OuroConfig, mesh: Mesh, ce_chunk_size: int):
+    """(params, batch) -> per-step CE sums, token count and per-step argmax predictions [T, B, S]."""
+
     def eval_step(params, batch):
         with shd.activation_rules(mesh):
             model = Ouro(model_cfg)
             out = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], targets=batch["targets"],
-                              ce_chunk_size=loss_kwargs["ce_chunk_size"])
+                              segment_ids=batch["segment_ids"], targets=batch["targets"], ce_chunk_size=ce_chunk_size)
             mask = batch["loss_mask"].astype(jnp.float32)
             predict = lambda h: model.apply({"params": params}, h, method=Ouro.predict)
             return {"step_ce_sum": jnp.sum(out.step_ce * mask, axis=(1, 2)), "tokens": jnp.sum(mask),
                     "predictions": jax.lax.map(predict, out.hidden_states)}
 
+    return eval_step
+
+
+def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | None = None) -> TrainProgram:
+    """Jitted init / train step / eval step of `config` on `mesh`, with the state's shardings.
+
+    `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU).
+    """
+    model_cfg, stage = model_config(config), int(config.stage)
+    accum, batch_size, seq_len = int(config.train.grad_accum), int(config.data.batch_size), int(config.data.seq_len)
+    if accum < 1 or batch_size % accum:
+        raise ValueError(f"data.batch_size ({batch_size}) must be divisible by train.grad_accum ({accum})")
+    shd.check_batch_divisible(batch_size // accum, mesh)
+    optimizer = make_optimizer(config.optim, int(config.train.steps))
+    losses = _LossSettings(stage, float(config.loss.gate_k), float(config.loss.gate_gamma),
+                           int(config.train.ce_chunk_size))
+
+    abstract_boxed = jax.eval_shape(lambda rng: _fresh_state(optimizer, stage, init_boxed_params(model_cfg, rng)),
+                                    jax.random.key(0))
+    state_shardings = shd.tree_shardings(abstract_boxed, mesh)
+    abstract_state = shd.with_shardings(shd.unbox_abstract(abstract_boxed), state_shardings)
+    batch_sharding = NamedSharding(mesh, shd.batch_spec())
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                              sharding=batch_sharding) for k in BATCH_KEYS}
+    gather = _weight_gatherer(config, model_cfg, state_shardings.params)
+    train_step = _make_train_step(config, model_cfg, mesh, optimizer, losses, gather)
+    eval_step = _make_eval_step(model_cfg, mesh, losses.ce_chunk_size)
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
     return TrainProgram(
         model_cfg=model_cfg, stage=stage, mesh=mesh, optimizer=optimizer,
-        init=jax.jit(init, out_shardings=state_shardings, compiler_options=compiler_options),
+        init=jax.jit(lambda rng: _fresh_state(optimizer, stage, init_params(model_cfg, rng)),
+                     out_shardings=state_shardings, compiler_options=compiler_options),
         step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,),
                      compiler_options=compiler_options),

@@ -1,0 +1,111 @@
+"""Params-only checkpoints of ours, and loading a model from either format (ours or HF).
+
+A params directory holds `ouro_config.json` (`OuroConfig.to_dict()`: the fields that define the
+checkpoint) and `params/` (an orbax StandardCheckpointer tree in our stacked layout). `load_model`
+also accepts an HF Ouro directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ouro_jax.config import Execution, OuroConfig
+from ouro_jax.errors import CheckpointError, ConfigError
+from ouro_jax.hf.load import load_hf, read_hf_config
+from ouro_jax.model import abstract_params
+
+CONFIG_FILE = "ouro_config.json"
+PARAMS_DIR = "params"
+# Execution settings that checkpoints written before the config split stored beside the model fields.
+_LEGACY_EXECUTION_FIELDS = ("dtype", "param_dtype", "scan_layers", "scan_steps", "remat_policy")
+
+
+def save_params(directory: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any]) -> None:
+    """Writes a params-only checkpoint for inference or export."""
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(directory, PARAMS_DIR), nn.unbox(params), force=True)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+
+
+def _read_config(directory: str, execution: Execution | None = None) -> OuroConfig:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a params checkpoint of ouro_jax")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+        fields = {k: v for k, v in fields.items() if k not in _LEGACY_EXECUTION_FIELDS}
+        return OuroConfig.from_dict(fields, execution)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ConfigError) as e:
+        raise CheckpointError(f"{path}: not a valid ouro_jax config ({e})") from None
+
+
+def _stored_dtype(params_dir: str) -> str:
+    """The dtype the weights were saved in (read from the orbax metadata, no array data)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(params_dir).item_metadata.tree
+    return str(np.dtype(tree["embed_tokens"].dtype))
+
+
+def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
+                execution: Execution | None = None) -> tuple[OuroConfig, dict[str, Any]]:
+    """Reads a params-only checkpoint -> (config, params).
+
+    param_dtype defaults to the stored dtype; `shardings` (a tree like the params) places each array
+    directly; the returned config carries `execution` with that param_dtype.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    cfg = _read_config(directory, execution)
+    try:
+        cfg = cfg.with_execution(param_dtype=param_dtype or _stored_dtype(params_dir))
+        target = nn.unbox(abstract_params(cfg))
+        if shardings is not None:
+            target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
+        with ocp.StandardCheckpointer() as checkpointer:
+            return cfg, checkpointer.restore(params_dir, target)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- orbax/TensorStore raise many types for missing or corrupt files
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{directory}: cannot restore params ({type(e).__name__}: {first_line})") from None
+
+
+def _is_ours(path: str) -> bool:
+    """True for a params checkpoint of ours, False for an HF Ouro directory; raises for neither."""
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+        return True
+    if os.path.exists(os.path.join(path, "config.json")):
+        return False
+    hint = ""
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isdir(os.path.join(path, "checkpoints")):
+        hint = f" (a training workdir? its params are in {os.path.join(path, PARAMS_DIR)})"
+    what = "no such directory" if not os.path.isdir(path) else "neither an HF Ouro directory (config.json) " \
+        f"nor an ouro_jax params checkpoint ({CONFIG_FILE})"
+    raise CheckpointError(f"{path}: {what}{hint}")
+
+
+def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
+               execution: Execution | None = None) -> tuple[OuroConfig, dict[str, Any]]:
+    """Loads an HF Ouro directory or a params checkpoint of ours, whichever `path` is."""
+    path = os.fspath(path)
+    load = load_params if _is_ours(path) else load_hf
+    return load(path, param_dtype=param_dtype, shardings=shardings, execution=execution)
+
+
+def load_model_config(path: str | os.PathLike) -> OuroConfig:
+    """The OuroConfig of an HF Ouro directory or a params checkpoint of ours, without reading weights."""
+    path = os.path.abspath(os.fspath(path))
+    if _is_ours(path):
+        return _read_config(path)
+    return OuroConfig.from_hf_config(read_hf_config(path))

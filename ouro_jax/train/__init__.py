@@ -1,0 +1,1 @@
+"""Training: the run config (config), the jitted step (step), checkpoints (checkpointer), the loop (loop), the CLI."""

@@ -1,0 +1,56 @@
+"""Training CLI: `ouro-train --config configs/<name>.py --workdir DIR [--config.k=v ...]`.
+
+Also `python -m ouro_jax.train`. Expected errors (bad flags, configs, checkpoints, data) end with one
+line on stderr and a non-zero exit; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ouro_jax.errors import OuroError
+from ouro_jax.train.loop import TrainingInterrupted, report, train
+
+
+def _main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    try:
+        if config.distributed:
+            jax.distributed.initialize()
+        result = train(config, workdir)
+    except TrainingInterrupted as e:
+        print(f"[train] {e}", flush=True)
+        sys.exit(128 + e.signum)
+    except (OuroError, ValueError, OSError) as e:
+        if flags.FLAGS.debug:
+            raise
+        print(f"ouro-train: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        sys.exit(1)
+    print(report(result), flush=True)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a one-line error (e.g. an unknown --config.key) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 -- config_flags raises AttributeError/KeyError/TypeError/ValueError
+        message = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+            message = message[1:-1]
+        print(f"ouro-train: bad command line ({type(e).__name__}): {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/<name>.py)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported params")
+    flags.DEFINE_boolean("debug", False, "show the traceback of an expected error")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(_main, flags_parser=_parse_flags)
