@@ -14,6 +14,8 @@ import os
 import re
 import sys
 
+import jax
+
 from ouro_jax import sharding as shd
 from ouro_jax.train.step import build_train_program
 
@@ -95,14 +97,33 @@ def _count_collectives(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
     return total, in_loops
 
 
+class DoesNotFit(RuntimeError):
+    """XLA refused the program: it needs more memory per chip than the chip has."""
+
+
+def _needs(message: str) -> str:
+    """'X GiB of Y' from XLA's out-of-memory message (or the message's first line)."""
+    used = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", message)
+    if used:
+        return f"{used.group(1)}{used.group(2) or ''} of {used.group(3)}{used.group(4) or ''}"
+    return message.strip().splitlines()[0][:200]
+
+
 def compile_train_step(config, topology: str, batch_per_chip: int) -> CompileReport:
-    """Compiles the train step of `config` for `topology` with `batch_per_chip` sequences per chip."""
+    """Compiles the train step of `config` for `topology` with `batch_per_chip` sequences per chip;
+    raises `DoesNotFit` when the compiler runs out of memory."""
     devices = topology_devices(topology)
     config = config.copy_and_resolve_references()
     config.data.batch_size = batch_per_chip * len(devices) * int(config.train.grad_accum)
     mesh = shd.make_mesh(dict(config.mesh), devices)
     program = build_train_program(config, mesh)
-    compiled = program.step.lower(program.abstract_state, program.abstract_batch).compile()
+    try:
+        compiled = program.step.lower(program.abstract_state, program.abstract_batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+            raise
+        raise DoesNotFit(f"{topology}: batch {batch_per_chip} per chip x {config.data.seq_len} tokens "
+                         f"does not fit: needs {_needs(str(e))} HBM") from None
     memory = compiled.memory_analysis()
     per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes)
@@ -123,7 +144,11 @@ def max_batch_per_chip(config, topology: str, limit: int = 1024) -> tuple[int, l
 
     def fits(batch: int) -> bool:
         if batch not in reports:
-            reports[batch] = compile_train_step(config, topology, batch)
+            try:
+                reports[batch] = compile_train_step(config, topology, batch)
+            except DoesNotFit as e:
+                print(e, flush=True)
+                return False
             print(reports[batch], flush=True)
         return reports[batch].fits
 
@@ -149,7 +174,11 @@ def main(argv) -> int:
         tokens = best * int(config.data.seq_len)
         print(f"largest batch per chip that fits on {topology}: {best} ({tokens} tokens per chip)")
         return 0 if best else 1
-    report = compile_train_step(config, topology, FLAGS.batch_per_chip)
+    try:
+        report = compile_train_step(config, topology, FLAGS.batch_per_chip)
+    except DoesNotFit as e:
+        print(e)
+        return 1
     print(report)
     return 0 if report.fits else 1
 

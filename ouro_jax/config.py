@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from ouro_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
+KERNEL_IMPLS = ("auto", "xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 # The fields that fix the parameter shapes: what a run started from a checkpoint takes from it.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -59,6 +60,10 @@ class Execution:
     param_dtype: str = "float32"  # dtype of the weights held in memory (master weights in training)
     remat_policy: str = "none"  # one of REMAT_POLICIES
     unroll: bool = False  # unroll the layer and step scans: faster on CPU, larger programs (same params)
+    # Kernels, see ouro_jax/kernels: "auto" (by the mesh's platform) | "xla" | "pallas".
+    attention_impl: str = "auto"       # training / prefill attention and decode attention
+    cross_entropy_impl: str = "auto"   # the per-step linear cross-entropy and the eval step's argmax
+    kernel_interpret: bool = False     # run Pallas kernels in the interpreter (tests on CPU)
 
     def __post_init__(self):
         _check_types(self)
@@ -67,6 +72,9 @@ class Execution:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        for name in ("attention_impl", "cross_entropy_impl"):
+            if getattr(self, name) not in KERNEL_IMPLS:
+                raise ConfigError(f"{name} must be one of {KERNEL_IMPLS}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> Execution:

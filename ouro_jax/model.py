@@ -21,7 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from ouro_jax import kernels
 from ouro_jax.config import OuroConfig
+from ouro_jax.kernels import cross_entropy as xent_kernel
+from ouro_jax.kernels import decode as decode_kernel
+from ouro_jax.kernels import flash as flash_kernel
 from ouro_jax.losses import chunked_cross_entropy
 
 Array = jax.Array
@@ -70,6 +74,26 @@ def causal_mask(attention_mask: Array | None, segment_ids: Array | None, shape) 
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids != 0)[:, None, :]
     return mask[:, None]
+
+
+def kernel_segments(attention_mask: Array | None, segment_ids: Array | None, shape) -> Array:
+    """int32 [B, S] segment ids for the attention kernels: documents > 0, padding (mask 0 or segment 0) = 0."""
+    segments = jnp.ones(shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    return segments if attention_mask is None else segments * (attention_mask != 0)
+
+
+def step_cross_entropy(cfg: OuroConfig, hidden: Array, head: Array, targets: Array, chunk_size: int) -> Array:
+    """Per-token CE [B, S] of one step: the fused kernel or the chunked XLA path (cfg.execution.cross_entropy_impl)."""
+    run = cfg.execution
+    if not uses_kernel("cross_entropy", run.cross_entropy_impl, run, xent_kernel.kernel_reasons(hidden[..., 0].size)):
+        return chunked_cross_entropy(hidden, head, targets, chunk_size)
+    return kernels.linear_cross_entropy(hidden, head, targets, impl=run.cross_entropy_impl,
+                                        interpret=run.kernel_interpret)[0]
+
+
+def uses_kernel(op: str, impl: str, run, reasons) -> bool:
+    """Whether `op` runs a Pallas kernel: `impl` on the platform of the mesh in context (see kernels.dispatch)."""
+    return kernels.choose(op, impl, kernels.mesh_platform(), run.kernel_interpret, *reasons) is not None
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
@@ -136,15 +160,33 @@ class Attention(nn.Module):
         v = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt)), "value")
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        if kv_cache is None:
-            blocks = [(k, v, mask)]
+        mask, segments = mask if isinstance(mask, tuple) else (mask, None)
+        impl, interpret = cfg.execution.attention_impl, cfg.execution.kernel_interpret
+        if kv_cache is None and segments is not None and self._kernel("attention", q, k.shape[1]):
+            out = kernels.attention(q, k, v, segments, impl=impl, interpret=interpret)
+        elif kv_cache is not None and self._kernel("decode", q, kv_cache[0].shape[1]):
+            # the visible cache slots of a row: from its first unmasked slot (left padding) to cache_index
+            start = jnp.argmax(mask[:, 0, 0, :], axis=-1).astype(jnp.int32)
+            out = kernels.decode_attention(q, kv_cache[0].astype(dt), kv_cache[1].astype(dt), k, v, start,
+                                           cache_index, impl=impl, interpret=interpret)
+        elif kv_cache is None:
+            out = attend(q, [(k, v, mask)])
         else:  # cache slots before cache_index, then this chunk (which occupies the following slots)
             cache_k, cache_v = kv_cache
             before = jnp.arange(cache_k.shape[1]) < cache_index
             own = jax.lax.dynamic_slice_in_dim(mask, cache_index, q.shape[1], axis=-1)
-            blocks = [(cache_k.astype(dt), cache_v.astype(dt), mask & before), (k, v, own)]
-        out = checkpoint_name(attend(q, blocks), "attention_out")
+            out = attend(q, [(cache_k.astype(dt), cache_v.astype(dt), mask & before), (k, v, own)])
+        out = checkpoint_name(out, "attention_out")
         return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt)), (k, v)
+
+    def _kernel(self, op: str, q: Array, key_length: int) -> bool:
+        """Whether `op` runs a Pallas kernel here (cfg.execution.attention_impl on the mesh's platform and shapes)."""
+        run = self.cfg.execution
+        if run.attention_impl == "xla" or self.is_initializing():   # init only needs shapes
+            return False
+        reasons = (flash_kernel.kernel_reasons(q.shape[1], q.shape[3], q.dtype, run.kernel_interpret)
+                   if op == "attention" else decode_kernel.kernel_reasons(key_length, q.shape[3], run.kernel_interpret))
+        return uses_kernel(op, run.attention_impl, run, reasons)
 
 
 class MLP(nn.Module):
@@ -243,6 +285,18 @@ class Ouro(nn.Module):
         return jnp.einsum("...d,dv->...v", hidden.astype(dt), self.head_kernel().astype(dt),
                           preferred_element_type=jnp.float32)
 
+    def predict(self, hidden: Array) -> Array:
+        """Greedy ids [B, S] int32 of normed hidden states [B, S, d]: the fused kernel's argmax when
+        cross_entropy_impl picks it (no [B, S, V] logits), else the argmax of `logits`."""
+        cfg, head = self.cfg, self.head_kernel().astype(self.cfg.compute_dtype)
+        run = cfg.execution
+        reasons = xent_kernel.kernel_reasons(hidden[..., 0].size)
+        if not uses_kernel("cross_entropy", run.cross_entropy_impl, run, reasons):
+            return jnp.argmax(self.logits(hidden), axis=-1).astype(jnp.int32)
+        targets = jnp.zeros(hidden.shape[:2], jnp.int32)
+        return kernels.linear_cross_entropy(hidden.astype(cfg.compute_dtype), head, targets,
+                                            impl=run.cross_entropy_impl, interpret=run.kernel_interpret)[1]
+
     def step(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
         """One recurrent step: the layer stack, the final norm, the exit gate -> (h, gate_logit, kv).
 
@@ -270,14 +324,16 @@ class Ouro(nn.Module):
         if positions is None:
             positions = default_positions(attention_mask, segment_ids, input_ids.shape)
         mask = causal_mask(attention_mask, segment_ids, input_ids.shape)
+        if self.cfg.execution.attention_impl != "xla":   # the kernels take segment ids; XLA drops what is unused
+            mask = (mask, kernel_segments(attention_mask, segment_ids, input_ids.shape))
         h = self.embed(input_ids)
 
         def body(model: Ouro, h, _, positions, mask, targets):
             h, gate_logits, kv = model.step(h, positions, mask, return_kv=return_kv)
             step_ce = None
             if targets is not None:
-                step_ce = chunked_cross_entropy(h, model.head_kernel().astype(model.cfg.compute_dtype),
-                                                targets, ce_chunk_size)
+                step_ce = step_cross_entropy(model.cfg, h, model.head_kernel().astype(model.cfg.compute_dtype),
+                                             targets, ce_chunk_size)
             return h, (gate_logits, h if return_hidden else None, step_ce, kv)
 
         loop = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},

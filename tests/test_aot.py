@@ -71,3 +71,20 @@ def test_gather_weights_once_trains_identically_on_8_devices():
         results.append((float(metrics["loss"]), jax.device_get(state.params)))
     assert abs(results[0][0] - results[1][0]) < 1e-6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][1], results[1][1])
+
+
+@pytest.mark.aot
+def test_pallas_kernels_lower_for_v5p_inside_the_scans_with_remat_and_fsdp():
+    c = base_config()
+    c.model = model_fields(presets.tiny(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64))
+    c.execution.update(dtype="bfloat16", remat_policy="save_proj", attention_impl="pallas", cross_entropy_impl="pallas")
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.data.seq_len = 128
+    report = aot.compile_train_step(c, "v5p:2x2x1", batch_per_chip=1)
+    assert report.fits and report.collectives["all-gather"] > 0
+
+
+def test_out_of_memory_is_one_line():
+    message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+               "Used 123.4G of 95.74G hbm.")
+    assert aot._needs(message) == "123.4G of 95.74G"

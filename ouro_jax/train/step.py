@@ -206,7 +206,7 @@ def _make_eval_step(model_cfg: OuroConfig, mesh: Mesh, ce_chunk_size: int):
             out = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"], targets=batch["targets"], ce_chunk_size=ce_chunk_size)
             mask = batch["loss_mask"].astype(jnp.float32)
-            predict = lambda h: jnp.argmax(model.apply({"params": params}, h, method=Ouro.logits), -1).astype(jnp.int32)
+            predict = lambda h: model.apply({"params": params}, h, method=Ouro.predict)
             return {"step_ce_sum": jnp.sum(out.step_ce * mask, axis=(1, 2)), "tokens": jnp.sum(mask),
                     "predictions": jax.lax.map(predict, out.hidden_states)}
 
