@@ -204,7 +204,7 @@ def test_exit_pdf_of_sweep_inputs_is_a_distribution(golden_model):
 
 
 def test_export_of_hf_directory_carries_its_tokenizer(model_dir, tmp_path):
-    from ouro_jax.hf.export import export_checkpoint
+    from ouro_jax.export import export_checkpoint
 
     out = pathlib.Path(export_checkpoint(model_dir, tmp_path / "export"))
     assert (out / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
