@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ouro_jax.errors import cli_errors, fail
 from ouro_jax.evaluation.runner import evaluate_model
 from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS
 
@@ -85,18 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("num_steps", "seq_len", "batch_size", "num_examples"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            print(f"{PROG}: error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
-    try:
+            fail(PROG, f"--{flag.replace('_', '-')} must be >= 1, got {value}", code=2)
+    with cli_errors(PROG, code=2):  # EvalInputError, ConfigError, CheckpointError are ValueErrors
         result = evaluate_model(args.model, text=args.text, task=args.task, gate_from=args.gate_from,
                                 thresholds=args.thresholds, num_steps=args.num_steps, seq_len=args.seq_len,
                                 batch_size=args.batch_size, max_tokens=args.max_tokens or None,
                                 num_examples=args.num_examples, tokenizer=args.tokenizer, text_field=args.text_field,
                                 dtype=args.dtype, output_dir=args.output, progress=not args.no_progress)
-    except (OSError, ValueError) as e:  # EvalInputError, ConfigError, CheckpointError are ValueErrors
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
     _print_report(result)
     return 0
 
