@@ -6,6 +6,7 @@ one line `prog: error: ...` on stderr and a non-zero exit status.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from collections.abc import Iterator
@@ -47,6 +48,13 @@ def fail(prog: str, message: str | BaseException, code: int = 1) -> NoReturn:
     text = one_line(message) if isinstance(message, BaseException) else " ".join(str(message).split("\n"))
     print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (`prog: error: ...`, status 2) instead of the usage block."""
+
+    def error(self, message):
+        fail(self.prog, message, code=2)
 
 
 @contextlib.contextmanager

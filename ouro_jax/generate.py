@@ -8,7 +8,6 @@ gives the ids directly).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ouro_jax.config import Execution
-from ouro_jax.errors import cli_errors, fail
+from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import EXIT_MODES, POLICIES, GenerationResult, default_cache_length, generate
 from ouro_jax.params_io import load_model
 
@@ -63,8 +62,8 @@ class _TextStream:
             self.printed = len(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ouro-generate", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF Ouro directory or ouro_jax params checkpoint")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")

@@ -9,7 +9,6 @@ else (embedding, final norm, exit gate, head) is kept as it is.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any
 
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ouro_jax.config import OuroConfig
-from ouro_jax.errors import CheckpointError, cli_errors
+from ouro_jax.errors import CheckpointError, OneLineParser, cli_errors
 from ouro_jax.params_io import CONFIG_FILE, load_model, save_params
 
 
@@ -44,7 +43,7 @@ def upcycle_checkpoint(source: str, destination: str, repeats: int = 2, *, overw
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ouro_jax.upcycle", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m ouro_jax.upcycle", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="params checkpoint of ouro_jax or an HF Ouro directory")
     parser.add_argument("destination", help="where to write the upcycled params checkpoint")
     parser.add_argument("--repeats", type=int, default=2, help="copies of the layer stack (default 2)")

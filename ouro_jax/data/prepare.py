@@ -31,7 +31,7 @@ import numpy as np
 
 from ouro_jax.data import shards as shards_lib
 from ouro_jax.data.tokenizer import load_tokenizer
-from ouro_jax.errors import fail
+from ouro_jax.errors import OneLineParser, fail
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
            ".parquet": "parquet"}
@@ -299,7 +299,7 @@ def _write_batch(tok, texts: list[str], src: _Input, writer: shards_lib.ShardWri
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ouro_jax.data.prepare", description=__doc__,
+    parser = OneLineParser(prog="python -m ouro_jax.data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="input files or directories")
     parser.add_argument("--output", required=True, help="output directory for shards and manifest.json")

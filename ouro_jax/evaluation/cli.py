@@ -13,16 +13,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ouro_jax.errors import cli_errors, fail
+from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.evaluation.runner import evaluate_model
 from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS
 
 PROG = "ouro-eval"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{PROG}: error: {message}\n")
 
 
 def _thresholds(text: str) -> list[float]:
@@ -37,7 +32,7 @@ def _thresholds(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("model", help="HF Ouro directory, ouro_jax params checkpoint, or hub id")
     p.add_argument("--text", action="append", default=[],
                    help="held-out text: a prepared shard directory, .jsonl or .txt (repeatable)")

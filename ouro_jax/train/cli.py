@@ -22,9 +22,13 @@ PROG = "ouro-train"
 def _main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    main(flags.FLAGS.config, flags.FLAGS.workdir, debug=flags.FLAGS.debug)
+
+
+def main(config, workdir: str, *, debug: bool = False) -> None:
+    """The command after flag parsing: trains, prints the report; expected errors end in one line."""
     try:
-        with cli_errors(PROG, debug=flags.FLAGS.debug):
+        with cli_errors(PROG, debug=debug):
             if config.distributed:
                 jax.distributed.initialize()
             result = train(config, workdir)
@@ -32,7 +36,7 @@ def _main(argv) -> None:
         print(f"[train] {e}", flush=True)
         sys.exit(128 + e.signum)
     except (NonFiniteTrainingError, NonFiniteParamsError) as e:
-        if flags.FLAGS.debug:
+        if debug:
             raise
         fail(PROG, e)
     print(report(result), flush=True)
