@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ouro_jax.errors import OuroError
+from ouro_jax.errors import OneLineParser, cli_errors
 from ouro_jax.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_hf, has_tokenizer
 from ouro_jax.params_io import load_model
 
@@ -30,7 +30,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ouro-export", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="ouro-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="ouro_jax params checkpoint or HF Ouro directory")
     parser.add_argument("out_dir", help="HF directory to create")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default=None,
@@ -44,13 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+    with cli_errors("ouro-export"):  # existing target, missing/corrupt checkpoint, bad size or config
         out = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype,
                                 max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                                 overwrite=args.overwrite)
-    except (OuroError, OSError, ValueError) as e:  # existing target, missing/corrupt checkpoint, bad size or config
-        print(f"export failed: {e}".replace("\n", " "), file=sys.stderr)
-        return 1
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 

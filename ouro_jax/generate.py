@@ -8,7 +8,6 @@ gives the ids directly).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -17,17 +16,20 @@ from collections.abc import Sequence
 import numpy as np
 
 from ouro_jax.config import Execution
+from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import EXIT_MODES, POLICIES, GenerationResult, default_cache_length, generate
 from ouro_jax.params_io import load_model
 
 __all__ = ["build_parser", "main", "run"]
+
+PROG = "ouro-generate"
 
 
 def _parse_ids(text: str, what: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
-        raise SystemExit(f"error: {what} must be integers separated by commas or spaces, got {text!r}") from None
+        fail(PROG, f"{what} must be integers separated by commas or spaces, got {text!r}")
 
 
 def _tokenizer(model_dir: str, spec: str | None):
@@ -60,8 +62,8 @@ class _TextStream:
             self.printed = len(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ouro-generate", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF Ouro directory or ouro_jax params checkpoint")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
@@ -94,15 +96,20 @@ def main(argv: Sequence[str] | None = None) -> GenerationResult:
     args = build_parser().parse_args(argv)
 
     if args.policy not in POLICIES:
-        raise SystemExit(f"error: unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
+        fail(PROG, f"unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
     try:
         cfg, params = load_model(args.model, execution=Execution(dtype=args.dtype) if args.dtype else None)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"error: cannot load --model {args.model}: {e}") from None
+        fail(PROG, f"cannot load --model {args.model}: {e}")
+    with cli_errors(PROG):  # a bad tokenizer, prompt or decoding setting
+        return _generate(args, cfg, params)
+
+
+def _generate(args, cfg, params) -> GenerationResult:
     tokenizer = None
     if args.prompt_ids is not None:
         if args.chat:
-            raise SystemExit("error: --chat needs --prompt text, not --prompt-ids")
+            fail(PROG, "--chat needs --prompt text, not --prompt-ids")
         ids = _parse_ids(args.prompt_ids, "--prompt-ids")
     else:
         tokenizer = _tokenizer(args.model, args.tokenizer)
@@ -126,18 +133,16 @@ def main(argv: Sequence[str] | None = None) -> GenerationResult:
                    draft_tokens=args.draft_tokens, draft_depth=args.draft_depth,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    stop_token_ids=stop_ids, stream=stream)
-    try:  # a one-token run compiles the program (same shapes) that the timed run then reuses
-        options["cache_length"] = default_cache_length(len(ids), args.max_new_tokens, draft_tokens=args.draft_tokens)
-        started = time.perf_counter()
-        generate(cfg, params, [ids], max_new_tokens=1, **options)
-        compile_s = time.perf_counter() - started
-        if stream is not None:
-            stream.enabled = True
-        started = time.perf_counter()
-        result = generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, **options)
-        seconds = time.perf_counter() - started
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    # a one-token run compiles the program (same shapes) that the timed run then reuses
+    options["cache_length"] = default_cache_length(len(ids), args.max_new_tokens, draft_tokens=args.draft_tokens)
+    started = time.perf_counter()
+    generate(cfg, params, [ids], max_new_tokens=1, **options)
+    compile_s = time.perf_counter() - started
+    if stream is not None:
+        stream.enabled = True
+    started = time.perf_counter()
+    result = generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, **options)
+    seconds = time.perf_counter() - started
 
     generated = result.rows()[0]
     if stream is None or tokenizer is None:

@@ -108,10 +108,15 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        jsonl = os.path.join(workdir, "metrics.jsonl")
+        resumed = os.path.exists(jsonl)
+        if resumed:
+            drop_rows_after(jsonl, initial_step)
+        self._jsonl = open(jsonl, "a")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        # purge_step makes TensorBoard discard the events of the previous run from that step on
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=initial_step + 1 if resumed else None)
         if progress_bar:
             from tqdm import tqdm
 
@@ -147,6 +152,25 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites the JSONL metrics file at `path` without the rows after `step` (a resumed run logs
+    them again); returns how many were dropped. Unparseable (torn) lines are dropped too."""
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
 
 
 def summary_line(metrics: dict[str, Any]) -> str:

@@ -11,15 +11,45 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from ouro_jax.errors import ConfigError
 
 DECAY_SHAPES = ("none", "linear", "cosine")
 BETA_SCHEDULES = ("constant", "step", "linear")
 NO_DECAY_LEAVES = frozenset({"scale", "bias"})  # RMSNorm gains and the exit gate's bias
 
 
-class OptimConfigError(ValueError):
+class OptimConfigError(ConfigError):
     """An inconsistent optimizer or schedule setting."""
+
+
+MAX_LR = 1.0  # AdamW steps are ~lr per parameter: anything larger destroys the weights in one update
+
+
+def _number(name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise OptimConfigError(f"optim.{name} must be a number, got {value!r}") from None
+    too_low = x <= low if low_open else x < low
+    too_high = x >= high if high_open else x > high
+    if not np.isfinite(x) or too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise OptimConfigError(f"optim.{name} must be finite and in {interval}, got {value!r}")
+
+
+def check_optim(optim: Any) -> None:
+    """Rejects non-finite or out-of-range optimizer settings (a NaN or 1e40 learning rate, b2 >= 1, ...)."""
+    for name in ("peak_lr", "init_lr", "end_lr"):
+        _number(name, optim[name], 0.0, MAX_LR)
+    _number("b1", optim.b1, 0.0, 1.0, high_open=True)
+    _number("b2", optim.b2, 0.0, 1.0, high_open=True)
+    _number("eps", optim.eps, 0.0, 1.0, low_open=True)
+    _number("weight_decay", optim.weight_decay, 0.0, 1e3)
+    if optim.clip_norm is not None:
+        _number("clip_norm", optim.clip_norm, 0.0, np.inf, low_open=True, high_open=True)
 
 
 def lr_schedule(optim: Any, total_steps: int) -> optax.Schedule:
@@ -70,8 +100,7 @@ def weight_decay_mask(params: Any) -> Any:
 
 def make_optimizer(optim: Any, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW(b1, b2, eps, weight_decay) on the WSD learning rate."""
-    if optim.clip_norm is not None and optim.clip_norm <= 0:
-        raise OptimConfigError(f"optim.clip_norm must be > 0 or None, got {optim.clip_norm}")
+    check_optim(optim)
     adamw = optax.adamw(lr_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                         weight_decay=optim.weight_decay, mask=weight_decay_mask)
     if optim.clip_norm is None:

@@ -9,14 +9,15 @@ else (embedding, final norm, exit gate, head) is kept as it is.
 
 from __future__ import annotations
 
-import argparse
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ouro_jax.config import OuroConfig
-from ouro_jax.params_io import load_model, save_params
+from ouro_jax.errors import CheckpointError, OneLineParser, cli_errors
+from ouro_jax.params_io import CONFIG_FILE, load_model, save_params
 
 
 def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) -> tuple[OuroConfig, dict[str, Any]]:
@@ -30,8 +31,11 @@ def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) ->
     return cfg.replace(num_hidden_layers=cfg.num_hidden_layers * repeats), repeated
 
 
-def upcycle_checkpoint(source: str, destination: str, repeats: int = 2) -> OuroConfig:
-    """Reads a checkpoint (ours or HF), writes the upcycled params checkpoint; returns its config."""
+def upcycle_checkpoint(source: str, destination: str, repeats: int = 2, *, overwrite: bool = False) -> OuroConfig:
+    """Reads a checkpoint (ours or HF), writes the upcycled params checkpoint; returns its config.
+    An existing params checkpoint at `destination` is refused unless `overwrite`."""
+    if os.path.exists(os.path.join(destination, CONFIG_FILE)) and not overwrite:
+        raise CheckpointError(f"{destination} already holds a params checkpoint; pass --overwrite to replace it")
     cfg, params = load_model(source)
     cfg, params = upcycle_params(cfg, params, repeats)
     save_params(destination, cfg, params)
@@ -39,12 +43,14 @@ def upcycle_checkpoint(source: str, destination: str, repeats: int = 2) -> OuroC
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ouro_jax.upcycle", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m ouro_jax.upcycle", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="params checkpoint of ouro_jax or an HF Ouro directory")
     parser.add_argument("destination", help="where to write the upcycled params checkpoint")
     parser.add_argument("--repeats", type=int, default=2, help="copies of the layer stack (default 2)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a params checkpoint at DESTINATION")
     args = parser.parse_args(argv)
-    cfg = upcycle_checkpoint(args.source, args.destination, args.repeats)
+    with cli_errors("python -m ouro_jax.upcycle"):
+        cfg = upcycle_checkpoint(args.source, args.destination, args.repeats, overwrite=args.overwrite)
     print(f"wrote {args.destination}: {cfg.num_hidden_layers} layers ({args.repeats} x the stack of {args.source})")
 
 

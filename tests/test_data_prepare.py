@@ -135,7 +135,9 @@ def test_more_errors(tmp_path, capsys):
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
     with pytest.raises(PrepareError, match="has type int64, not string"):
         prepare([str(tmp_path / "n.parquet")], tmp_path / "out", progress=False)
-    assert main([str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o"), "--no-progress"])
+    assert exit_.value.code == 2
     assert "missing.txt: no such file or directory" in capsys.readouterr().err
     good = write(tmp_path / "g.txt", b"hello\n")
     prepare([good], tmp_path / "ok", progress=False)

@@ -216,10 +216,12 @@ def test_cli_exports_a_params_checkpoint(model, tmp_path, capsys):
     assert cfg_back == cfg.with_execution(param_dtype="bfloat16")
     assert_bitwise_equal(back, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
     assert os.path.exists(out / INDEX_FILE)
-    assert export_main([str(tmp_path / "ckpt"), str(out)]) == 1  # refuses the non-empty target
+    with pytest.raises(SystemExit, match="1"):  # refuses the non-empty target
+        export_main([str(tmp_path / "ckpt"), str(out)])
     assert "not empty" in capsys.readouterr().err
     assert export_main([str(tmp_path / "ckpt"), str(out), "--overwrite"]) == 0
-    assert export_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    with pytest.raises(SystemExit, match="1"):
+        export_main([str(tmp_path / "missing"), str(tmp_path / "x")])
 
 
 def test_reexport_of_a_released_directory_fixes_the_special_ids(golden_dir, golden_model, tmp_path):

@@ -169,19 +169,23 @@ def test_cli_generates_chat_and_prints_speed_and_depth(tmp_path, golden_dir, gol
     assert out.startswith(text) and "tokens/s" in out and f"mean depth {expected.mean_depth:.2f} of 4" in out
 
 
+def _fails(run, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and message in err and err.count("\n") == 1, err
+
+
 def test_cli_errors_name_the_problem(golden_dir, capsys):
-    with pytest.raises(SystemExit, match="unknown --policy 'middle'"):
-        cli.main(["--model", str(golden_dir), "--prompt-ids", "1,2", "--policy", "middle"])
-    with pytest.raises(SystemExit, match="outside the vocabulary"):   # the byte tokenizer: 'é' -> 198, 172 >= 128
-        cli.main(["--model", str(golden_dir), "--prompt", "café"])
-    with pytest.raises(SystemExit, match="prompt 0 is empty"):
-        cli.main(["--model", str(golden_dir), "--prompt-ids", " "])
-    with pytest.raises(SystemExit, match="--prompt-ids must be integers"):
-        cli.main(["--model", str(golden_dir), "--prompt-ids", "1,x"])
-    with pytest.raises(SystemExit, match="error: cannot load --model"):
-        cli.run(["--model", str(golden_dir / "missing"), "--prompt-ids", "1,2"])
-    with pytest.raises(SystemExit, match="draft_depth must be an integer"):
-        cli.run(["--model", str(golden_dir), "--prompt-ids", "1,2", "--draft-tokens", "2", "--draft-depth", "9"])
+    _fails(cli.main, ["--model", str(golden_dir), "--prompt-ids", "1,2", "--policy", "middle"],
+           "unknown --policy 'middle'", capsys)
+    _fails(cli.main, ["--model", str(golden_dir), "--prompt", "café"], "outside the vocabulary", capsys)  # 'é' -> 198
+    _fails(cli.main, ["--model", str(golden_dir), "--prompt-ids", " "], "prompt 0 is empty", capsys)
+    _fails(cli.main, ["--model", str(golden_dir), "--prompt-ids", "1,x"], "--prompt-ids must be integers", capsys)
+    _fails(cli.run, ["--model", str(golden_dir / "missing"), "--prompt-ids", "1,2"], "error: cannot load --model",
+           capsys)
+    _fails(cli.run, ["--model", str(golden_dir), "--prompt-ids", "1,2", "--draft-tokens", "2", "--draft-depth", "9"],
+           "draft_depth must be an integer", capsys)
 
 
 @pytest.mark.slow

@@ -9,6 +9,10 @@ at every line, or not at all (`file`); JSONL and Parquet take the string field `
 Each document gets `<|endoftext|>` appended (unless `--no-eos`); empty or null JSONL/Parquet
 records are skipped and counted. The manifest records counts per input and shard, the tokenizer
 and SHA-256 hashes. The same inputs and options give byte-identical shards.
+
+Shards are written into a hidden `.NAME.tmp-*` directory beside the output and swapped in at the end,
+so `--overwrite` keeps the old dataset until the new one is complete; a killed run leaves only that
+hidden directory, which the next run reports as incomplete and removes.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import gzip
 import json
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from ouro_jax.data import shards as shards_lib
 from ouro_jax.data.tokenizer import load_tokenizer
+from ouro_jax.errors import OneLineParser, fail
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
            ".parquet": "parquet"}
@@ -172,15 +179,36 @@ class _Input:
                 "skipped_empty": self.skipped_empty}
 
 
-def _prepare_output(output: pathlib.Path, overwrite: bool) -> None:
+def _ours(path: pathlib.Path) -> bool:
+    return path.name == shards_lib.MANIFEST or path.suffix == ".array_record"
+
+
+def _check_output(output: pathlib.Path, overwrite: bool) -> None:
+    """Refuses an output that is a file, or holds shards without --overwrite; removes leftovers of killed runs."""
     if output.exists() and not output.is_dir():
         raise PrepareError(f"output {output} exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
-    ours = [p for p in output.iterdir() if p.name == shards_lib.MANIFEST or p.suffix == ".array_record"]
+    for leftover in sorted(output.parent.glob(f".{output.name}.tmp-*")):
+        print(f"removing {leftover}: the incomplete output of an interrupted prepare", file=sys.stderr)
+        shutil.rmtree(leftover, ignore_errors=True)
+    ours = [p for p in output.iterdir() if _ours(p)] if output.is_dir() else []
     if ours and not overwrite:
-        raise PrepareError(f"output {output} already holds prepared shards; pass --overwrite to replace them")
-    for p in ours:
-        p.unlink()
+        complete = (output / shards_lib.MANIFEST).is_file()
+        what = "prepared shards" if complete else f"shards without a {shards_lib.MANIFEST} (an incomplete prepare)"
+        raise PrepareError(f"output {output} already holds {what}; pass --overwrite to replace them")
+
+
+def _publish(tmp: pathlib.Path, output: pathlib.Path) -> None:
+    """Swaps the finished `tmp` in as `output`; files of the old output that are not shards stay."""
+    if not output.exists():
+        tmp.rename(output)
+        return
+    for p in output.iterdir():
+        if not _ours(p):
+            p.rename(tmp / p.name)
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    output.rename(old)
+    tmp.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str = "byte",
@@ -188,8 +216,6 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
             max_shard_tokens: int = 1 << 27, batch_docs: int = 1024, progress: bool = True,
             overwrite: bool = False) -> dict:
     """Tokenizes `inputs` into shards under `output`; returns the manifest (also written as JSON)."""
-    from tqdm import tqdm
-
     if text_split not in TEXT_SPLITS:
         raise PrepareError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
     if max_shard_tokens < 1 or batch_docs < 1:
@@ -199,8 +225,26 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
     if append_eos and tok.eos_id is None:
         raise PrepareError("the tokenizer has no <|endoftext|> token; pass --no-eos to store documents without one")
     sources = [_Input(f, text_field, text_split) for f in files]
-    output = pathlib.Path(output)
-    _prepare_output(output, overwrite)
+    output = pathlib.Path(output).absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _check_output(output, overwrite)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        manifest = _tokenize(sources, tok, tmp, text_split, text_field, append_eos, max_shard_tokens, batch_docs,
+                             progress)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        _publish(tmp, output)
+    except BaseException:  # KeyboardInterrupt too: the old output stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _tokenize(sources: list[_Input], tok, output: pathlib.Path, text_split: str, text_field: str, append_eos: bool,
+              max_shard_tokens: int, batch_docs: int, progress: bool) -> dict:
+    """Writes the shards and the manifest of `sources` into `output`; returns the manifest."""
+    from tqdm import tqdm
+
     dtype = shards_lib.token_dtype(tok.vocab_size)
     writer = shards_lib.ShardWriter(output, dtype, max_shard_tokens)
     bar = tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True, disable=not progress,
@@ -225,8 +269,6 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
         shard_records = writer.close()
     except BaseException:
         writer.close()
-        for p in output.glob("*.array_record"):
-            p.unlink()
         raise
     finally:
         bar.close()
@@ -257,7 +299,7 @@ def _write_batch(tok, texts: list[str], src: _Input, writer: shards_lib.ShardWri
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ouro_jax.data.prepare", description=__doc__,
+    parser = OneLineParser(prog="python -m ouro_jax.data.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="input files or directories")
     parser.add_argument("--output", required=True, help="output directory for shards and manifest.json")
@@ -277,8 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            max_shard_tokens=args.max_shard_tokens, progress=not args.no_progress,
                            overwrite=args.overwrite)
     except (PrepareError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail("python -m ouro_jax.data.prepare", e, code=2)
     print(f"wrote {manifest['documents']} documents, {manifest['tokens']} tokens in "
           f"{len(manifest['shards'])} shard(s) to {args.output}")
     return 0

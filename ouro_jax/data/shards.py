@@ -3,6 +3,9 @@
 A record is a document's token ids as little-endian `uint16` (vocabularies up to 65536) or
 `uint32`, ending with `<|endoftext|>` unless the manifest says otherwise. `TokenShards(dir)` is the
 pipeline source over a directory written by `python -m ouro_jax.data.prepare`.
+
+Opening a directory checks every shard's size against the manifest (free) and, when the shards
+total at most `VERIFY_BYTES`, their SHA-256 too (`verify=True` forces it, `False` skips both).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from ouro_jax.errors import ShardCorruptError
+
 MANIFEST = "manifest.json"
 FORMAT = "ouro_jax.token_shards"
 VERSION = 1
 SHARD_PATTERN = "shard-{:05d}.array_record"
 # One record per chunk: random access (global shuffling) reads exactly one document.
 ARRAY_RECORD_OPTIONS = "group_size:1"
+VERIFY_BYTES = 256 << 20  # SHA-256 of the shards on open up to this total size (~0.3 s per 256 MiB)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -64,6 +70,7 @@ class ShardWriter:
             self._writer = None
             shard = self.shards[-1]
             shard["sha256"] = file_sha256(self.directory / shard["path"])
+            shard["bytes"] = os.path.getsize(self.directory / shard["path"])
 
     def close(self) -> list[dict[str, Any]]:
         self._close_current()
@@ -87,7 +94,7 @@ class TokenShards:
     keep_whole = False  # long documents may be split across rows
     is_finite = True
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, verify: bool | None = None):
         self.directory = pathlib.Path(directory)
         path = self.directory / MANIFEST
         if not path.is_file():
@@ -109,20 +116,38 @@ class TokenShards:
         self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
         self.num_documents = self.manifest["documents"]
         self.num_tokens = self.manifest["tokens"]
+        if verify is not False:
+            self._check_sizes()
+            total = sum(os.path.getsize(p) for p in self.paths)
+            if verify or total <= VERIFY_BYTES:
+                self.verify()
 
     def __repr__(self) -> str:
         return f"TokenShards({str(self.directory)!r}, documents={self.num_documents}, tokens={self.num_tokens})"
 
+    def _check_sizes(self) -> None:
+        """Compares each shard's size with the manifest (manifests written before sizes were recorded: skipped)."""
+        for shard, path in zip(self.manifest["shards"], self.paths):
+            size = os.path.getsize(path)
+            if "bytes" in shard and size != shard["bytes"]:
+                raise ShardCorruptError(f"{path}: {size} bytes, its manifest says {shard['bytes']} "
+                                        "(truncated or replaced); prepare the data again")
+
     def verify(self) -> None:
-        """Recomputes every shard's SHA-256 against the manifest; raises ValueError on a mismatch."""
+        """Recomputes every shard's SHA-256 against the manifest; raises ShardCorruptError on a mismatch."""
         for shard, path in zip(self.manifest["shards"], self.paths):
             if file_sha256(path) != shard["sha256"]:
-                raise ValueError(f"{path} does not match the SHA-256 in its manifest (corrupted or replaced)")
+                raise ShardCorruptError(f"{path}: does not match the SHA-256 in its manifest (corrupted or replaced); "
+                                        "prepare the data again")
 
     def documents(self, seed: int):
         """grain MapDataset of `{"input_ids", "target_weight"}`, in file order (the pipeline shuffles)."""
         del seed
         import grain
 
-        source = grain.sources.ArrayRecordDataSource(self.paths)
+        try:
+            source = grain.sources.ArrayRecordDataSource(self.paths)
+        except RuntimeError as e:  # array_record reports a bad file as a bare RuntimeError
+            raise ShardCorruptError(f"{self.directory}: a shard is not a readable ArrayRecord file "
+                                    f"({(str(e).strip().splitlines() or ['?'])[0]})") from None
         return grain.MapDataset.source(source).map(_DecodeRecord(self.manifest["token_dtype"]))

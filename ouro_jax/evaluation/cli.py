@@ -13,15 +13,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.evaluation.runner import evaluate_model
 from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS
 
 PROG = "ouro-eval"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{PROG}: error: {message}\n")
 
 
 def _thresholds(text: str) -> list[float]:
@@ -36,7 +32,7 @@ def _thresholds(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("model", help="HF Ouro directory, ouro_jax params checkpoint, or hub id")
     p.add_argument("--text", action="append", default=[],
                    help="held-out text: a prepared shard directory, .jsonl or .txt (repeatable)")
@@ -85,18 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("num_steps", "seq_len", "batch_size", "num_examples"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            print(f"{PROG}: error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
-    try:
+            fail(PROG, f"--{flag.replace('_', '-')} must be >= 1, got {value}", code=2)
+    with cli_errors(PROG, code=2):  # EvalInputError, ConfigError, CheckpointError are ValueErrors
         result = evaluate_model(args.model, text=args.text, task=args.task, gate_from=args.gate_from,
                                 thresholds=args.thresholds, num_steps=args.num_steps, seq_len=args.seq_len,
                                 batch_size=args.batch_size, max_tokens=args.max_tokens or None,
                                 num_examples=args.num_examples, tokenizer=args.tokenizer, text_field=args.text_field,
                                 dtype=args.dtype, output_dir=args.output, progress=not args.no_progress)
-    except (OSError, ValueError) as e:  # EvalInputError, ConfigError, CheckpointError are ValueErrors
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
     _print_report(result)
     return 0
 

@@ -9,7 +9,8 @@ one at a time (fetched from device memory just before they are written). The dir
 atomically: everything is written into a hidden temporary directory beside the target and renamed into
 place at the end, so a failed or interrupted export leaves no directory behind (and, with overwrite=True,
 the previous export stays until the new one is complete). Only a hard kill (SIGKILL, power loss) can
-leave a hidden `.NAME.tmp-*` directory beside the target, never a half-written target. Export runs on one
+leave a hidden `.NAME.tmp-*` directory beside the target, never a half-written target; the next export
+to that target removes it. Export runs on one
 host: every tensor must be fetchable from this process (params loaded without cross-host sharding).
 """
 
@@ -182,6 +183,17 @@ def _publish(tmp: str, out_dir: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_leftovers(out_dir: str) -> list[str]:
+    """Removes the hidden `.NAME.tmp-*` / `.NAME.old-*` directories that a killed export of out_dir left."""
+    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
+    found = sorted(os.path.join(parent, d) for d in os.listdir(parent)
+                   if d.startswith((f".{name}.tmp-", f".{name}.old-")))
+    for path in found:
+        print(f"removing {path}: left by an interrupted export", flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
 def has_tokenizer(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds tokenizer files that an export would carry."""
     return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
@@ -209,10 +221,11 @@ def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any
         if not os.path.isdir(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not a directory")
         if os.listdir(out_dir) and not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tokenizer_files = _tokenizer_sources(tokenizer) if tokenizer is not None else []
+    remove_leftovers(out_dir)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         _write_export(tmp, cfg, params, dtype_name, max_bytes, tokenizer_files, generation)

@@ -12,26 +12,33 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ouro_jax.errors import OuroError
-from ouro_jax.train.loop import TrainingInterrupted, report, train
+from ouro_jax.errors import cli_errors, fail
+from ouro_jax.train.checkpointer import NonFiniteParamsError
+from ouro_jax.train.loop import NonFiniteTrainingError, TrainingInterrupted, report, train
+
+PROG = "ouro-train"
 
 
 def _main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    main(flags.FLAGS.config, flags.FLAGS.workdir, debug=flags.FLAGS.debug)
+
+
+def main(config, workdir: str, *, debug: bool = False) -> None:
+    """The command after flag parsing: trains, prints the report; expected errors end in one line."""
     try:
-        if config.distributed:
-            jax.distributed.initialize()
-        result = train(config, workdir)
+        with cli_errors(PROG, debug=debug):
+            if config.distributed:
+                jax.distributed.initialize()
+            result = train(config, workdir)
     except TrainingInterrupted as e:
         print(f"[train] {e}", flush=True)
         sys.exit(128 + e.signum)
-    except (OuroError, ValueError, OSError) as e:
-        if flags.FLAGS.debug:
+    except (NonFiniteTrainingError, NonFiniteParamsError) as e:
+        if debug:
             raise
-        print(f"ouro-train: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
-        sys.exit(1)
+        fail(PROG, e)
     print(report(result), flush=True)
 
 
@@ -43,8 +50,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         message = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
         if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
             message = message[1:-1]
-        print(f"ouro-train: bad command line ({type(e).__name__}): {message}", file=sys.stderr)
-        sys.exit(2)
+        fail(PROG, f"bad command line ({type(e).__name__}): {message}", code=2)
 
 
 def run() -> None:

@@ -3,8 +3,10 @@
 WORKDIR gets `checkpoints/` (orbax: train state + data iterator, async, newest K kept),
 `metrics.jsonl` and `tb/` (every step), and `params/` (a params-only export for inference) at the
 end. Re-running the same command resumes from the newest restorable checkpoint and continues
-bit-for-bit. SIGTERM / SIGINT save a checkpoint and exit (status 128 + signal). Non-finite losses
-or gradients skip the update; `train.max_consecutive_nonfinite` in a row stop the run.
+bit-for-bit (metrics after that step are dropped); checkpoints that do not fit the config stop the run
+(`train.restart_incompatible=True` moves the old run aside and starts over). One run per workdir (a
+lock). SIGTERM / SIGINT save a checkpoint and exit (status 128 + signal). Non-finite losses, gradients
+or updated parameters skip the update; `train.max_consecutive_nonfinite` in a row stop the run.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from jax.experimental import multihost_utils
 from ouro_jax import sharding as shd
 from ouro_jax.config import ARCHITECTURE_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
+from ouro_jax.errors import CheckpointError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
 from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.params_io import load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
+from ouro_jax.train.workdir import WorkdirLock, move_run_aside
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -139,6 +143,7 @@ def _initial_state(config, program: TrainProgram, checkpointer: TrainCheckpointe
         _, params = load_model(config.init_from, param_dtype=program.model_cfg.execution.param_dtype)
         print(f"[train] initialized from {config.init_from}", flush=True)
         return 0, place_params(program, params), False
+    print(f"[train] no finished checkpoint in {checkpointer.directory}: starting from scratch", flush=True)
     return 0, program.init(jax.random.key(int(config.seed))), False
 
 
@@ -156,16 +161,30 @@ class _Trainer:
         self.config, self.workdir = config, workdir
         self.mesh = shd.make_mesh(dict(config.mesh))
         self.program = build_train_program(config, self.mesh, dict(config.train.compiler_options) or None)
-        sources = make_sources(config, self.program.model_cfg)
-        self.data = make_train_iterator(config, sources)
-        self.evaluations = make_evaluations(config, sources, self.mesh)
+        self.sources = make_sources(config, self.program.model_cfg)
+        self.evaluations = make_evaluations(config, self.sources, self.mesh)
         self.checkpoint_dir = os.path.join(workdir, "checkpoints")
+        try:
+            resumed = self._start()
+        except CheckpointError as e:
+            if not config.train.restart_incompatible:
+                raise
+            self.checkpointer.close()
+            moved = move_run_aside(workdir) if jax.process_index() == 0 else None
+            print(f"[train] {e}\n[train] train.restart_incompatible=True: old run moved to {moved}", flush=True)
+            resumed = self._start()
+        self.saved_step = self.step if resumed else None
+        self.eval_metrics: dict[str, Any] = {}
+
+    def _start(self) -> bool:
+        """Opens the checkpoints and sets data, step and state; returns whether a checkpoint was restored."""
+        config = self.config
+        self.data = make_train_iterator(config, self.sources)
         self.checkpointer = TrainCheckpointer(self.checkpoint_dir, save_every=int(config.train.checkpoint_every),
                                               keep=int(config.train.keep_checkpoints) or None,
                                               async_save=bool(config.train.async_checkpointing))
         self.step, self.state, resumed = _initial_state(config, self.program, self.checkpointer, self.data)
-        self.saved_step = self.step if resumed else None
-        self.eval_metrics: dict[str, Any] = {}
+        return resumed
 
     def _compile(self):
         start = time.perf_counter()
@@ -254,7 +273,10 @@ def train(config, workdir: str) -> TrainResult:
     workdir = os.path.abspath(workdir)
     if config.init_from:
         adopt_checkpoint_shape(config, config.init_from)
-    return _Trainer(config, workdir).run()
+    if jax.process_index() != 0:
+        return _Trainer(config, workdir).run()
+    with WorkdirLock(workdir):
+        return _Trainer(config, workdir).run()
 
 
 def model_fields_summary(cfg: OuroConfig) -> str:

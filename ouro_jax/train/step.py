@@ -112,6 +112,11 @@ def _fresh_state(optimizer: optax.GradientTransformation, stage: int, params: di
     return TrainState(zero, params, optimizer.init(split_trainable(params, stage)[0]), zero, zero)
 
 
+def _all_finite(tree) -> jax.Array:
+    """Whether every element of `tree` is finite (the update itself can overflow with finite gradients)."""
+    return jax.tree.reduce(lambda ok, x: ok & jnp.isfinite(x).all(), tree, jnp.bool_(True))
+
+
 def _where_tree(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -158,7 +163,8 @@ def _loss_and_grads(grad_fn, trainable, batch, accum: int):
 
 
 def _make_train_step(config, model_cfg: OuroConfig, mesh: Mesh, optimizer, losses: _LossSettings, gather):
-    """(state, batch) -> (state, metrics): one optimizer update, skipped when the loss or gradient is non-finite."""
+    """(state, batch) -> (state, metrics): one optimizer update, skipped when the loss, the gradient or the
+    updated parameters are non-finite."""
     accum = int(config.train.grad_accum)
     learning_rate = lr_schedule(config.optim, int(config.train.steps))
     beta_at = beta_schedule(config.loss)
@@ -176,9 +182,10 @@ def _make_train_step(config, model_cfg: OuroConfig, mesh: Mesh, optimizer, losse
 
             (loss, stats), grads = _loss_and_grads(jax.value_and_grad(loss_fn, has_aux=True), trainable, batch, accum)
             grad_norm = optax.tree.norm(grads)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             updates, new_opt_state = optimizer.update(grads, state.opt_state, trainable)
-            new_trainable = _where_tree(finite, optax.apply_updates(trainable, updates), trainable)
+            updated = optax.apply_updates(trainable, updates)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(updated)
+            new_trainable = _where_tree(finite, updated, trainable)
             new_opt_state = _where_tree(finite, new_opt_state, state.opt_state)
             skipped = (~finite).astype(jnp.int32)
             new_state = TrainState(step=state.step + 1, params={**frozen, **new_trainable}, opt_state=new_opt_state,

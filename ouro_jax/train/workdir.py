@@ -1,0 +1,68 @@
+"""The training workdir: one run at a time (a lock), and moving an incompatible old run aside.
+
+The lock is `fcntl.flock` on WORKDIR/.lock: the kernel drops it when its process dies, so a killed
+run never blocks the next one. Filesystems without flock (some network mounts) run unlocked.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+
+from ouro_jax.errors import OuroError
+
+LOCK_FILE = ".lock"
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tb", "config.json", "params")
+
+
+class WorkdirBusyError(OuroError):
+    """Another live process trains in the same workdir."""
+
+
+class WorkdirLock:
+    """Exclusive, non-blocking lock of a workdir for the life of a run (`with WorkdirLock(dir):`)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return self  # no flock here: unlocked
+            raise WorkdirBusyError(f"{os.path.dirname(self.path)} is in use by another training run (pid {holder}); "
+                                   "wait for it, stop it, or choose another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def move_run_aside(workdir: str) -> str | None:
+    """Moves the previous run's checkpoints, metrics, config and params into WORKDIR/replaced-TIME/
+    (nothing is deleted); returns that directory, or None when there was nothing to move."""
+    present = [name for name in RUN_ENTRIES if os.path.lexists(os.path.join(workdir, name))]
+    if not present:
+        return None
+    target = os.path.join(workdir, time.strftime("replaced-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(target):
+        target, n = f"{target.rsplit('.', 1)[0]}.{n}", n + 1
+    os.makedirs(target)
+    for name in present:
+        os.rename(os.path.join(workdir, name), os.path.join(target, name))
+    return target
