@@ -19,23 +19,23 @@ def load_config(name, arg=None):
     return module.get_config(arg) if arg else module.get_config()
 
 
-@pytest.mark.parametrize("name,arg,params,steps_t,stage", [
-    ("ouro_1p4b", None, 1_434_652_673, 8, 1),
-    ("ouro_1p4b", "stage1b", 1_434_652_673, 4, 1),
-    ("ouro_2p6b", None, 2_667_974_657, 4, 1),
-    ("stage2_gate", None, 1_434_652_673, 4, 2),
+@pytest.mark.parametrize("name,arg,params,steps_t,objective", [
+    ("ouro_1p4b", None, 1_434_652_673, 8, "stage1"),
+    ("ouro_1p4b", "stage1b", 1_434_652_673, 4, "stage1"),
+    ("ouro_2p6b", None, 2_667_974_657, 4, "stage1"),
+    ("stage2_gate", None, 1_434_652_673, 4, "stage2"),
 ])
-def test_released_shapes_build_sharded_programs(name, arg, params, steps_t, stage):
+def test_released_shapes_build_sharded_programs(name, arg, params, steps_t, objective):
     config = load_config(name, arg)
     program = trainer.build_train_program(config, shd.make_mesh(dict(config.mesh)))
-    assert program.stage == stage and program.model_cfg.total_ut_steps == steps_t
+    assert program.objective == objective and program.model_cfg.total_ut_steps == steps_t
     assert model.count_params(program.abstract_state.params) == params
     assert program.model_cfg.execution.dtype == "bfloat16" and program.model_cfg.execution.param_dtype == "float32"
     # FSDP over the 8 test devices: the embedding axis of every big matrix is split 8 ways.
     assert program.state_shardings.params["lm_head"].spec[0] == "fsdp"
     adam = program.abstract_state.opt_state[1][0]
     trained = model.count_params(adam.mu)
-    assert trained == (params if stage == 1 else program.model_cfg.hidden_size + 1)
+    assert trained == (params if objective == "stage1" else program.model_cfg.hidden_size + 1)
     assert program.abstract_batch["input_ids"].shape == (config.data.batch_size, config.data.seq_len)
     assert not config.data.sources  # the user names the token shards
 

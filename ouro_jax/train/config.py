@@ -1,6 +1,5 @@
 """The training ConfigDict: every knob of a run, with defaults; `configs/*.py` start from `base_config`.
 
-    config.stage            1 (Stage I, every parameter) or 2 (Stage II, the exit gate only)
     config.seed             parameter initialization
     config.init_from        params checkpoint (ouro_jax or HF directory) to start from; '' = random init
     config.model            the checkpoint fields of OuroConfig (shapes, vocabulary, T, RoPE, exit threshold)
@@ -9,7 +8,9 @@
     config.data             sources (ouro_jax.data specs), seq_len, global batch_size, seed, evaluation size,
                             eval_sources (held-out text scored every train.eval_every steps)
     config.optim            AdamW, clipping and the warmup-stable-decay learning rate (optim.py)
-    config.loss             beta and its schedule (Stage I), gate_k and gate_gamma (Stage II)
+    config.loss             objective: "stage1" (Stage I, every parameter), "last_step" (CE of the last step,
+                            every parameter but the exit gate) or "stage2" (Stage II, the exit gate only);
+                            beta and its schedule (stage1), gate_k and gate_gamma (stage2)
     config.train            steps, grad_accum, checkpointing, logging, evaluation, non-finite policy
 
 Override on the command line: `--config.train.steps=100 --config.execution.dtype=bfloat16`.
@@ -41,7 +42,6 @@ def model_config(config) -> OuroConfig:
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = 1
     c.seed = 0
     c.init_from = ""
     c.distributed = False  # jax.distributed.initialize() first (multi-host TPU / GPU clusters)
@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
     ))
     c.loss = ml_collections.ConfigDict(dict(
+        objective="stage1",       # "stage1" | "last_step" | "stage2" (losses.OBJECTIVES)
         beta=0.1, beta_final=0.05, beta_schedule="constant", beta_switch_step=0,
         gate_k=50.0, gate_gamma=0.005,
     ))

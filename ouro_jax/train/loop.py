@@ -170,7 +170,7 @@ class _Trainer:
     def _compile(self):
         start = time.perf_counter()
         step_fn = self.program.step.lower(self.program.abstract_state, self.program.abstract_batch).compile()
-        print(f"[train] stage {self.program.stage}, model {model_fields_summary(self.program.model_cfg)}, "
+        print(f"[train] objective {self.program.objective}, model {model_fields_summary(self.program.model_cfg)}, "
               f"mesh {dict(self.mesh.shape)}, compiled in {time.perf_counter() - start:.1f}s", flush=True)
         return step_fn
 
@@ -202,7 +202,7 @@ class _Trainer:
         config, total = self.config, int(self.config.train.steps)
         tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
         flops_per_token = model_flops_per_token(self.program.model_cfg, int(config.data.seq_len),
-                                                stage=self.program.stage)
+                                                stage=2 if self.program.objective == "stage2" else 1)
         peak, peak_source = peak_flops(dtype=self.program.model_cfg.execution.dtype)
         print(f"[train] {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak / 1e12:.3f} TFLOP/s ({peak_source})",
               flush=True)
