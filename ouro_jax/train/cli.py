@@ -23,7 +23,7 @@ def _main(argv) -> None:
     try:
         if config.distributed:
             jax.distributed.initialize()
-        result = train(config, workdir)
+        result = train(config, workdir, explicit_model_fields(flags.FLAGS["config"]))
     except TrainingInterrupted as e:
         print(f"[train] {e}", flush=True)
         sys.exit(128 + e.signum)
@@ -33,6 +33,11 @@ def _main(argv) -> None:
         print(f"ouro-train: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(1)
     print(report(result), flush=True)
+
+
+def explicit_model_fields(config_flag) -> set[str]:
+    """The `config.model` fields set on the command line (`--config.model.K=V`)."""
+    return {key.split(".", 1)[1] for key in config_flags.get_override_values(config_flag) if key.startswith("model.")}
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
