@@ -34,6 +34,7 @@ def tiny_stage(stage):
     return c
 
 
+@pytest.mark.slow  # a real (two-step) training run: ~10 s of CPU
 def test_stage1a_to_stage1b_changes_T_from_8_to_4(tmp_path):
     stage1a = model_config(tiny_stage("stage1a"))
     assert stage1a.total_ut_steps == 8
