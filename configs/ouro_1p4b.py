@@ -1,11 +1,15 @@
-"""Ouro-1.4B pre-training, the stage-1 recipe of the released models (SPEC 6).
+"""Ouro-1.4B pre-training, the released recipe (SPEC 6), one config per stage.
 
-    --config configs/ouro_1p4b.py            stage 1a: T=8, beta 0.1, 4M-token batches, warmup + constant 3e-4
+    --config configs/ouro_1p4b.py            stage 1a: T=8, beta 0.1, 4K context, 4M-token batches, warmup + 3e-4
     --config configs/ouro_1p4b.py:stage1b    stage 1b: T=4, beta 0.05, 8M-token batches, constant 3e-4
+    --config configs/ouro_1p4b.py:stage2     CT annealing: 16K context, RoPE theta 40K, cosine 3e-4 -> 3e-5
+    --config configs/ouro_1p4b.py:stage3     long context: 64K, theta 1M, constant 3e-5
+    --config configs/ouro_1p4b.py:stage4     mid-training: 32K, theta 1M, cosine 3e-5 -> 1e-5
 
-Set `--config.data.sources=DIR` (token shards from `python -m ouro_jax.data.prepare`); start stage 1b
-from stage 1a with `--config.init_from=RUN_1A/params`. The paper ramps the stage-1a batch from 4M to
-8M tokens; one run keeps one batch size (its data iterator state depends on it).
+Set `--config.data.sources=DIR` (token shards from `python -m ouro_jax.data.prepare`); start each stage
+after 1a from the previous one with `--config.init_from=PREVIOUS_RUN/params` (the params only: a fresh
+optimizer state, hence a 200-step warmup). The paper ramps the stage-1a batch from 4M to 8M tokens;
+one run keeps one batch size (its data iterator state depends on it).
 """
 
 from ouro_jax import config as model_presets

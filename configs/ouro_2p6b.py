@@ -1,10 +1,12 @@
-"""Ouro-2.6B: 48 layers, upcycled from the 24-layer model after stage 1a, then stage 1b (SPEC 6).
+"""Ouro-2.6B: 48 layers, upcycled from the 24-layer model after stage 1a, then stages 1b..4 (SPEC 6).
 
     python -m ouro_jax.upcycle RUN_1A/params UPCYCLED          # layers [1..24, 1..24]
     python -m ouro_jax.train --config configs/ouro_2p6b.py --workdir RUN \\
         --config.init_from=UPCYCLED --config.data.sources=DIR
 
-`--config configs/ouro_2p6b.py:stage1a` trains the 48 layers from scratch with the stage-1a recipe.
+The default is stage 1b (T=4); `:stage2`, `:stage3`, `:stage4` continue from the previous stage's
+params (see configs/ouro_1p4b.py), `:stage1a` trains the 48 layers from scratch with the stage-1a recipe.
+A run started from a checkpoint takes its shapes from it and T, RoPE theta and positions from this config.
 """
 
 from ouro_jax import config as model_presets

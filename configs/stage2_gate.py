@@ -14,7 +14,7 @@ from ouro_jax.train.config import base_config, model_fields
 
 def get_config():
     c = base_config()
-    c.stage = 2
+    c.loss.objective = "stage2"
     c.model = model_fields(model_presets.ouro_1p4b())
     c.execution.update(dtype="bfloat16", param_dtype="float32", remat_policy="none")
     c.mesh.update(data=1, fsdp=-1, tensor=1)

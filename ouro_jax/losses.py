@@ -1,4 +1,4 @@
-"""Training objectives (SPEC sections 3-4): chunked cross-entropy, Stage I, Stage II.
+"""Training objectives (SPEC sections 3-4): chunked cross-entropy, Stage I, the last step, Stage II.
 
 All losses take per-step tensors with the recurrent-step axis first, `[T, B, S]`, and compute in
 float32; `chunked_cross_entropy` is what the model calls inside its loop to produce `step_ce`.
@@ -65,6 +65,14 @@ def stage1_loss(step_ce: jax.Array, gate_logits: jax.Array, loss_mask: jax.Array
     return masked_mean(stage1_token_loss(step_ce, gate_logits, beta), loss_mask)
 
 
+# ---- the plain looped LM: the last step only ----------------------------------------------------
+
+def last_step_token_loss(step_ce: jax.Array) -> jax.Array:
+    """CE_T per token, [B, S]: the looped LM without exits (the paper's synthetic runs, dense
+    baselines); no gate term, no entropy, so the exit gate gets no gradient."""
+    return step_ce[-1].astype(jnp.float32)
+
+
 # ---- Stage II: focused gate training (SPEC 4) ---------------------------------------------------
 
 def gate_continue_labels(step_ce: jax.Array, k: float = 50.0, gamma: float = 0.005) -> jax.Array:
@@ -91,3 +99,21 @@ def stage2_loss(step_ce: jax.Array, gate_logits: jax.Array, loss_mask: jax.Array
                 gamma: float = 0.005) -> jax.Array:
     """Stage II gate objective: the mean of `stage2_token_loss` over valid tokens."""
     return masked_mean(stage2_token_loss(step_ce, gate_logits, k, gamma), loss_mask)
+
+
+# ---- the choice of objective (`config.loss.objective`) ------------------------------------------
+
+OBJECTIVES = ("stage1", "last_step", "stage2")
+
+
+def objective_token_loss(objective: str, step_ce: jax.Array, gate_logits: jax.Array, *, beta: float | jax.Array,
+                         gate_k: float, gate_gamma: float) -> jax.Array:
+    """Per-token loss [B, S] of one of OBJECTIVES: "stage1" (sum_t p(t) CE_t - beta H(p)), "last_step"
+    (CE_T) or "stage2" (the gate's BCE toward its continue labels)."""
+    if objective == "stage1":
+        return stage1_token_loss(step_ce, gate_logits, beta)
+    if objective == "last_step":
+        return last_step_token_loss(step_ce)
+    if objective == "stage2":
+        return stage2_token_loss(step_ce, gate_logits, gate_k, gate_gamma)
+    raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {objective!r}")

@@ -147,3 +147,35 @@ def test_task_registry():
     assert make_source({"kind": "multihop_qa", "hops": 2, "num_train_questions": 10}).hops == 2
     with pytest.raises(ValueError, match="unknown task"):
         make_task("capo")
+
+
+def test_multihop_paper_setup_counts_determinism_and_disjoint_split():
+    # SPEC 7: one start layer of 100 entities, 20 relations: 100 * 20^3 = 8e5 3-hop questions, 3000 held out.
+    task = MultiHopQA(start_layers=1, num_heldout=3000, train_fraction=0.05, seed=2)
+    assert task.num_questions == 800_000 and len(task.heldout_questions) == 3000
+    assert len(task.train_questions) == 40_000 and task.num_train_examples == 400 * 20 + 40_000
+    heldout, trained = set(task.heldout_questions.tolist()), set(task.train_questions.tolist())
+    assert len(heldout) == 3000 and len(trained) == 40_000 and not heldout & trained
+    assert task.is_heldout(task.heldout_questions).all() and not task.is_heldout(task.train_questions).any()
+    ev = task.eval_set(3000)
+    assert len({tuple(p) for p in ev.prompts}) == 3000 and task.evaluate(ev.prompts, ev.answers) == 1.0
+    assert {task.layer_of(p[-2]) for p in ev.prompts} == {0} and {task.layer_of(a[0]) for a in ev.answers} == {3}
+    docs = task.documents(0)
+    question_prompts = {tuple(docs[task.num_facts + i]["input_ids"][:-1]) for i in range(0, 40_000, 20)}
+    assert len(question_prompts) == 2000 and not question_prompts & {tuple(p) for p in ev.prompts}
+    with pytest.raises(ValueError, match="only 3000 held-out questions"):
+        task.eval_set(3001)
+    again = MultiHopQA(start_layers=1, num_heldout=3000, train_fraction=0.05, seed=2)
+    assert np.array_equal(again.train_questions, task.train_questions)
+    assert np.array_equal(again.eval_set(50).prompts, ev.prompts[:50])
+    other = MultiHopQA(start_layers=1, num_heldout=3000, train_fraction=0.05, seed=3)
+    assert not np.array_equal(other.heldout_questions, task.heldout_questions)
+    # An absolute count: every question that is not held out.
+    full = MultiHopQA(start_layers=1, num_heldout=3000, num_train_questions=797_000)
+    assert len(np.union1d(full.train_questions, full.heldout_questions)) == 800_000
+    for kwargs, match in [(dict(num_train_questions=797_001), "num_train_questions"),
+                          (dict(num_train_questions=10, train_fraction=0.1), "not both"),
+                          (dict(start_layers=3), "start_layers")]:
+        with pytest.raises(ValueError, match=match):
+            MultiHopQA(**{"start_layers": 1, "num_heldout": 3000, **kwargs})
+    assert make_source("multihop_qa:start_layers=1,num_heldout=3000,train_fraction=0.01").num_train_examples == 16_000

@@ -335,3 +335,28 @@ def test_tied_embeddings(tmp_path):
     with torch.no_grad():
         got = model(torch.tensor(ids), output_steps=True).step_logits.numpy()
     np.testing.assert_allclose(got, step_logits, atol=TOL, rtol=0)
+
+
+@pytest.mark.torch
+def test_labels_loss_is_the_released_mixture_cross_entropy(exported):
+    """`labels=`, as in the released code: CE of sum_t p(t) logits_t, whatever the exit mode asked for."""
+    _, _, directory = exported
+    model = load(directory)
+    ids = torch.tensor(np.random.default_rng(8).integers(3, 128, (2, 9)))
+    labels = ids.clone()
+    labels[0, 4] = labels[1, -1] = -100  # ignored positions
+    with torch.no_grad():
+        steps = model(ids, output_steps=True)
+        losses = [model(ids, labels=labels, **mode).loss for mode in
+                  ({}, {"exit_at_step": 0}, {"exit_threshold": 0.5}, {"use_weighted_exit": True})]
+    step_logits = steps.step_logits.double().numpy()                                  # [T, B, S, V]
+    lam = 1.0 / (1.0 + np.exp(-steps.gate_logits.double().numpy()))                   # [T, B, S]
+    survival = np.cumprod(np.concatenate([np.ones_like(lam[:1]), 1.0 - lam[:-1]]), axis=0)
+    pdf = np.concatenate([lam[:-1] * survival[:-1], survival[-1:]])                   # p(T) = S_{T-1}
+    mixture = (pdf[..., None] * step_logits).sum(0)[:, :-1]
+    targets = labels[:, 1:].numpy()
+    logz = np.log(np.exp(mixture - mixture.max(-1, keepdims=True)).sum(-1)) + mixture.max(-1)
+    ce = logz - np.take_along_axis(mixture, np.maximum(targets, 0)[..., None], -1)[..., 0]
+    expected = ce[targets != -100].mean()
+    for loss in losses:
+        assert float(loss) == pytest.approx(expected, abs=1e-5)

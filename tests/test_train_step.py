@@ -141,7 +141,7 @@ def test_stage2_trains_only_the_gate_toward_its_labels():
     reference = reference_run()
     lm = reference["params"]  # an LM whose steps differ, so the labels are informative
     cfg = tiny_train_config()
-    cfg.stage = 2
+    cfg.loss.objective = "stage2"
     cfg.optim.update(peak_lr=3e-2, weight_decay=0.1)
     program = trainer.build_train_program(cfg, _one_device(), FAST_COMPILE)
     state = trainer.place_params(program, lm)

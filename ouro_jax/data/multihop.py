@@ -2,15 +2,21 @@
 
 Every entity of layer i < last has, for each relation r, one random target entity in layer i + 1.
 "Who is the r3 of the r2 of the r1 of X?" is `<bos> r3 r2 r1 X <ans> Y` (read as written: the
-outermost relation first), with X in one of the first `num_layers - hops` layers and Y, the answer,
-exactly `hops` layers below X. An atomic fact is the 1-hop case `<bos> r X <ans> Y`.
+outermost relation first), with X in one of the first `start_layers` layers (default: every layer
+with `hops` layers below it) and Y, the answer, exactly `hops` layers below X. An atomic fact is the
+1-hop case `<bos> r X <ans> Y`.
 
-Training documents: every atomic fact of the graph plus `num_train_questions` k-hop questions.
-Each k-hop question belongs to the held-out split with probability `test_fraction` (a keyed hash
-of the question, fixed by `seed`); training questions are drawn from the rest, evaluation
-questions (`eval_set`) from the held-out split, so evaluation measures composition of stored
-facts, not memorized questions. Token ids: 0 pad, 1 <bos>, 2 <ans>, 3..3+R-1 relations, then
-entities layer by layer; vocab_size = 3 + R + num_layers * entities_per_layer (523 by default).
+Training documents: every atomic fact of the graph plus the training k-hop questions, given as a
+count (`num_train_questions`, default 20000) or as a fraction of all k-hop questions (`train_fraction`).
+Held-out split: with `num_heldout`, exactly that many questions (a seeded permutation puts them first,
+the training questions follow); otherwise each question is held out with probability `test_fraction`
+(a keyed hash fixed by `seed`). Training questions never come from the held-out split and evaluation
+questions (`eval_set`) always do, so evaluation measures composition of stored facts, not memorized
+questions. The paper's setup (SPEC 7): `start_layers=1, num_heldout=3000`: 100 x 20^3 = 8 x 10^5
+3-hop questions, 3000 of them held out, a fraction of the rest trained on.
+
+Token ids: 0 pad, 1 <bos>, 2 <ans>, 3..3+R-1 relations, then entities layer by layer;
+vocab_size = 3 + R + num_layers * entities_per_layer (523 by default).
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ class MultiHopQA(SyntheticTask):
     answer_len = 1
 
     def __init__(self, hops: int = 3, num_layers: int = 5, entities_per_layer: int = 100,
-                 num_relations: int = 20, num_train_questions: int = 20000, test_fraction: float = 0.1,
-                 seed: int = 0):
+                 num_relations: int = 20, num_train_questions: int | None = None, test_fraction: float = 0.1,
+                 seed: int = 0, start_layers: int | None = None, num_heldout: int | None = None,
+                 train_fraction: float | None = None):
         if not 2 <= hops < num_layers:  # 1-hop questions are the atomic facts, which are all trained on
             raise ValueError(f"hops must be in [2, num_layers - 1] = [2, {num_layers - 1}], got {hops}")
         if entities_per_layer < 1 or num_relations < 1:
@@ -45,7 +52,11 @@ class MultiHopQA(SyntheticTask):
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.hops, self.num_layers, self.seed = hops, num_layers, seed
         self.entities_per_layer, self.num_relations = entities_per_layer, num_relations
-        self.test_fraction = test_fraction
+        self.test_fraction, self.num_heldout = test_fraction, num_heldout
+        self.start_layers = num_layers - hops if start_layers is None else start_layers
+        if not 1 <= self.start_layers <= num_layers - hops:
+            raise ValueError(f"start_layers must be in [1, num_layers - hops] = [1, {num_layers - hops}], "
+                             f"got {start_layers}")
         self.entity_base = NUM_SHARED_TOKENS + num_relations
         self.vocab_size = self.entity_base + num_layers * entities_per_layer
         self.max_example_len = hops + 4
@@ -55,22 +66,51 @@ class MultiHopQA(SyntheticTask):
         layer_of_source = np.arange(e * (num_layers - 1)) // e
         self.edges = (rng.integers(0, e, size=(e * (num_layers - 1), r)) + (layer_of_source[:, None] + 1) * e)
         self.num_facts = self.edges.size
-        self.num_starts = e * (num_layers - hops)
+        self.num_starts = e * self.start_layers
         self.num_questions = self.num_starts * r**hops
-        max_train = int(self.num_questions * (1 - test_fraction) * 0.5)
-        if not 0 <= num_train_questions <= max_train:
-            raise ValueError(f"num_train_questions must be in [0, {max_train}] (half the non-held-out "
-                             f"{hops}-hop questions), got {num_train_questions}")
-        self.train_questions = self._sample_questions(num_train_questions, heldout=False, stream=1)
-        self.num_train_examples = self.num_facts + num_train_questions
+        num_train = self._train_count(num_train_questions, train_fraction)
+        if num_heldout is None:
+            max_train = int(self.num_questions * (1 - test_fraction) * 0.5)
+            if not 0 <= num_train <= max_train:
+                raise ValueError(f"num_train_questions must be in [0, {max_train}] (half the non-held-out "
+                                 f"{hops}-hop questions), got {num_train}")
+            self.train_questions = self._sample_questions(num_train, heldout=False, stream=1)
+        else:
+            self.train_questions = self._exact_split(num_heldout, num_train)
+        self.num_train_examples = self.num_facts + num_train
+
+    def _train_count(self, num_train_questions: int | None, train_fraction: float | None) -> int:
+        if train_fraction is None:
+            return 20000 if num_train_questions is None else num_train_questions
+        if num_train_questions is not None:
+            raise ValueError("give num_train_questions or train_fraction, not both")
+        if not 0.0 <= train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in [0, 1], got {train_fraction}")
+        return round(train_fraction * self.num_questions)
+
+    def _exact_split(self, num_heldout: int, num_train: int) -> np.ndarray:
+        """Held-out ids: the first `num_heldout` of a seeded permutation; returns the training ids, which follow."""
+        if not 0 < num_heldout < self.num_questions:
+            raise ValueError(f"num_heldout must be in [1, {self.num_questions - 1}], got {num_heldout}")
+        if not 0 <= num_train <= self.num_questions - num_heldout:
+            raise ValueError(f"num_train_questions must be in [0, {self.num_questions - num_heldout}] (the "
+                             f"questions not held out), got {num_train}")
+        order = np.random.default_rng([self.seed, 3]).permutation(self.num_questions)
+        self.heldout_questions = order[:num_heldout]
+        self._heldout_mask = np.zeros(self.num_questions, bool)
+        self._heldout_mask[self.heldout_questions] = True
+        return order[num_heldout:num_heldout + num_train]
 
     def __repr__(self) -> str:
         return (f"MultiHopQA(hops={self.hops}, num_layers={self.num_layers}, entities_per_layer="
                 f"{self.entities_per_layer}, num_relations={self.num_relations}, num_train_questions="
-                f"{len(self.train_questions)}, test_fraction={self.test_fraction}, seed={self.seed})")
+                f"{len(self.train_questions)}, test_fraction={self.test_fraction}, seed={self.seed}, "
+                f"start_layers={self.start_layers}, num_heldout={self.num_heldout})")
 
     def is_heldout(self, question_ids: np.ndarray) -> np.ndarray:
         """bool per k-hop question id (start * R^k + relations in base R): in the held-out split?"""
+        if self.num_heldout is not None:
+            return self._heldout_mask[np.asarray(question_ids, np.int64)]
         key = np.uint64((self.seed * 0x632BE59BD9B4E019 + 1) % 2**64)
         u = _splitmix64(np.asarray(question_ids, np.uint64) ^ key) >> np.uint64(11)
         return u.astype(np.float64) / 2.0**53 < self.test_fraction
@@ -112,7 +152,11 @@ class MultiHopQA(SyntheticTask):
 
     def eval_set(self, n: int, split: str = "test") -> EvalSet:
         """`n` k-hop questions of the held-out split ("test") or of the training questions ("train")."""
-        if split == "test":
+        if split == "test" and self.num_heldout is not None:
+            if n > self.num_heldout:
+                raise ValueError(f"only {self.num_heldout} held-out questions, asked for {n}")
+            qids = self.heldout_questions[:n]
+        elif split == "test":
             if n > self.num_questions * self.test_fraction * 0.5:
                 raise ValueError(f"at most {int(self.num_questions * self.test_fraction * 0.5)} held-out "
                                  f"questions can be drawn, asked for {n}")

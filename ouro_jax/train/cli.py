@@ -7,6 +7,7 @@ line on stderr and a non-zero exit; `--debug` shows the traceback.
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 
 import jax
 from absl import app, flags, logging
@@ -22,16 +23,18 @@ PROG = "ouro-train"
 def _main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    main(flags.FLAGS.config, flags.FLAGS.workdir, debug=flags.FLAGS.debug)
+    main(flags.FLAGS.config, flags.FLAGS.workdir, debug=flags.FLAGS.debug,
+         explicit_fields=explicit_model_fields(flags.FLAGS["config"]))
 
 
-def main(config, workdir: str, *, debug: bool = False) -> None:
-    """The command after flag parsing: trains, prints the report; expected errors end in one line."""
+def main(config, workdir: str, *, debug: bool = False, explicit_fields: Collection[str] = ()) -> None:
+    """The command after flag parsing: trains, prints the report; expected errors end in one line.
+    `explicit_fields`: the config.model fields set on the command line (they win over `init_from`)."""
     try:
         with cli_errors(PROG, debug=debug):
             if config.distributed:
                 jax.distributed.initialize()
-            result = train(config, workdir)
+            result = train(config, workdir, explicit_fields)
     except TrainingInterrupted as e:
         print(f"[train] {e}", flush=True)
         sys.exit(128 + e.signum)
@@ -40,6 +43,11 @@ def main(config, workdir: str, *, debug: bool = False) -> None:
             raise
         fail(PROG, e)
     print(report(result), flush=True)
+
+
+def explicit_model_fields(config_flag) -> set[str]:
+    """The `config.model` fields set on the command line (`--config.model.K=V`)."""
+    return {key.split(".", 1)[1] for key in config_flags.get_override_values(config_flag) if key.startswith("model.")}
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -1,6 +1,5 @@
 """The training ConfigDict: every knob of a run, with defaults; `configs/*.py` start from `base_config`.
 
-    config.stage            1 (Stage I, every parameter) or 2 (Stage II, the exit gate only)
     config.seed             parameter initialization
     config.init_from        params checkpoint (ouro_jax or HF directory) to start from; '' = random init
     config.model            the checkpoint fields of OuroConfig (shapes, vocabulary, T, RoPE, exit threshold)
@@ -9,7 +8,9 @@
     config.data             sources (ouro_jax.data specs), seq_len, global batch_size, seed, evaluation size,
                             eval_sources (held-out text scored every train.eval_every steps)
     config.optim            AdamW, clipping and the warmup-stable-decay learning rate (optim.py)
-    config.loss             beta and its schedule (Stage I), gate_k and gate_gamma (Stage II)
+    config.loss             objective: "stage1" (Stage I, every parameter), "last_step" (CE of the last step,
+                            every parameter but the exit gate) or "stage2" (Stage II, the exit gate only);
+                            beta and its schedule (stage1), gate_k and gate_gamma (stage2)
     config.train            steps, grad_accum, checkpointing, logging, evaluation, non-finite policy
 
 Override on the command line: `--config.train.steps=100 --config.execution.dtype=bfloat16`.
@@ -18,6 +19,7 @@ Override on the command line: `--config.train.steps=100 --config.execution.dtype
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import ml_collections
 
@@ -41,7 +43,6 @@ def model_config(config) -> OuroConfig:
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = 1
     c.seed = 0
     c.init_from = ""
     c.distributed = False  # jax.distributed.initialize() first (multi-host TPU / GPU clusters)
@@ -66,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
     ))
     c.loss = ml_collections.ConfigDict(dict(
+        objective="stage1",       # "stage1" | "last_step" | "stage2" (losses.OBJECTIVES)
         beta=0.1, beta_final=0.05, beta_schedule="constant", beta_switch_step=0,
         gate_k=50.0, gate_gamma=0.005,
     ))
@@ -88,28 +90,56 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Stage-1 recipe of the released models (SPEC 6): name -> (T, beta, batch in sequences of 4096, tokens).
+class PretrainingStage(NamedTuple):
+    """One stage of the released recipe (SPEC 6)."""
+
+    total_ut_steps: int
+    beta: float
+    seq_len: int
+    batch_tokens: int        # tokens per optimizer step
+    tokens: float            # tokens of the whole stage
+    rope_theta: float
+    peak_lr: float
+    end_lr: float            # reached by a cosine decay over the stage; = peak_lr: constant
+    warmup_steps: int
+
+
+# A stage that starts from the previous one's params (`init_from`) starts with a fresh AdamW state:
+# a short warmup lets its moment estimates settle before the full rate (b2 = 0.95: a ~20-step horizon).
+RESTART_WARMUP_STEPS = 200
+_M = 2**20
+# The released recipe (SPEC 6). The paper ramps the stage-1a batch from 4M to 8M tokens; a run here keeps
+# one batch size (its data iterator state is per batch), so stage 1a runs at 4M tokens throughout.
 PRETRAINING_STAGES = {
-    "stage1a": (8, 0.1, 1024, 3e12),   # 4M-token batches (the paper ramps to 8M), warmup + constant 3e-4
-    "stage1b": (4, 0.05, 2048, 3e12),  # 8M-token batches, constant 3e-4
+    "stage1a": PretrainingStage(8, 0.1, 4096, 4 * _M, 3e12, 1e4, 3e-4, 3e-4, 2000),
+    "stage1b": PretrainingStage(4, 0.05, 4096, 8 * _M, 3e12, 1e4, 3e-4, 3e-4, RESTART_WARMUP_STEPS),
+    "stage2": PretrainingStage(4, 0.05, 16384, 8 * _M, 1.4e12, 4e4, 3e-4, 3e-5, RESTART_WARMUP_STEPS),
+    "stage3": PretrainingStage(4, 0.05, 65536, 8 * _M, 20e9, 1e6, 3e-5, 3e-5, RESTART_WARMUP_STEPS),
+    "stage4": PretrainingStage(4, 0.05, 32768, 8 * _M, 300e9, 1e6, 3e-5, 1e-5, RESTART_WARMUP_STEPS),
 }
-PRETRAINING_SEQ_LEN = 4096
 
 
 def pretraining_config(model: OuroConfig, stage: str) -> ml_collections.ConfigDict:
-    """The released stage-1 recipe for `model`: AdamW (0.9, 0.95), wd 0.1, clip 1.0, lr 3e-4, RoPE
-    theta 10K, bf16 compute over float32 master weights, full remat, FSDP over every device."""
+    """The released recipe's `stage` for `model` (its T, beta, sequence length, batch, RoPE theta and
+    learning rate, SPEC 6): AdamW (0.9, 0.95), wd 0.1, clip 1.0, bf16 compute over float32 master
+    weights, full remat, FSDP over every device. Stages after 1a start from the previous stage's
+    params (`init_from`) with a fresh optimizer state, hence a short warmup; stage 4 decays from
+    stage 3's 3e-5."""
     if stage not in PRETRAINING_STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose from {sorted(PRETRAINING_STAGES)}")
-    steps_t, beta, batch, tokens = PRETRAINING_STAGES[stage]
+    s = PRETRAINING_STAGES[stage]
+    batch = s.batch_tokens // s.seq_len
+    steps = int(s.tokens // s.batch_tokens)
+    cosine = s.end_lr != s.peak_lr
     c = base_config()
-    c.model = model_fields(model.replace(total_ut_steps=steps_t, rope_theta=10_000.0))
+    c.model = model_fields(model.replace(total_ut_steps=s.total_ut_steps, rope_theta=s.rope_theta))
     c.execution.update(dtype="bfloat16", param_dtype="float32", remat_policy="full")
     c.mesh.update(data=1, fsdp=-1, tensor=1)
-    c.data.update(sources="", seq_len=PRETRAINING_SEQ_LEN, batch_size=batch, eval_examples=0)
-    c.optim.update(peak_lr=3e-4, init_lr=0.0, warmup_steps=2000 if stage == "stage1a" else 0, decay="none",
-                   decay_steps=0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
-    c.loss.update(beta=beta, beta_schedule="constant")
-    c.train.update(steps=int(tokens // (batch * PRETRAINING_SEQ_LEN)), ce_chunk_size=512, log_every=10,
-                   checkpoint_every=1000, keep_checkpoints=3, progress_bar=False)
+    c.data.update(sources="", seq_len=s.seq_len, batch_size=batch, eval_examples=0)
+    c.optim.update(peak_lr=s.peak_lr, init_lr=0.0, warmup_steps=s.warmup_steps, decay="cosine" if cosine else "none",
+                   decay_steps=steps - s.warmup_steps if cosine else 0, end_lr=s.end_lr, b1=0.9, b2=0.95, eps=1e-8,
+                   weight_decay=0.1, clip_norm=1.0)
+    c.loss.update(objective="stage1", beta=s.beta, beta_schedule="constant")
+    c.train.update(steps=steps, ce_chunk_size=512, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
+                   progress_bar=False)
     return c

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import signal
 import time
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from jax.experimental import multihost_utils
 from ouro_jax import sharding as shd
 from ouro_jax.config import ARCHITECTURE_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
-from ouro_jax.errors import CheckpointError
+from ouro_jax.errors import CheckpointError, ConfigError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
 from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.params_io import load_model, load_model_config, save_params
@@ -87,10 +88,21 @@ def make_train_iterator(config, sources: list[Any]):
 
 # ---- model initialization ---------------------------------------------------------------------
 
-def adopt_checkpoint_shape(config, path: str) -> None:
-    """Sets the architecture fields (the parameter shapes) from the checkpoint at `path`; recurrent
-    steps, RoPE theta, positions and every execution setting stay those of the run config."""
+def adopt_checkpoint_shape(config, path: str, explicit: Collection[str] = ()) -> None:
+    """Sets the architecture fields (`ARCHITECTURE_FIELDS`: the parameter shapes) from the checkpoint at
+    `path`. Everything else stays the run config's: the recurrent steps T, RoPE theta, max positions and
+    every execution setting, so a stage-1b config (T=4) starts from a stage-1a checkpoint (T=8) at T=4.
+
+    `explicit` names the `config.model` fields set on the command line (`--config.model.K=V`). For T,
+    theta and positions an explicit value simply wins. An explicit architecture field cannot change the
+    checkpoint's shapes: it must equal the checkpoint's value, else ConfigError (never silently replaced).
+    """
     stored = load_model_config(path).to_dict()
+    clashes = [f"{k}={config.model[k]} (checkpoint: {stored[k]})" for k in ARCHITECTURE_FIELDS
+               if k in explicit and config.model[k] != stored[k]]
+    if clashes:
+        raise ConfigError(f"--config.model overrides disagree with the shapes of init_from {path}: "
+                          f"{', '.join(clashes)}; drop them (the checkpoint fixes the architecture)")
     changed = {k: (config.model[k], stored[k]) for k in ARCHITECTURE_FIELDS if config.model[k] != stored[k]}
     if changed:
         print(f"[init] model fields taken from {path}: " +
@@ -189,7 +201,7 @@ class _Trainer:
     def _compile(self):
         start = time.perf_counter()
         step_fn = self.program.step.lower(self.program.abstract_state, self.program.abstract_batch).compile()
-        print(f"[train] stage {self.program.stage}, model {model_fields_summary(self.program.model_cfg)}, "
+        print(f"[train] objective {self.program.objective}, model {model_fields_summary(self.program.model_cfg)}, "
               f"mesh {dict(self.mesh.shape)}, compiled in {time.perf_counter() - start:.1f}s", flush=True)
         return step_fn
 
@@ -221,7 +233,7 @@ class _Trainer:
         config, total = self.config, int(self.config.train.steps)
         tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
         flops_per_token = model_flops_per_token(self.program.model_cfg, int(config.data.seq_len),
-                                                stage=self.program.stage)
+                                                stage=2 if self.program.objective == "stage2" else 1)
         peak, peak_source = peak_flops(dtype=self.program.model_cfg.execution.dtype)
         print(f"[train] {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak / 1e12:.3f} TFLOP/s ({peak_source})",
               flush=True)
@@ -268,11 +280,12 @@ class _Trainer:
                            checkpoint_dir=self.checkpoint_dir, params_dir=params_dir)
 
 
-def train(config, workdir: str) -> TrainResult:
-    """Runs (or resumes) the training of `config` in `workdir`."""
+def train(config, workdir: str, explicit_model_fields: Collection[str] = ()) -> TrainResult:
+    """Runs (or resumes) the training of `config` in `workdir`; `explicit_model_fields`: the config.model
+    fields set on the command line (see `adopt_checkpoint_shape`)."""
     workdir = os.path.abspath(workdir)
     if config.init_from:
-        adopt_checkpoint_shape(config, config.init_from)
+        adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
     if jax.process_index() != 0:
         return _Trainer(config, workdir).run()
     with WorkdirLock(workdir):

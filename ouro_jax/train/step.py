@@ -1,4 +1,4 @@
-"""The sharded train step: Stage I / II loss, gradient accumulation, AdamW update, non-finite skips.
+"""The sharded train step: the objective's loss, gradient accumulation, AdamW update, non-finite skips.
 
 `build_train_program(config, mesh)` returns everything jitted once for a config and a mesh: `init`
 (rng -> TrainState placed on the mesh), `step` ((state, batch) -> (state, metrics), the state
@@ -7,8 +7,9 @@ sharded state and batch, so ahead-of-time compilation can call `program.step.low
 program.abstract_state, program.abstract_batch)` without any device memory.
 
 Batches are dicts of [B, S] arrays: input_ids, targets, segment_ids, positions (int32) and
-loss_mask (float32). Stage I trains every parameter; Stage II only the exit gate: the optimizer
-state covers the trainable subtree alone and the frozen parameters pass through untouched.
+loss_mask (float32). `config.loss.objective` picks the loss and what it trains: "stage1" every
+parameter, "last_step" all but the exit gate, "stage2" only the exit gate. The optimizer state
+covers the trainable subtree alone and the frozen parameters pass through untouched.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ouro_jax import sharding as shd
 from ouro_jax.config import OuroConfig
 from ouro_jax.exit import exit_entropy, exit_pdf
-from ouro_jax.losses import stage1_token_loss, stage2_token_loss
+from ouro_jax.losses import OBJECTIVES, objective_token_loss
 from ouro_jax.model import Ouro, init_boxed_params, init_params
 from ouro_jax.optim import beta_schedule, lr_schedule, make_optimizer
 from ouro_jax.train.config import model_config
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
-STAGE_TRAINABLE = {1: None, 2: ("exit_gate",)}  # top-level param groups trained (None: all)
+# Which top-level param groups an objective trains.
+OBJECTIVE_TRAINS = {"stage1": lambda name: True, "last_step": lambda name: name != "exit_gate",
+                    "stage2": lambda name: name == "exit_gate"}
 
 
 @flax.struct.dataclass
@@ -48,7 +51,7 @@ class TrainState:
 
 class TrainProgram(NamedTuple):
     model_cfg: OuroConfig
-    stage: int
+    objective: str               # one of losses.OBJECTIVES
     mesh: Mesh
     optimizer: optax.GradientTransformation
     init: Callable[[jax.Array], TrainState]
@@ -60,27 +63,24 @@ class TrainProgram(NamedTuple):
     batch_sharding: NamedSharding
 
 
-def split_trainable(params: dict[str, Any], stage: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainable, frozen) top-level groups of `params` for a training stage."""
-    if stage not in STAGE_TRAINABLE:
-        raise ValueError(f"stage must be one of {sorted(STAGE_TRAINABLE)}, got {stage}")
-    names = STAGE_TRAINABLE[stage]
-    if names is None:
-        return dict(params), {}
-    return {k: v for k, v in params.items() if k in names}, {k: v for k, v in params.items() if k not in names}
+def split_trainable(params: dict[str, Any], objective: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable, frozen) top-level groups of `params` for a training objective."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {objective!r}")
+    trains = OBJECTIVE_TRAINS[objective]
+    return {k: v for k, v in params.items() if trains(k)}, {k: v for k, v in params.items() if not trains(k)}
 
 
 def batch_loss_sums(model_cfg: OuroConfig, params: dict[str, Any], batch: dict[str, jax.Array], *,
-                    stage: int, beta, gate_k: float, gate_gamma: float, ce_chunk_size: int) -> tuple[jax.Array, dict]:
+                    objective: str, beta, gate_k: float, gate_gamma: float,
+                    ce_chunk_size: int) -> tuple[jax.Array, dict]:
     """Token-summed objective of one (micro)batch and its per-step statistics (sums over valid tokens)."""
     out = Ouro(model_cfg).apply({"params": params}, batch["input_ids"], positions=batch["positions"],
                                 segment_ids=batch["segment_ids"], targets=batch["targets"],
                                 return_hidden=False, ce_chunk_size=ce_chunk_size)
     mask = batch["loss_mask"].astype(jnp.float32)
-    if stage == 1:
-        token_loss = stage1_token_loss(out.step_ce, out.gate_logits, beta)
-    else:
-        token_loss = stage2_token_loss(out.step_ce, out.gate_logits, gate_k, gate_gamma)
+    token_loss = objective_token_loss(objective, out.step_ce, out.gate_logits, beta=beta, gate_k=gate_k,
+                                      gate_gamma=gate_gamma)
     stats = {
         "step_ce_sum": jnp.sum(out.step_ce * mask, axis=(1, 2)),
         "exit_p_sum": jnp.sum(exit_pdf(out.gate_logits) * mask, axis=(1, 2)),
@@ -106,10 +106,10 @@ def _updates_applied(opt_state) -> jax.Array:
     return counts[0]
 
 
-def _fresh_state(optimizer: optax.GradientTransformation, stage: int, params: dict[str, Any]) -> TrainState:
+def _fresh_state(optimizer: optax.GradientTransformation, objective: str, params: dict[str, Any]) -> TrainState:
     """Step 0: `params` with a new optimizer state for their trainable subtree and zeroed counters."""
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(zero, params, optimizer.init(split_trainable(params, stage)[0]), zero, zero)
+    return TrainState(zero, params, optimizer.init(split_trainable(params, objective)[0]), zero, zero)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -122,7 +122,7 @@ def _where_tree(pred, new, old):
 
 
 class _LossSettings(NamedTuple):
-    stage: int
+    objective: str
     gate_k: float
     gate_gamma: float
     ce_chunk_size: int
@@ -171,7 +171,7 @@ def _make_train_step(config, model_cfg: OuroConfig, mesh: Mesh, optimizer, losse
 
     def train_step(state: TrainState, batch):
         with shd.activation_rules(mesh):
-            trainable, frozen = split_trainable(state.params, losses.stage)
+            trainable, frozen = split_trainable(state.params, losses.objective)
             beta = beta_at(state.step)
             total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
@@ -225,16 +225,18 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
 
     `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU).
     """
-    model_cfg, stage = model_config(config), int(config.stage)
+    model_cfg, objective = model_config(config), str(config.loss.objective)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {objective!r}")
     accum, batch_size, seq_len = int(config.train.grad_accum), int(config.data.batch_size), int(config.data.seq_len)
     if accum < 1 or batch_size % accum:
         raise ValueError(f"data.batch_size ({batch_size}) must be divisible by train.grad_accum ({accum})")
     shd.check_batch_divisible(batch_size // accum, mesh)
     optimizer = make_optimizer(config.optim, int(config.train.steps))
-    losses = _LossSettings(stage, float(config.loss.gate_k), float(config.loss.gate_gamma),
+    losses = _LossSettings(objective, float(config.loss.gate_k), float(config.loss.gate_gamma),
                            int(config.train.ce_chunk_size))
 
-    abstract_boxed = jax.eval_shape(lambda rng: _fresh_state(optimizer, stage, init_boxed_params(model_cfg, rng)),
+    abstract_boxed = jax.eval_shape(lambda rng: _fresh_state(optimizer, objective, init_boxed_params(model_cfg, rng)),
                                     jax.random.key(0))
     state_shardings = shd.tree_shardings(abstract_boxed, mesh)
     abstract_state = shd.with_shardings(shd.unbox_abstract(abstract_boxed), state_shardings)
@@ -247,8 +249,8 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
     eval_step = _make_eval_step(model_cfg, mesh, losses.ce_chunk_size)
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
     return TrainProgram(
-        model_cfg=model_cfg, stage=stage, mesh=mesh, optimizer=optimizer,
-        init=jax.jit(lambda rng: _fresh_state(optimizer, stage, init_params(model_cfg, rng)),
+        model_cfg=model_cfg, objective=objective, mesh=mesh, optimizer=optimizer,
+        init=jax.jit(lambda rng: _fresh_state(optimizer, objective, init_params(model_cfg, rng)),
                      out_shardings=state_shardings, compiler_options=compiler_options),
         step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,),
@@ -270,5 +272,5 @@ def as_model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def place_params(program: TrainProgram, params: dict[str, Any]) -> TrainState:
     """A step-0 state holding `params` (e.g. a pretrained LM for Stage II), placed on the mesh."""
     params = jax.device_put(nn.unbox(params), program.state_shardings.params)
-    return jax.jit(functools.partial(_fresh_state, program.optimizer, program.stage),
+    return jax.jit(functools.partial(_fresh_state, program.optimizer, program.objective),
                    out_shardings=program.state_shardings)(params)

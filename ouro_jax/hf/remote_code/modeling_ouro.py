@@ -14,7 +14,9 @@ transformers only.
 
 The KV cache holds one slot per (step t, layer l), at index t * N + l. Exit modes of the released
 code, by priority: `exit_at_step` > `exit_threshold` (per-token Q-exit, default
-`config.early_exit_threshold`) > `use_weighted_exit` > the last step. The exit math mirrors
+`config.early_exit_threshold`) > `use_weighted_exit` > the last step; with `labels`, as released, the
+logits are always the exit-pdf-weighted mixture sum_t p(t) logits_t and the loss is its next-token
+cross-entropy (not the Stage I objective of training). The exit math mirrors
 `ouro_jax/exit.py`: p(t) = sigmoid(z_t) * prod_{j<t} (1 - sigmoid(z_j)), the last step takes the rest.
 """
 
@@ -327,8 +329,9 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         exit_at_step: 0-based step (default `config.early_exit_step` when set). exit_threshold: per-token
         Q-exit at q (default `config.early_exit_threshold`). use_weighted_exit: sum_t p(t) logits_t, used
         only when neither of the two is set (the released default q = 1.0 counts as set: set
-        `config.early_exit_threshold = None` for weighted exits). Otherwise the last step. `labels` give the next-token
-        cross-entropy of the returned logits. output_steps: also return every step's hidden state and logits.
+        `config.early_exit_threshold = None` for weighted exits). Otherwise the last step. `labels`, as in the
+        released code, override the exit mode: the logits are the weighted mixture and the loss its next-token
+        cross-entropy. output_steps: also return every step's hidden state and logits.
         """
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -343,7 +346,10 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             exit_threshold = self.config.early_exit_threshold
         step_logits = self.head(hidden) if output_steps else None
 
-        if exit_at_step is not None:
+        if labels is not None:
+            step_logits = self.head(hidden) if step_logits is None else step_logits
+            logits = (exit_pdf(gate_logits)[..., None] * step_logits).sum(0)
+        elif exit_at_step is not None:
             if not 0 <= int(exit_at_step) < num_steps:
                 raise ValueError(f"Ouro: exit_at_step must lie in [0, {num_steps}), got {exit_at_step}")
             logits = step_logits[exit_at_step] if step_logits is not None else self.head(hidden[exit_at_step])
