@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ouro_jax import config, model  # noqa: E402
-from ouro_jax.data.tasks import make_task  # noqa: E402
+from ouro_jax.data import make_task  # noqa: E402
 from ouro_jax.inference import generate  # noqa: E402
 from ouro_jax.params_io import load_model  # noqa: E402
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ouro_jax.config import Execution
+from ouro_jax.data.chatml import encode_chat
+from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import EXIT_MODES, POLICIES, GenerationResult, default_cache_length, generate
 from ouro_jax.params_io import load_model
@@ -33,8 +35,6 @@ def _parse_ids(text: str, what: str) -> list[int]:
 
 
 def _tokenizer(model_dir: str, spec: str | None):
-    from ouro_jax.data.tokenizer import load_tokenizer
-
     if spec is not None:
         return load_tokenizer(spec)
     if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
@@ -114,8 +114,6 @@ def _generate(args, cfg, params) -> GenerationResult:
     else:
         tokenizer = _tokenizer(args.model, args.tokenizer)
         if args.chat:
-            from ouro_jax.data.chatml import encode_chat
-
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": args.prompt})
             ids = encode_chat(tokenizer, messages, add_generation_prompt=True)[0].tolist()

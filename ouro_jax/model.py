@@ -16,6 +16,7 @@ import functools
 import itertools
 from typing import Any, NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -318,6 +319,10 @@ class Ouro(nn.Module):
         With `targets` [B, S] the per-step cross-entropy is computed inside the loop, chunked over
         the sequence, so no [T, B, S, V] array exists.
         """
+        chex.assert_rank(input_ids, 2)
+        chex.assert_type(input_ids, int)
+        chex.assert_equal_shape([input_ids, *(x for x in (positions, attention_mask, segment_ids, targets)
+                                              if x is not None)])
         num_steps = self.cfg.total_ut_steps if num_steps is None else int(num_steps)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")

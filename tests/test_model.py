@@ -191,3 +191,14 @@ def test_tied_embeddings_use_the_embedding_as_head():
     hidden = jax.random.normal(jax.random.key(13), (3, cfg.hidden_size))
     logits = Ouro(cfg).apply({"params": params}, hidden, method=Ouro.logits)
     np.testing.assert_allclose(logits, hidden @ params["embed_tokens"].T, atol=1e-5)
+
+
+def test_public_boundary_checks_ranks_dtypes_and_shapes(tiny):
+    cfg, params = tiny
+    apply = lambda ids, **kw: Ouro(cfg).apply({"params": params}, ids, **kw)
+    with pytest.raises(AssertionError, match="rank"):
+        apply(jnp.zeros((5,), jnp.int32))
+    with pytest.raises(AssertionError, match="type"):
+        apply(jnp.zeros((1, 5), jnp.float32))
+    with pytest.raises(AssertionError, match="shape"):
+        apply(jnp.zeros((1, 5), jnp.int32), segment_ids=jnp.ones((1, 4), jnp.int32))

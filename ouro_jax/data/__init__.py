@@ -31,9 +31,9 @@ from ouro_jax.data.chatml import encode_chat, render_chatml
 from ouro_jax.data.mano import Mano
 from ouro_jax.data.multihop import MultiHopQA
 from ouro_jax.data.packing import training_batch
-from ouro_jax.data.pipeline import InMemoryDocuments, make_batch_dataset, make_batch_iterator, make_source
+from ouro_jax.data.pipeline import InMemoryDocuments, make_batch_dataset, make_batch_iterator, make_source, make_task
 from ouro_jax.data.shards import TokenShards
-from ouro_jax.data.tasks import EvalSet, SyntheticTask, make_task
+from ouro_jax.data.tasks import EvalSet, SyntheticTask
 from ouro_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [

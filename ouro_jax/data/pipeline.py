@@ -28,7 +28,11 @@ import grain
 import grain.experimental
 import numpy as np
 
+from ouro_jax.data.mano import Mano
+from ouro_jax.data.multihop import MultiHopQA
 from ouro_jax.data.packing import MODES, PackedBatchIterDataset
+from ouro_jax.data.shards import TokenShards
+from ouro_jax.data.tasks import SyntheticTask
 
 PACKINGS = ("auto", *MODES)
 DOCS_PER_READ = 32
@@ -84,15 +88,20 @@ class InMemoryDocuments:
         return grain.MapDataset.source(self)
 
 
+def make_task(name: str, **kwargs: Any) -> SyntheticTask:
+    """Task by name: "mano" (kwargs of `Mano`) or "multihop_qa" (kwargs of `MultiHopQA`)."""
+    tasks: Mapping[str, type] = {"mano": Mano, "multihop_qa": MultiHopQA}
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(tasks)}")
+    return tasks[name](**kwargs)
+
+
 def make_source(spec: Any) -> Source:
     """A source from an object, a mapping `{"kind": ..., **kwargs}`, or a string.
 
     Strings: a prepared directory, or `"<task>"` / `"<task>:key=value,..."` with task "mano" or
     "multihop_qa", e.g. "mano:max_len=10,seed=1". Mapping kinds: "shards" (with "path"), or a task.
     """
-    from ouro_jax.data.shards import TokenShards
-    from ouro_jax.data.tasks import make_task
-
     if hasattr(spec, "documents"):
         return spec
     if isinstance(spec, Mapping):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -111,14 +111,3 @@ class _TaskDocument:
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         return self.task.document(self.seed, int(index))
-
-
-def make_task(name: str, **kwargs: Any) -> SyntheticTask:
-    """Task by name: "mano" (kwargs of `Mano`) or "multihop_qa" (kwargs of `MultiHopQA`)."""
-    from ouro_jax.data.mano import Mano
-    from ouro_jax.data.multihop import MultiHopQA
-
-    tasks: Mapping[str, type] = {"mano": Mano, "multihop_qa": MultiHopQA}
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r}; expected one of {sorted(tasks)}")
-    return tasks[name](**kwargs)
