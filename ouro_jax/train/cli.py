@@ -22,7 +22,7 @@ def _main(argv) -> None:
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         if config.distributed:
-            jax.distributed.initialize()
+            _initialize_distributed()
         result = train(config, workdir)
     except TrainingInterrupted as e:
         print(f"[train] {e}", flush=True)
@@ -33,6 +33,16 @@ def _main(argv) -> None:
         print(f"ouro-train: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(1)
     print(report(result), flush=True)
+
+
+def _initialize_distributed() -> None:
+    """Joins the processes of a multi-host run. On TPU VMs and known clusters every argument is detected;
+    elsewhere (e.g. several CPU processes on one machine) the --coordinator_address / --num_processes /
+    --process_id flags (or JAX_COORDINATOR_ADDRESS) say who is who."""
+    f = flags.FLAGS
+    jax.distributed.initialize(coordinator_address=f.coordinator_address or None,
+                               num_processes=f.num_processes if f.num_processes > 0 else None,
+                               process_id=f.process_id if f.process_id >= 0 else None)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -52,5 +62,8 @@ def run() -> None:
     config_flags.DEFINE_config_file("config", None, "training config file (configs/<name>.py)", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported params")
     flags.DEFINE_boolean("debug", False, "show the traceback of an expected error")
+    flags.DEFINE_string("coordinator_address", "", "with --config.distributed: host:port of process 0 ('' = detect)")
+    flags.DEFINE_integer("num_processes", 0, "with --config.distributed: number of processes (0 = detect)")
+    flags.DEFINE_integer("process_id", -1, "with --config.distributed: this process's index (-1 = detect)")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(_main, flags_parser=_parse_flags)
