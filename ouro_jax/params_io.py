@@ -62,7 +62,8 @@ def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None,
     """Reads a params-only checkpoint -> (config, params).
 
     param_dtype defaults to the stored dtype; `shardings` (a tree like the params) places each array
-    directly; the returned config carries `execution` with that param_dtype.
+    directly, else every array lands on this process's first device (whatever mesh or processes
+    saved it); the returned config carries `execution` with that param_dtype.
     """
     directory = os.path.abspath(os.fspath(directory))
     params_dir = os.path.join(directory, PARAMS_DIR)
@@ -70,8 +71,9 @@ def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None,
     try:
         cfg = cfg.with_execution(param_dtype=param_dtype or _stored_dtype(params_dir))
         target = nn.unbox(abstract_params(cfg))
-        if shardings is not None:
-            target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
+        if shardings is None:
+            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
+        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
         with ocp.StandardCheckpointer() as checkpointer:
             return cfg, checkpointer.restore(params_dir, target)
     except ConfigError:

@@ -33,7 +33,7 @@ def main(config, workdir: str, *, debug: bool = False, explicit_fields: Collecti
     try:
         with cli_errors(PROG, debug=debug):
             if config.distributed:
-                jax.distributed.initialize()
+                _initialize_distributed()
             result = train(config, workdir, explicit_fields)
     except TrainingInterrupted as e:
         print(f"[train] {e}", flush=True)
@@ -48,6 +48,16 @@ def main(config, workdir: str, *, debug: bool = False, explicit_fields: Collecti
 def explicit_model_fields(config_flag) -> set[str]:
     """The `config.model` fields set on the command line (`--config.model.K=V`)."""
     return {key.split(".", 1)[1] for key in config_flags.get_override_values(config_flag) if key.startswith("model.")}
+
+
+def _initialize_distributed() -> None:
+    """Joins the processes of a multi-host run. On TPU VMs and known clusters every argument is detected;
+    elsewhere (e.g. several CPU processes on one machine) the --coordinator_address / --num_processes /
+    --process_id flags (or JAX_COORDINATOR_ADDRESS) say who is who."""
+    f = flags.FLAGS
+    jax.distributed.initialize(coordinator_address=f.coordinator_address or None,
+                               num_processes=f.num_processes if f.num_processes > 0 else None,
+                               process_id=f.process_id if f.process_id >= 0 else None)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -66,5 +76,8 @@ def run() -> None:
     config_flags.DEFINE_config_file("config", None, "training config file (configs/<name>.py)", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported params")
     flags.DEFINE_boolean("debug", False, "show the traceback of an expected error")
+    flags.DEFINE_string("coordinator_address", "", "with --config.distributed: host:port of process 0 ('' = detect)")
+    flags.DEFINE_integer("num_processes", 0, "with --config.distributed: number of processes (0 = detect)")
+    flags.DEFINE_integer("process_id", -1, "with --config.distributed: this process's index (-1 = detect)")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(_main, flags_parser=_parse_flags)

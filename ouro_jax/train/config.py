@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
         grad_accum=1,
         ce_chunk_size=1024,
         gather_weights_once=False,  # FSDP: gather the layer stack once per step, not once per loop
-        log_every=10,             # stdout lines; JSONL and TensorBoard get every step
+        log_every=10,             # stdout lines and metric fetches; JSONL and TensorBoard get every step
+        stop_check_every=10,      # several processes: agree on a SIGTERM/SIGINT every this many steps
         progress_bar=True,
         eval_every=0,             # 0: only at the end
         checkpoint_every=500,

@@ -7,6 +7,13 @@ bit-for-bit (metrics after that step are dropped); checkpoints that do not fit t
 (`train.restart_incompatible=True` moves the old run aside and starts over). One run per workdir (a
 lock). SIGTERM / SIGINT save a checkpoint and exit (status 128 + signal). Non-finite losses, gradients
 or updated parameters skip the update; `train.max_consecutive_nonfinite` in a row stop the run.
+
+The host never waits for the device every step: metrics stay on the device (copied to the host
+asynchronously) and are fetched and written, one row per step, every `train.log_every` steps and
+before each checkpoint and evaluation; `tokens_per_s` / `mfu` are the averages of that window. The
+non-finite limit is checked at that cadence (a skipped update leaves the state unchanged, so a late
+check only wastes steps). On several processes the stop signal is agreed every
+`train.stop_check_every` steps (one small all-gather), so every process saves the same step.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 from ouro_jax.train.workdir import WorkdirLock, move_run_aside
 
+
+# Fault injection: `OURO_JAX_FAULT_KILL_AFTER_STEP=N` kills the run (SIGKILL) right after step N, once every
+# checkpoint requested so far is finalized: a deterministic crash for the resume tests.
+FAULT_KILL_ENV = "OURO_JAX_FAULT_KILL_AFTER_STEP"
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive updates skipped for a non-finite loss or gradient."""
@@ -115,9 +126,17 @@ def adopt_checkpoint_shape(config, path: str, explicit: Collection[str] = ()) ->
 # ---- the loop ---------------------------------------------------------------------------------
 
 class _StopSignals:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (a second SIGINT aborts)."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (a second SIGINT aborts).
 
-    def __init__(self):
+    On several processes the flags are all-gathered only every `check_every` steps (a collective
+    blocks the host until the device catches up), always at the same steps on every process, so they
+    agree on the step they save; a signal is acted on within `check_every` steps.
+    """
+
+    def __init__(self, check_every: int = 1):
+        if check_every < 1:
+            raise ValueError(f"train.stop_check_every must be >= 1, got {check_every}")
+        self.check_every = check_every
         self.signum: int | None = None
         self._previous = {}
 
@@ -126,10 +145,13 @@ class _StopSignals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def requested(self) -> bool:
-        """Whether any process got a stop signal (all processes agree, so they save the same step)."""
+    def requested(self, step: int, *, force: bool = False) -> bool:
+        """Whether to stop after `step`: this process's flag, or on several processes the flags of all of
+        them, gathered when `step` is a multiple of `check_every` or `force` (call both on every process)."""
         if jax.process_count() == 1:
             return self.signum is not None
+        if not force and step % self.check_every:
+            return False
         signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
         self.signum = self.signum or int(np.max(signums)) or None
         return self.signum is not None
@@ -143,6 +165,14 @@ class _StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Throughput:
+    tokens_per_step: int
+    flops_per_token: float
+    peak: float         # FLOP/s of all devices
+    peak_source: str    # where that number comes from
 
 
 def _initial_state(config, program: TrainProgram, checkpointer: TrainCheckpointer, data) -> tuple[int, Any, bool]:
@@ -164,6 +194,12 @@ def _write_run_config(config, workdir: str) -> None:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
+
+
+def _fault_kill(checkpointer: TrainCheckpointer) -> None:
+    """Fault injection for crash tests: once the pending saves are final, SIGKILL this process."""
+    checkpointer.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Trainer:
@@ -210,15 +246,15 @@ class _Trainer:
             self.eval_metrics[name] = evaluation(self.program, self.state.params)
             writer.write(self.step, self.eval_metrics[name], kind=f"eval/{name}")
 
-    def _check_nonfinite(self, metrics, writer: MetricsWriter) -> None:
+    def _check_nonfinite(self, step: int, metrics, writer: MetricsWriter) -> None:
         if not metrics["skipped"]:
             return
         streak, limit = int(metrics["nonfinite_streak"]), int(self.config.train.max_consecutive_nonfinite)
-        writer.log(f"[train] step {self.step}: non-finite loss or gradient, update skipped "
+        writer.log(f"[train] step {step}: non-finite loss or gradient, update skipped "
                    f"({streak} in a row, {int(metrics['nonfinite_total'])} in total)")
         if streak >= limit:
             raise NonFiniteTrainingError(
-                f"{streak} consecutive non-finite losses/gradients up to step {self.step} "
+                f"{streak} consecutive non-finite losses/gradients up to step {step} "
                 f"(train.max_consecutive_nonfinite={limit}); the last good checkpoint is in {self.checkpoint_dir}. "
                 f"Lower optim.peak_lr or check the data.")
 
@@ -228,30 +264,51 @@ class _Trainer:
         if self.checkpointer.save(self.step, self.state, self.data, force=force):
             self.saved_step = self.step
 
+    def _write_pending(self, pending: list, window_start: float, writer: MetricsWriter, rate) -> float:
+        """Fetches the metrics of the `pending` (step, device metrics) and writes one row per step, with
+        the window's average throughput; checks the non-finite limit. Returns the new window start."""
+        if not pending:
+            return window_start
+        rows = jax.device_get([metrics for _, metrics in pending])
+        now = time.perf_counter()
+        tokens_per_s = rate.tokens_per_step * len(rows) / (now - window_start)
+        for (step, _), metrics in zip(pending, rows):
+            metrics.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * rate.flops_per_token / rate.peak)
+            writer.write(step, metrics)
+            self._check_nonfinite(step, metrics, writer)
+        pending.clear()
+        return now
+
     def _steps(self, step_fn, writer: MetricsWriter, stop: _StopSignals) -> None:
         """Trains until the last step or a stop signal: step, log, checkpoint, evaluate."""
         config, total = self.config, int(self.config.train.steps)
-        tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
-        flops_per_token = model_flops_per_token(self.program.model_cfg, int(config.data.seq_len),
-                                                stage=2 if self.program.objective == "stage2" else 1)
-        peak, peak_source = peak_flops(dtype=self.program.model_cfg.execution.dtype)
-        print(f"[train] {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak / 1e12:.3f} TFLOP/s ({peak_source})",
-              flush=True)
-        eval_every, last = int(config.train.eval_every), time.perf_counter()
-        while self.step < total and not stop.requested():
+        rate = _Throughput(int(config.data.batch_size) * int(config.data.seq_len),
+                           model_flops_per_token(self.program.model_cfg, int(config.data.seq_len),
+                                                 stage=2 if self.program.objective == "stage2" else 1),
+                           *peak_flops(dtype=self.program.model_cfg.execution.dtype))
+        print(f"[train] {rate.flops_per_token / 1e6:.2f} MFLOP/token; peak {rate.peak / 1e12:.3f} TFLOP/s "
+              f"({rate.peak_source})", flush=True)
+        eval_every, log_every = int(config.train.eval_every), max(1, int(config.train.log_every))
+        checkpoint_every = int(config.train.checkpoint_every)
+        pending, window_start = [], time.perf_counter()
+        kill_after = int(os.environ.get(FAULT_KILL_ENV, "0"))
+        while self.step < total and not stop.requested(self.step):
             batch = shd.global_batch(as_model_batch(next(self.data)), self.mesh)
             self.state, metrics = step_fn(self.state, batch)
-            metrics = jax.device_get(metrics)
+            for leaf in jax.tree.leaves(metrics):
+                leaf.copy_to_host_async()
             self.step += 1
-            now = time.perf_counter()
-            tokens_per_s, last = tokens_per_step / (now - last), now
-            metrics.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
-            writer.write(self.step, metrics)
-            self._check_nonfinite(metrics, writer)
+            pending.append((self.step, metrics))
+            evaluate = bool(eval_every) and self.step % eval_every == 0 and self.step < total
+            if self.step % log_every == 0 or self.step % checkpoint_every == 0 or evaluate or self.step == total:
+                window_start = self._write_pending(pending, window_start, writer, rate)
             self._save()
-            if eval_every and self.step % eval_every == 0 and self.step < total:
+            if self.step == kill_after:
+                _fault_kill(self.checkpointer)
+            if evaluate:
                 self._evaluate(writer)
-                last = time.perf_counter()
+                window_start = time.perf_counter()
+        self._write_pending(pending, window_start, writer, rate)
 
     def run(self) -> TrainResult:
         _write_run_config(self.config, self.workdir)
@@ -260,9 +317,9 @@ class _Trainer:
                                log_every=int(self.config.train.log_every),
                                progress_bar=bool(self.config.train.progress_bar), initial_step=self.step)
         try:
-            with _StopSignals() as stop:
+            with _StopSignals(int(self.config.train.stop_check_every)) as stop:
                 self._steps(step_fn, writer, stop)
-                if stop.signum is not None:
+                if stop.requested(self.step, force=True):
                     self._save(force=True)
                     self.checkpointer.wait()
                     raise TrainingInterrupted(stop.signum, self.step, self.checkpoint_dir)
