@@ -10,16 +10,17 @@ $(VENV)/.runtime: pyproject.toml requirements.txt
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime
+$(VENV)/.dev: $(VENV)/.runtime pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: demo test lint
+.PHONY: demo test test-all
 demo: $(VENV)/.runtime
 	$(VENV)/bin/ouro-train --config configs/demo.py --workdir runs/demo
 
+# The default suite (CI): two workers, tests marked `slow` left out; `make test-all` runs every test.
 test: $(VENV)/.dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
-lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check .
+test-all: $(VENV)/.dev
+	$(PY) -m pytest -q -n 2 tests

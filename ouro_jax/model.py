@@ -151,10 +151,13 @@ class Attention(nn.Module):
     def __call__(self, x, positions, mask, kv_cache: KV | None = None, cache_index=None):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         d, heads, kv_heads, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        wq = self.param("q_proj", _weight_init(cfg, ("embed", "q_heads", "head_dim")), (d, heads, hd), cfg.weight_dtype)
-        wk = self.param("k_proj", _weight_init(cfg, ("embed", "kv_heads", "head_dim")), (d, kv_heads, hd), cfg.weight_dtype)
-        wv = self.param("v_proj", _weight_init(cfg, ("embed", "kv_heads", "head_dim")), (d, kv_heads, hd), cfg.weight_dtype)
-        wo = self.param("o_proj", _weight_init(cfg, ("q_heads", "head_dim", "embed")), (heads, hd, d), cfg.weight_dtype)
+        def weight(name, axes, shape):
+            return self.param(name, _weight_init(cfg, axes), shape, cfg.weight_dtype)
+
+        wq = weight("q_proj", ("embed", "q_heads", "head_dim"), (d, heads, hd))
+        wk = weight("k_proj", ("embed", "kv_heads", "head_dim"), (d, kv_heads, hd))
+        wv = weight("v_proj", ("embed", "kv_heads", "head_dim"), (d, kv_heads, hd))
+        wo = weight("o_proj", ("q_heads", "head_dim", "embed"), (heads, hd, d))
         x = x.astype(dt)
         q = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wq.astype(dt)), "query")
         k = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt)), "key")
@@ -204,7 +207,8 @@ class MLP(nn.Module):
         w_down = self.param("down_proj", _weight_init(cfg, ("mlp", "embed")), shape_out, cfg.weight_dtype)
         x = x.astype(dt)
         hidden = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
-        hidden = checkpoint_name(nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp")), "mlp_hidden")
+        hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        hidden = checkpoint_name(hidden, "mlp_hidden")
         return hidden @ w_down.astype(dt)
 
 
@@ -251,8 +255,9 @@ class ExitGate(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        w = self.param("kernel", _weight_init(self.cfg, ("embed", None)), (self.cfg.hidden_size, 1), self.cfg.weight_dtype)
-        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (1,), self.cfg.weight_dtype)
+        cfg = self.cfg
+        w = self.param("kernel", _weight_init(cfg, ("embed", None)), (cfg.hidden_size, 1), cfg.weight_dtype)
+        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (1,), cfg.weight_dtype)
         return (h.astype(jnp.float32) @ w.astype(jnp.float32) + b.astype(jnp.float32))[..., 0]
 
 

@@ -325,5 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (`ouro-prepare`)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

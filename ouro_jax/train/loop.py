@@ -40,7 +40,6 @@ from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 from ouro_jax.train.workdir import WorkdirLock, move_run_aside
 
-
 # Fault injection: `OURO_JAX_FAULT_KILL_AFTER_STEP=N` kills the run (SIGKILL) right after step N, once every
 # checkpoint requested so far is finalized: a deterministic crash for the resume tests.
 FAULT_KILL_ENV = "OURO_JAX_FAULT_KILL_AFTER_STEP"
