@@ -213,7 +213,7 @@ def test_export_of_hf_directory_carries_its_tokenizer(model_dir, tmp_path):
 
 def test_bad_text_inputs_raise_eval_input_error(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(EvalInputError, match="unknown text file type"):
+    with pytest.raises(EvalInputError, match="unknown input type"):
         text_source(tmp_path / "x.csv", 128)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(EvalInputError, match="no documents"):

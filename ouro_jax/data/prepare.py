@@ -31,14 +31,14 @@ import numpy as np
 
 from ouro_jax.data import shards as shards_lib
 from ouro_jax.data.tokenizer import load_tokenizer
-from ouro_jax.errors import OneLineParser, fail
+from ouro_jax.errors import OneLineParser, OuroError, fail
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
            ".parquet": "parquet"}
 TEXT_SPLITS = ("paragraph", "line", "file")
 
 
-class PrepareError(ValueError):
+class PrepareError(OuroError, ValueError):
     """Unreadable or malformed input, or an unusable output directory."""
 
 
@@ -177,6 +177,13 @@ class _Input:
         return {"path": str(self.path), "format": self.format, "bytes": self.size,
                 "sha256": shards_lib.file_sha256(self.path), "documents": self.documents, "tokens": self.tokens,
                 "skipped_empty": self.skipped_empty}
+
+
+def read_documents(path: str | os.PathLike, text_field: str = "text", text_split: str = "paragraph") -> Iterator[str]:
+    """The documents of one input file (text, JSONL or Parquet, optionally gzipped); PrepareError names
+    the file (and line) of anything unreadable."""
+    path = pathlib.Path(path)
+    return _Input(path, text_field, text_split).documents_iter()
 
 
 def _ours(path: pathlib.Path) -> bool:

@@ -9,7 +9,6 @@ second pass.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Iterator
@@ -19,12 +18,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ouro_jax.data import InMemoryDocuments, TokenShards, make_batch_iterator
+from ouro_jax.data.prepare import PrepareError, read_documents
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.errors import OuroError
 from ouro_jax.evaluation.forward import StepForward
-
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 class EvalInputError(OuroError, ValueError):
@@ -50,29 +47,6 @@ class TokenScores:
         return {"tokens": self.num_tokens, "step_ce": ce.tolist(), "step_perplexity": np.exp(ce).tolist()}
 
 
-def _read_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
-    suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        text = path.read_text(encoding="utf-8")
-        yield from (p.strip("\n") for p in text.split("\n\n") if p.strip())
-        return
-    if suffix not in JSONL_SUFFIXES:
-        raise EvalInputError(f"{path}: unknown text file type; expected {TEXT_SUFFIXES + JSONL_SUFFIXES} "
-                             "or a directory prepared by `python -m ouro_jax.data.prepare`")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalInputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            raise EvalInputError(f"{path}:{lineno}: no string field {text_field!r}")
-        if value:
-            yield value
-
-
 def text_source(path: str | os.PathLike, vocab_size: int, *, tokenizer: str | None = None, model_dir: str | None = None,
                 text_field: str = "text"):
     """A pipeline source for `path`: a prepared shard directory, or a .jsonl / .txt file tokenized with
@@ -92,9 +66,9 @@ def text_source(path: str | os.PathLike, vocab_size: int, *, tokenizer: str | No
         try:
             tok = load_tokenizer(tokenizer)
             docs = [np.append(tok.encode(t), tok.eos_id) if tok.eos_id is not None else tok.encode(t)
-                    for t in _read_documents(p, text_field)]
-        except UnicodeDecodeError as e:
-            raise EvalInputError(f"{p}: not UTF-8 text ({e.reason})") from None
+                    for t in read_documents(p, text_field)]
+        except PrepareError as e:  # unknown file type, invalid JSON or UTF-8, a missing text field
+            raise EvalInputError(str(e)) from None
         except (FileNotFoundError, OSError) as e:
             raise EvalInputError(f"tokenizer {tokenizer}: {e}") from None
         if not docs:
