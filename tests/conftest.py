@@ -1,14 +1,16 @@
-"""Test setup: CPU with 8 fake devices (set before jax is imported), and the golden reference."""
+"""Test setup: CPU with 8 fake devices (chex sets them before any jax backend starts), and the golden reference."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import pathlib  # noqa: E402
 
+import chex  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+chex.set_n_cpu_devices(8)
 
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden" / "ouro_tiny"
 

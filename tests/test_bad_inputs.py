@@ -13,7 +13,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from train_helpers import PYTHON, REPO, subprocess_env, tiny_train_config
+from helpers import PYTHON, REPO, subprocess_env, tiny_train_config
 
 from ouro_jax import export as export_cli
 from ouro_jax import generate as generate_cli

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from eval_helpers import golden_with_tokenizer
+from helpers import golden_with_tokenizer
 
 from ouro_jax import Ouro, exit_pdf, q_exit_step
 from ouro_jax.data.tokenizer import load_tokenizer

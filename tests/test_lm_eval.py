@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from eval_helpers import golden_with_tokenizer
+from helpers import golden_with_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
 
@@ -46,7 +46,6 @@ def _scores(resps) -> list[float]:
 
 
 @pytest.mark.torch
-@pytest.mark.slow
 def test_loglikelihoods_and_metrics_match_hf_backend(dirs, offline):
     source, export = dirs
     manager = TaskManager(include_path=str(TASK_DIR))

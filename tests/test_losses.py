@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import FAST_COMPILE
+from helpers import FAST_COMPILE
 
 from ouro_jax import config, losses, model
 from ouro_jax.model import Ouro

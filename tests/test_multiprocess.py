@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from train_helpers import FAST_COMPILE, PYTHON, REPO, subprocess_env
+from helpers import FAST_COMPILE, PYTHON, REPO, subprocess_env
 
 from ouro_jax import sharding as shd
 from ouro_jax.data import make_batch_iterator

@@ -5,7 +5,7 @@ import os
 import pathlib
 
 import pytest
-from eval_helpers import golden_with_tokenizer
+from helpers import golden_with_tokenizer
 
 nbclient = pytest.importorskip("nbclient", reason="the eval extra (nbclient) is not installed")
 nbformat = pytest.importorskip("nbformat")

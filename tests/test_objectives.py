@@ -5,7 +5,7 @@ import functools
 import jax
 import numpy as np
 import pytest
-from train_helpers import FAST_COMPILE, random_batch, tiny_train_config
+from helpers import FAST_COMPILE, random_batch, tiny_train_config
 
 from ouro_jax import sharding as shd
 from ouro_jax.model import Ouro, init_params

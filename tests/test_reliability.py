@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import FAST_COMPILE, random_batch, tiny_train_config
+from helpers import FAST_COMPILE, random_batch, tiny_train_config
 
 from ouro_jax import sharding as shd
 from ouro_jax.data import TokenShards

@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import pytest
+from helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from train_helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
 
 from ouro_jax import sharding as shd
 from ouro_jax.model import Ouro, init_params

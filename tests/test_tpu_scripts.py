@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from train_helpers import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.subprocess
 

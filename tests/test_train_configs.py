@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO
+from helpers import REPO
 
 from ouro_jax import model, optim
 from ouro_jax import sharding as shd
@@ -49,7 +49,7 @@ def test_small_configs_build_on_one_device(name):
 
 
 def test_bfloat16_compute_over_float32_master_weights():
-    from train_helpers import tiny_train_config
+    from helpers import tiny_train_config
 
     config = tiny_train_config()
     config.execution.update(dtype="bfloat16", param_dtype="float32")

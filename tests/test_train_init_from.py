@@ -7,8 +7,8 @@ import os
 import jax
 import pytest
 from absl import flags
+from helpers import REPO
 from ml_collections import config_flags
-from train_helpers import REPO
 
 from ouro_jax import config as model_presets
 from ouro_jax import model

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import PYTHON, REPO, subprocess_env
+from helpers import PYTHON, REPO, subprocess_env
 
 from ouro_jax.data import make_batch_iterator
 from ouro_jax.params_io import load_params
@@ -156,7 +156,7 @@ def test_bad_command_lines_fail_clearly(tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_without_a_checkpoint(tmp_path):
-    from train_helpers import FAST_COMPILE, tiny_train_config
+    from helpers import FAST_COMPILE, tiny_train_config
 
     from ouro_jax.model import init_params
     from ouro_jax.params_io import save_params

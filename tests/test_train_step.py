@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from train_helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
+from helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
 
 from ouro_jax import losses, optim
 from ouro_jax import sharding as shd

@@ -4,7 +4,7 @@ import subprocess
 
 import jax
 import numpy as np
-from train_helpers import PYTHON, REPO, subprocess_env, tiny_train_config
+from helpers import PYTHON, REPO, subprocess_env, tiny_train_config
 
 from ouro_jax import config, model, upcycle
 from ouro_jax.params_io import load_params, save_params

@@ -1,7 +1,13 @@
-"""Shared pieces of the training tests: the tiny training config and random batches of the data contract."""
+"""Helpers shared by the tests: the tiny training config, random batches of the data contract, training
+subprocesses, and a char-level HF tokenizer that fits the golden model's 128 ids."""
+
+from __future__ import annotations
 
 import functools
+import json
 import os
+import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -72,3 +78,33 @@ def reference_run(steps=5):
         history.append(jax.device_get(metrics))
     return dict(config=cfg, program=program, initial_params=initial, history=history,
                 params=jax.tree.map(np.array, jax.device_get(state.params)))
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARS = ["\n"] + [chr(c) for c in range(32, 127)] + [chr(c) for c in range(0xC0, 0xC0 + 28)]  # ids 3..126
+VOCAB_SIZE = len(SPECIALS) + len(CHARS) + 1  # with <unk>: 128, the golden model's vocabulary
+
+
+def write_char_tokenizer(directory: str | pathlib.Path) -> pathlib.Path:
+    """Writes tokenizer.json (+ tokenizer_config.json) of a char-level tokenizer into `directory`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS + ["<unk>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>", "model_max_length": 512}))
+    return directory / "tokenizer.json"
+
+
+def golden_with_tokenizer(golden_dir: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+    """A copy of the golden HF directory with the char-level tokenizer added."""
+    shutil.copytree(golden_dir, target)
+    write_char_tokenizer(target)
+    return target
