@@ -3,9 +3,10 @@
 One shared layer looped T=4 times (d=64) on Mano prefix expressions over F_5 with up to 2 operators;
 Stage I objective (expected CE over exit steps + beta * entropy), 3000 steps of 32 x 32 tokens, about
 4 minutes on 2 CPU cores. Ends by printing held-out exact-match accuracy (chance 0.2) at every
-recurrent step, and where the checkpoints and the params export are. Measured: t=1..4 = 0.479 / 0.752 /
-0.793 / 0.791: a single pass stays below 0.5, the looped passes compose the two operators.
-The rate 1e-3 with b2 = 0.99 matters: at 2e-3 or 1e-2 most seeds stall near 0.45 at every step.
+recurrent step, and where the checkpoints and the params export are. Measured: t=1..4 = 0.459 / 0.756 /
+0.893 / 0.889: a single pass stays below 0.5, the looped passes compose the two operators.
+The rate 1e-3 with b2 = 0.99 matters: at 2e-3 or 1e-2 most seeds stall near 0.45 at every step. Seeds differ
+too (same config, t=1..4): seed 0 0.42 / 0.47 / 0.46 / 0.47, seed 1 0.44 / 0.69 / 0.70 / 0.72, seed 2 above.
 """
 
 from ouro_jax import config as model_presets
@@ -14,6 +15,7 @@ from ouro_jax.train.config import base_config, model_fields
 
 def get_config():
     c = base_config()
+    c.seed = 2  # parameter initialization, see above
     c.model = model_fields(model_presets.tiny(
         vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=4, head_dim=16, total_ut_steps=4, max_position_embeddings=128))
