@@ -6,13 +6,11 @@ import subprocess
 import sys
 
 import jax
+import lm_eval
 import numpy as np
 import pytest
 from helpers import golden_with_tokenizer
-
-lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
-
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.tasks import TaskManager
 
 from ouro_jax.evaluation.lm_eval_adapter import OuroJaxLM  # noqa: E402
 

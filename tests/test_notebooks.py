@@ -4,11 +4,10 @@
 import os
 import pathlib
 
+import nbclient
+import nbformat
 import pytest
 from helpers import golden_with_tokenizer
-
-nbclient = pytest.importorskip("nbclient", reason="the eval extra (nbclient) is not installed")
-nbformat = pytest.importorskip("nbformat")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
