@@ -83,10 +83,16 @@ def kernel_segments(attention_mask: Array | None, segment_ids: Array | None, sha
     return segments if attention_mask is None else segments * (attention_mask != 0)
 
 
+def fused_cross_entropy(cfg: OuroConfig, hidden: Array) -> bool:
+    """Whether the head's cross-entropy / argmax over `hidden` [B, S, d] runs the fused kernel."""
+    run = cfg.execution
+    return uses_kernel("cross_entropy", run.cross_entropy_impl, run, xent_kernel.kernel_reasons(hidden[..., 0].size))
+
+
 def step_cross_entropy(cfg: OuroConfig, hidden: Array, head: Array, targets: Array, chunk_size: int) -> Array:
     """Per-token CE [B, S] of one step: the fused kernel or the chunked XLA path (cfg.execution.cross_entropy_impl)."""
     run = cfg.execution
-    if not uses_kernel("cross_entropy", run.cross_entropy_impl, run, xent_kernel.kernel_reasons(hidden[..., 0].size)):
+    if not fused_cross_entropy(cfg, hidden):
         return chunked_cross_entropy(hidden, head, targets, chunk_size)
     return kernels.linear_cross_entropy(hidden, head, targets, impl=run.cross_entropy_impl,
                                         interpret=run.kernel_interpret)[0]
@@ -296,8 +302,7 @@ class Ouro(nn.Module):
         cross_entropy_impl picks it (no [B, S, V] logits), else the argmax of `logits`."""
         cfg, head = self.cfg, self.head_kernel().astype(self.cfg.compute_dtype)
         run = cfg.execution
-        reasons = xent_kernel.kernel_reasons(hidden[..., 0].size)
-        if not uses_kernel("cross_entropy", run.cross_entropy_impl, run, reasons):
+        if not fused_cross_entropy(cfg, hidden):
             return jnp.argmax(self.logits(hidden), axis=-1).astype(jnp.int32)
         targets = jnp.zeros(hidden.shape[:2], jnp.int32)
         return kernels.linear_cross_entropy(hidden.astype(cfg.compute_dtype), head, targets,

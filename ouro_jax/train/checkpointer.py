@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ouro_jax.errors import CheckpointError
+from ouro_jax.errors import CheckpointError, OuroError
 
 UNRESTORABLE_SUFFIX = ".unrestorable"
 
 
-class NonFiniteParamsError(RuntimeError):
+class NonFiniteParamsError(OuroError, RuntimeError):
     """Parameters holding NaN or Inf: such a state is never checkpointed."""
 
 

@@ -14,8 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ouro_jax.errors import cli_errors, fail
-from ouro_jax.train.checkpointer import NonFiniteParamsError
-from ouro_jax.train.loop import NonFiniteTrainingError, TrainingInterrupted, report, train
+from ouro_jax.train.loop import TrainingInterrupted, report, train
 
 PROG = "ouro-train"
 
@@ -38,10 +37,6 @@ def main(config, workdir: str, *, debug: bool = False, explicit_fields: Collecti
     except TrainingInterrupted as e:
         print(f"[train] {e}", flush=True)
         sys.exit(128 + e.signum)
-    except (NonFiniteTrainingError, NonFiniteParamsError) as e:
-        if debug:
-            raise
-        fail(PROG, e)
     print(report(result), flush=True)
 
 

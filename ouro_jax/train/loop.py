@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from ouro_jax import sharding as shd
 from ouro_jax.config import ARCHITECTURE_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
-from ouro_jax.errors import CheckpointError, ConfigError
+from ouro_jax.errors import CheckpointError, ConfigError, OuroError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
 from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.params_io import load_model, load_model_config, save_params
@@ -44,7 +44,7 @@ from ouro_jax.train.workdir import WorkdirLock, move_run_aside
 # checkpoint requested so far is finalized: a deterministic crash for the resume tests.
 FAULT_KILL_ENV = "OURO_JAX_FAULT_KILL_AFTER_STEP"
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(OuroError, RuntimeError):
     """Too many consecutive updates skipped for a non-finite loss or gradient."""
 
 
