@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ouro_jax.errors import CheckpointError, OuroError
+from ouro_jax.train.step import all_finite
 
 UNRESTORABLE_SUFFIX = ".unrestorable"
 
@@ -34,6 +35,9 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose restored arrays do not match the fingerprint saved with them."""
 
 
+_all_finite = jax.jit(all_finite)
+
+
 class _IteratorSnapshot:
     """The state of a data iterator captured when a save is requested (an async save must not
     read the live iterator later, when it has moved on). Written by grain's CheckpointHandler."""
@@ -44,15 +48,6 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:
         return self._state
-
-
-@jax.jit
-def _finite(tree) -> jax.Array:
-    return jax.tree.reduce(lambda ok, x: ok & jax.numpy.isfinite(x).all(), tree, jax.numpy.bool_(True))
-
-
-def _all_finite(tree) -> bool:
-    return bool(_finite(tree))
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
@@ -136,7 +131,7 @@ class TrainCheckpointer:
         if not force and not self._manager.should_save(step):
             return False
         params = getattr(state, "params", state)
-        if not _all_finite(params):
+        if not bool(_all_finite(params)):
             raise NonFiniteParamsError(f"refusing to checkpoint step {step}: the parameters hold NaN or Inf")
         items = {"state": ocp.args.StandardSave(state)}
         if self.verify:

@@ -112,8 +112,9 @@ def _fresh_state(optimizer: optax.GradientTransformation, objective: str, params
     return TrainState(zero, params, optimizer.init(split_trainable(params, objective)[0]), zero, zero)
 
 
-def _all_finite(tree) -> jax.Array:
-    """Whether every element of `tree` is finite (the update itself can overflow with finite gradients)."""
+def all_finite(tree) -> jax.Array:
+    """Whether every element of `tree` is finite (traceable; the train step checks its updated parameters,
+    which can overflow with finite gradients, and the checkpointer refuses to save non-finite ones)."""
     return jax.tree.reduce(lambda ok, x: ok & jnp.isfinite(x).all(), tree, jnp.bool_(True))
 
 
@@ -184,7 +185,7 @@ def _make_train_step(config, model_cfg: OuroConfig, mesh: Mesh, optimizer, losse
             grad_norm = optax.tree.norm(grads)
             updates, new_opt_state = optimizer.update(grads, state.opt_state, trainable)
             updated = optax.apply_updates(trainable, updates)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(updated)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(updated)
             new_trainable = _where_tree(finite, updated, trainable)
             new_opt_state = _where_tree(finite, new_opt_state, state.opt_state)
             skipped = (~finite).astype(jnp.int32)
