@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ouro_jax.exit import exit_log_pdf
+from ouro_jax.matmul import dense
 
 
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk_size: int = 1024) -> jax.Array:
@@ -31,7 +32,7 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     @jax.checkpoint
     def chunk_ce(args):
         h, t = args
-        logits = jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+        logits = dense(h, head, out_dtype=jnp.float32)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return jax.nn.logsumexp(logits, axis=-1) - target_logit
 

@@ -13,7 +13,6 @@ per-step head work (hidden states, gate, training loss) happens inside the loop 
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any, NamedTuple
 
 import chex
@@ -28,6 +27,7 @@ from ouro_jax.kernels import cross_entropy as xent_kernel
 from ouro_jax.kernels import decode as decode_kernel
 from ouro_jax.kernels import flash as flash_kernel
 from ouro_jax.losses import chunked_cross_entropy
+from ouro_jax.matmul import dense
 
 Array = jax.Array
 KV = tuple[Array, Array]  # (keys, values), each [..., B, L, num_kv_heads, head_dim]
@@ -115,22 +115,38 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+ATTENTION_QUERY_BLOCK = 128   # causal attention without a cache: query blocks of >= this many rows
+ATTENTION_MAX_BLOCKS = 8      # at most this many query blocks (the graph holds one attention per block)
+
+
 def attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
     """Softmax attention in float32 over one or more key blocks, with grouped KV heads.
 
     q [B, Sq, H, hd]; each block is (k, v [B, Sk, KVH, hd], mask [B, 1, Sq, Sk]). Decoding passes
-    the read-only KV cache and the new chunk as two blocks, so the cache is never copied.
+    the read-only KV cache and the new chunk as two blocks, so the cache is never copied. The
+    normalization divides the [.., hd] output, not the [.., Sk] probabilities.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_heads = blocks[0][0].shape[2]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = [jnp.where(mask[:, :, None], jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
-                        * head_dim**-0.5, jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)   # scores are small; K/V are not copied
-    splits = list(itertools.accumulate(k.shape[1] for k, _, _ in blocks))[:-1]
-    out = sum(jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v)
-              for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), blocks))
+    q = (q * head_dim**-0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = [jnp.where(mask[:, :, None], jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32),
+                        jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
+    peak = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores]))
+    weights = [jnp.exp(s - peak) for s in scores]
+    total = sum(w.sum(axis=-1) for w in weights)                                 # [B, KVH, G, Sq]
+    out = sum(jnp.einsum("bkgqt,btkd->bqkgd", w.astype(v.dtype), v) for w, (_, v, _) in zip(weights, blocks))
+    out = out / jnp.moveaxis(total, 3, 1)[..., None].astype(out.dtype)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def causal_attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """`attend` over a whole causal sequence (q, k, v [B, S, ., hd], mask [B, 1, S, S]), by query blocks:
+    the block of rows a..b attends to keys 0..b only, so about half the scores are never computed."""
+    length = q.shape[1]
+    num = max(1, min(ATTENTION_MAX_BLOCKS, length // ATTENTION_QUERY_BLOCK))
+    bounds = [length * i // num for i in range(num + 1)]
+    return jnp.concatenate([attend(q[:, a:b], [(k[:, :b], v[:, :b], mask[:, :, a:b, :b])])
+                            for a, b in zip(bounds, bounds[1:])], axis=1)
 
 
 class RMSNorm(nn.Module):
@@ -165,9 +181,11 @@ class Attention(nn.Module):
         wv = weight("v_proj", ("embed", "kv_heads", "head_dim"), (d, kv_heads, hd))
         wo = weight("o_proj", ("q_heads", "head_dim", "embed"), (heads, hd, d))
         x = x.astype(dt)
-        q = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wq.astype(dt)), "query")
-        k = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wk.astype(dt)), "key")
-        v = checkpoint_name(jnp.einsum("bsd,dhk->bshk", x, wv.astype(dt)), "value")
+        if heads == kv_heads:  # one matmul for all three, stacked after the (sharded) head axis
+            q, k, v = jnp.unstack(dense(x, jnp.stack([wq, wk, wv], axis=2).astype(dt)), axis=3)
+        else:
+            q, k, v = (dense(x, w.astype(dt)) for w in (wq, wk, wv))
+        q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
         mask, segments = mask if isinstance(mask, tuple) else (mask, None)
@@ -180,14 +198,14 @@ class Attention(nn.Module):
             out = kernels.decode_attention(q, kv_cache[0].astype(dt), kv_cache[1].astype(dt), k, v, start,
                                            cache_index, impl=impl, interpret=interpret)
         elif kv_cache is None:
-            out = attend(q, [(k, v, mask)])
+            out = causal_attend(q, k, v, mask)
         else:  # cache slots before cache_index, then this chunk (which occupies the following slots)
             cache_k, cache_v = kv_cache
             before = jnp.arange(cache_k.shape[1]) < cache_index
             own = jax.lax.dynamic_slice_in_dim(mask, cache_index, q.shape[1], axis=-1)
             out = attend(q, [(cache_k.astype(dt), cache_v.astype(dt), mask & before), (k, v, own)])
         out = checkpoint_name(out, "attention_out")
-        return jnp.einsum("bshk,hkd->bsd", out, wo.astype(dt)), (k, v)
+        return dense(out, wo.astype(dt), contract=2), (k, v)
 
     def _kernel(self, op: str, q: Array, key_length: int) -> bool:
         """Whether `op` runs a Pallas kernel here (cfg.execution.attention_impl on the mesh's platform and shapes)."""
@@ -212,10 +230,11 @@ class MLP(nn.Module):
         w_up = self.param("up_proj", _weight_init(cfg, ("embed", "mlp")), shape_in, cfg.weight_dtype)
         w_down = self.param("down_proj", _weight_init(cfg, ("mlp", "embed")), shape_out, cfg.weight_dtype)
         x = x.astype(dt)
-        hidden = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
+        gate, up = jnp.unstack(dense(x, jnp.stack([w_gate, w_up], axis=2).astype(dt)), axis=-1)  # one matmul
+        hidden = jax.nn.silu(gate) * up
         hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         hidden = checkpoint_name(hidden, "mlp_hidden")
-        return hidden @ w_down.astype(dt)
+        return dense(hidden, w_down.astype(dt))
 
 
 class DecoderLayer(nn.Module):
@@ -294,8 +313,7 @@ class Ouro(nn.Module):
     def logits(self, hidden: Array) -> Array:
         """float32 logits [..., V] of normed hidden states [..., d]."""
         dt = self.cfg.compute_dtype
-        return jnp.einsum("...d,dv->...v", hidden.astype(dt), self.head_kernel().astype(dt),
-                          preferred_element_type=jnp.float32)
+        return dense(hidden.astype(dt), self.head_kernel().astype(dt), out_dtype=jnp.float32)
 
     def predict(self, hidden: Array) -> Array:
         """Greedy ids [B, S] int32 of normed hidden states [B, S, d]: the fused kernel's argmax when

@@ -149,6 +149,29 @@ def test_default_positions():
     np.testing.assert_array_equal(model.default_positions(None, segments, segments.shape), [[0, 1, 0, 1, 2, 0]])
 
 
+def test_query_blocked_causal_attention_equals_one_block(monkeypatch):
+    """causal_attend skips the keys after each query block: outputs and gradients equal one softmax over all
+    keys on every row that has a visible key (packed documents, left padding, a length not divisible)."""
+    length, heads, kv_heads, head_dim = 37, 4, 2, 8
+    q, k, v = (jax.random.normal(key, (2, length, h, head_dim))
+               for key, h in zip(jax.random.split(jax.random.key(3), 3), (heads, kv_heads, kv_heads)))
+    segments = jnp.array([[1] * 20 + [2] * 17, [0] * 5 + [1] * 32])
+    mask = model.causal_mask(None, segments, segments.shape)
+    visible = (segments != 0)[:, :, None, None]
+    monkeypatch.setattr(model, "ATTENTION_QUERY_BLOCK", 8)
+
+    def loss(attention, q, k, v):
+        return jnp.sum(jnp.where(visible, attention(q, k, v), 0.0) ** 2)
+
+    blocked = jax.value_and_grad(lambda *a: loss(lambda q, k, v: model.causal_attend(q, k, v, mask), *a), (0, 1, 2))
+    whole = jax.value_and_grad(lambda *a: loss(lambda q, k, v: model.attend(q, [(k, v, mask)]), *a), (0, 1, 2))
+    chex.assert_trees_all_close(blocked(q, k, v), whole(q, k, v), rtol=1e-5, atol=1e-5)
+    key_lengths = []
+    monkeypatch.setattr(model, "attend", lambda q, blocks: key_lengths.append(blocks[0][0].shape[1]) or q)
+    model.causal_attend(q, k, v, mask)
+    assert key_lengths == [9, 18, 27, 37]
+
+
 def test_grouped_query_attention_equals_repeated_kv_heads():
     gqa = config.tiny(num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
     params = model.init_params(gqa, jax.random.key(8))

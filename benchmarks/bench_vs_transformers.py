@@ -1,0 +1,147 @@
+"""Prefill, forward+backward and the full train step, ouro_jax beside transformers on the same weights.
+
+    .venv/bin/python benchmarks/bench_vs_transformers.py [--repeats 5] [--loops unrolled scan]
+
+Config: d=512, SwiGLU 1408, 4 layers, T=4, 8 heads of 64, vocab 8192, batch 4 x 512 tokens, float32.
+transformers runs `ouro_jax.hf.export_hf` of the same randomly initialized weights (trust_remote_code,
+SDPA attention): prefill = `model(ids, use_cache=True, logits_to_keep=1)`; forward+backward =
+`model(ids, labels=ids).loss.backward()` (every step's logits, the exit-pdf mixture's cross-entropy);
+train step = that plus `torch.optim.AdamW` and gradient clipping. ouro_jax: prefill = `generate` with
+one new token (every step, the KV cache, the last position's logits); forward+backward = the Stage I
+loss (every step's cross-entropy, the gate's entropy) and its gradient; train step = the jitted
+`build_train_program` step (AdamW, clipping, non-finite checks). Times are the median of `--repeats`
+runs after a warm-up (compilation excluded); ratios > 1 mean ouro_jax is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ouro_jax import config as presets  # noqa: E402
+from ouro_jax import sharding as shd  # noqa: E402
+from ouro_jax.hf.export import export_hf  # noqa: E402
+from ouro_jax.inference import generate  # noqa: E402
+from ouro_jax.train.config import base_config, model_fields  # noqa: E402
+from ouro_jax.train.step import batch_loss_sums, build_train_program  # noqa: E402
+
+BATCH, SEQ = 4, 512
+
+
+def bench_config(unroll: bool):
+    c = base_config()
+    c.model = model_fields(presets.tiny(
+        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=8, head_dim=64, total_ut_steps=4, max_position_embeddings=2 * SEQ))
+    c.execution.update(dtype="float32", unroll=unroll)
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    c.data.update(seq_len=SEQ, batch_size=BATCH)
+    c.train.update(steps=1000, ce_chunk_size=SEQ)
+    return c
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up / compilation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def batch_of(ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones((BATCH, SEQ), np.int32),
+            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy(),
+            "loss_mask": np.ones((BATCH, SEQ), np.float32)}
+
+
+def ouro_jax_times(unroll: bool, ids: np.ndarray, repeats: int):
+    """(seconds per prefill, forward+backward, train step), and the initial params."""
+    config = bench_config(unroll)
+    mesh = shd.make_mesh(dict(config.mesh), jax.devices()[:1])
+    program = build_train_program(config, mesh)
+    state = program.init(jax.random.key(0))
+    params = jax.device_get(state.params)
+    batch = shd.global_batch(batch_of(ids), mesh)
+    cfg = program.model_cfg
+
+    def loss(p, b):
+        total, _ = batch_loss_sums(cfg, p, b, objective="stage1", beta=0.1, gate_k=0.0, gate_gamma=0.0,
+                                   ce_chunk_size=SEQ)
+        return total / (BATCH * SEQ)
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    prompts = ids[:, :SEQ]
+    prefill = median_time(lambda: generate(cfg, params, prompts, max_new_tokens=1), repeats)
+    forward_backward = median_time(lambda: jax.block_until_ready(grad(state.params, batch)), repeats)
+
+    def train_step():
+        nonlocal state
+        state, metrics = program.step(state, batch)
+        jax.block_until_ready(metrics)
+
+    return (prefill, forward_backward, median_time(train_step, repeats)), cfg, params
+
+
+def transformers_times(cfg, params, ids: np.ndarray, repeats: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_hf(os.path.join(tmp, "ouro"), cfg, params, dtype="float32")
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    prompts = inputs = torch.tensor(ids[:, :SEQ], dtype=torch.long)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def prefill():
+        with torch.inference_mode():
+            model(prompts, use_cache=True, logits_to_keep=1)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        model(inputs, labels=inputs).loss.backward()
+
+    def train_step():
+        forward_backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    model.eval()
+    prefill_s = median_time(prefill, repeats)
+    model.train()
+    return prefill_s, median_time(forward_backward, repeats), median_time(train_step, repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loops", nargs="+", default=["unrolled", "scan"], choices=["unrolled", "scan"])
+    args = parser.parse_args()
+    import torch
+
+    ids = np.random.default_rng(0).integers(3, 8192, (BATCH, SEQ + 1), dtype=np.int32)
+    ours = {}
+    for loops in args.loops:
+        ours[loops], cfg, params = ouro_jax_times(loops == "unrolled", ids, args.repeats)
+        print(f"ouro_jax {loops}: " + ", ".join(f"{BATCH * SEQ / t:.0f}" for t in ours[loops]), flush=True)
+    theirs = transformers_times(cfg, params, ids, args.repeats)
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), batch {BATCH} x {SEQ} tokens, float32")
+    header = f"{'tokens/s':>18} | {'transformers':>12} | " + " | ".join(f"{'ouro_jax ' + k:>17} | ratio" for k in ours)
+    print(header)
+    for i, name in enumerate(("prefill", "forward+backward", "train step")):
+        row = f"{name:>18} | {BATCH * SEQ / theirs[i]:12.0f} | "
+        row += " | ".join(f"{BATCH * SEQ / t[i]:17.0f} | {theirs[i] / t[i]:4.2f}x" for t in ours.values())
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
