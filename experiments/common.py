@@ -29,10 +29,16 @@ def mano_config(task: str, *, layers: int, loops: int, steps: int, seed: int, ob
 
 
 def train_run(config, workdir: str) -> tuple[str, float]:
-    """Trains (or resumes) `config` in `workdir`; returns the params directory and the wall time in seconds."""
+    """Trains (or resumes) `config` in `workdir`; returns the params directory and the training wall time in
+    seconds (kept in WORKDIR/wall_s.json: reloading a finished run reports the time it took to train)."""
+    record = os.path.join(workdir, "wall_s.json")
+    finished = os.path.isdir(os.path.join(workdir, "params")) and os.path.exists(record)
     start = time.perf_counter()
     result = train(config, workdir)
-    return result.params_dir, time.perf_counter() - start
+    if not finished:
+        write_json(record, time.perf_counter() - start)
+    with open(record) as f:
+        return result.params_dir, json.load(f)
 
 
 def looped_stage1(out: str, task: str, *, steps: int, seed: int, loops: int = 4) -> tuple[str, float]:
