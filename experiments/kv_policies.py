@@ -7,7 +7,8 @@ The model is the Stage I looped model of `experiments.adaptive_exit` (same OUT a
 trained here) on Mano with multi-token answers (the value's binary digits, `answer_base=2`): the engine
 prefills the prompt at every step, then greedily generates `answer_len` tokens; the first comes from the
 prefill (the same under every policy), each later one runs its recurrent steps against the policy's view of
-the cache. Scored by exact match of the whole answer (`ouro_jax.evaluation.decode_task`). Writes
+the cache. Scored by exact match of the whole answer (`ouro_jax.evaluation.decode_task`). Also measures how
+far apart the steps' keys and values of the prompts are (what a shared cache replaces them with). Writes
 OUT/kv_policies.json and OUT/kv_policies.png.
 """
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.adaptive_exit import TASK
 from experiments.common import looped_stage1, new_figure, write_json
+from ouro_jax import Ouro
 from ouro_jax.evaluation import decode_task, make_eval_task
 from ouro_jax.inference import POLICIES
 from ouro_jax.params_io import load_model
@@ -38,7 +41,7 @@ def main(argv=None) -> dict:
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.quick:
         a.steps, a.examples, seeds = 4, 16, seeds[:1]
-    result = {"task": a.task, "examples": a.examples, "seeds": {}}
+    result = {"task": a.task, "examples": a.examples, "seeds": {}, "kv_cosine_to_last_step": {}}
     for seed in seeds:
         params_dir, _ = looped_stage1(a.out, a.task, steps=a.steps, seed=seed)
         cfg, params = load_model(params_dir)
@@ -47,12 +50,25 @@ def main(argv=None) -> dict:
                             exit_threshold=float(q))
                 for q in a.thresholds.split(",") for policy in POLICIES]
         result["seeds"][seed] = rows
+        cosine = result["kv_cosine_to_last_step"][seed] = kv_cosine(cfg, params, task.eval_set(a.examples).prompts)
+        print(f"seed {seed} cosine of each step's keys / values to the last step's: {cosine}", flush=True)
         for r in rows:
             print(f"seed {seed} q={r['exit_threshold']:g} {r['policy']:8s} accuracy {r['accuracy']:.3f} "
                   f"per token {np.round(r['token_accuracy'], 3).tolist()} mean depth {r['mean_depth']:.2f}", flush=True)
     write_json(os.path.join(a.out, "kv_policies.json"), result)
     plot(result, os.path.join(a.out, "kv_policies.png"))
     return result
+
+
+def kv_cosine(cfg, params, prompts: np.ndarray) -> dict[str, list[float]]:
+    """Mean cosine similarity of each step's keys (values) to the last step's, over prompt tokens, layers, heads."""
+    kv = Ouro(cfg).apply({"params": params}, jnp.asarray(prompts), return_kv=True).kv   # [T, N, B, S, KVH, hd]
+    out = {}
+    for name, x in zip(("keys", "values"), kv):
+        x = np.asarray(x, np.float32)
+        x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+        out[name] = np.round(np.sum(x * x[-1:], -1).mean(axis=tuple(range(1, x.ndim - 1))), 3).tolist()
+    return out
 
 
 def plot(result: dict, path: str) -> None:

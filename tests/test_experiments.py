@@ -32,8 +32,11 @@ def test_adaptive_exit_quick(tmp_path):
 
 def test_kv_policies_quick(tmp_path):
     kv_policies.main(["--quick", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "kv_policies.json").read_text())["seeds"]["0"]
+    result = json.loads((tmp_path / "kv_policies.json").read_text())
+    rows = result["seeds"]["0"]
     assert [(r["policy"], r["exit_threshold"]) for r in rows[:4]] == [(p, 1.0) for p in ("full", "last", "first",
                                                                                           "average")]
     assert all(len(r["token_accuracy"]) == 3 and 0 <= r["accuracy"] <= 1 for r in rows)
+    cosine = result["kv_cosine_to_last_step"]["0"]
+    assert len(cosine["keys"]) == 4 and cosine["values"][-1] == 1.0
     assert (tmp_path / "kv_policies.png").stat().st_size > 0
