@@ -67,7 +67,7 @@ def kv_cosine(cfg, params, prompts: np.ndarray) -> dict[str, list[float]]:
     for name, x in zip(("keys", "values"), kv):
         x = np.asarray(x, np.float32)
         x = x / np.linalg.norm(x, axis=-1, keepdims=True)
-        out[name] = np.round(np.sum(x * x[-1:], -1).mean(axis=tuple(range(1, x.ndim - 1))), 3).tolist()
+        out[name] = [round(float(c), 3) for c in np.sum(x * x[-1:], -1).mean(axis=tuple(range(1, x.ndim - 1)))]
     return out
 
 
