@@ -18,7 +18,7 @@ import numpy as np
 
 from configs import stage2_gate
 from experiments.common import looped_stage1, train_run, write_json
-from ouro_jax.evaluation import DEFAULT_THRESHOLDS, evaluate_model
+from ouro_jax.evaluation import evaluate_model
 from ouro_jax.params_io import load_model_config
 from ouro_jax.train.config import model_fields
 
@@ -65,9 +65,8 @@ def main(argv=None) -> dict:
         stage1, wall1 = looped_stage1(a.out, a.task, steps=a.steps, seed=seed)
         stage2_dir = os.path.join(a.out, f"stage2_seed{seed}")
         stage2, wall2 = train_run(stage2_config(stage1, a.task, a.gate_steps), stage2_dir)
-        ev = evaluate_model(stage1, task=a.task, gate_from=stage2, thresholds=DEFAULT_THRESHOLDS,
-                            num_examples=a.examples, batch_size=128, output_dir=os.path.join(a.out, f"eval_seed{seed}"),
-                            progress=False)
+        ev = evaluate_model(stage1, task=a.task, gate_from=stage2, num_examples=a.examples, batch_size=128,
+                            output_dir=os.path.join(a.out, f"eval_seed{seed}"), progress=False)
         sweep = ev["task"]["sweep"]
         result["seeds"][seed] = {"step_accuracy": ev["task"]["step_accuracy"], "sweep": sweep,
                                  "gain_over_static": gain_over_static(sweep), "plot": ev["plots"]["task_mano"],

@@ -1,4 +1,4 @@
-"""Shared pieces of the experiment drivers: the small Mano training config, one training run, JSON output."""
+"""Shared pieces of the experiment drivers: the small Mano config, training runs, parameter counts, JSON, figures."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import json
 import os
 import time
 
+import jax
+
 from configs import demo
 from ouro_jax import config as model_presets
+from ouro_jax.params_io import load_model
 from ouro_jax.train.config import model_fields
 from ouro_jax.train.loop import train
 
@@ -55,10 +58,6 @@ def write_json(path: str, data) -> None:
 
 
 def count_params(params_dir: str) -> int:
-    import jax
-
-    from ouro_jax.params_io import load_model
-
     return sum(x.size for x in jax.tree.leaves(load_model(params_dir)[1]))
 
 

@@ -63,11 +63,11 @@ def main(argv=None) -> dict:
 def plot(result: dict, path: str) -> None:
     """Accuracy vs layer applications per token: the looped model read at each step, the dense models."""
     fig, ax = new_figure()
-    for (name, entry), marker in zip(result["runs"].items(), "osD"):
+    for i, ((name, entry), marker) in enumerate(zip(result["runs"].items(), "osD")):
         x = entry["layers"] * np.arange(1, entry["loops"] + 1)
         for s in entry["seeds"].values():
-            ax.plot(x, s["step_accuracy"], marker, alpha=0.35, color=f"C{'osD'.index(marker)}")
-        ax.plot(x, entry["mean_step_accuracy"], marker + "-", color=f"C{'osD'.index(marker)}",
+            ax.plot(x, s["step_accuracy"], marker, alpha=0.35, color=f"C{i}")
+        ax.plot(x, entry["mean_step_accuracy"], marker + "-", color=f"C{i}",
                 label=f"{name} ({entry['params'] / 1e3:.0f}k params)")
     ax.set_xlabel("layer applications per token (FLOPs)")
     ax.set_ylabel("held-out exact-match accuracy")
