@@ -1,6 +1,6 @@
 """Adaptive computation (SPEC 4): a Stage I looped model, its Stage II gate, accuracy vs mean depth.
 
-    python -m experiments.adaptive_exit --out runs/experiments/adaptive   # --quick: a seconds-long smoke run
+    python -m experiments.adaptive_exit --out runs/experiments/adaptive   # --quick: a short smoke run
 
 Per seed: trains the Stage I model (1 layer x 4 loops, entropy-regularized objective), then the Stage II
 gate on it (`configs/stage2_gate.py`: the LM frozen), and evaluates with `ouro_jax.evaluation.evaluate_model`:

@@ -1,6 +1,6 @@
 """Iso-parameter and iso-FLOP on Mano (SPEC 7): k layers looped L/k times vs k x 1 vs L x 1.
 
-    python -m experiments.iso_mano --out runs/experiments/iso     # --quick: a seconds-long smoke run
+    python -m experiments.iso_mano --out runs/experiments/iso     # --quick: a short smoke run
 
 All three are trained with the "last_step" objective (CE of the last step, no exit gate) on the same
 stream; each is evaluated by `ouro_jax.evaluation.evaluate_model` (held-out expressions of the hardest

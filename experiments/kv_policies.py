@@ -1,7 +1,7 @@
 """KV-cache sharing at decode (SPEC 5, the paper's Table 14): answers generated token by token with the
 `full`, `last`, `first` and `average` cache policies.
 
-    python -m experiments.kv_policies --out runs/experiments/adaptive   # --quick: a seconds-long smoke run
+    python -m experiments.kv_policies --out runs/experiments/adaptive   # --quick: a short smoke run
 
 The model is the Stage I looped model of `experiments.adaptive_exit` (same OUT and seed: reused, else
 trained here) on Mano with multi-token answers (the value's binary digits, `answer_base=2`): the engine
