@@ -19,6 +19,7 @@ from ouro_jax.evaluation import (
     EvalInputError,
     StepForward,
     TextEvaluation,
+    decode_task,
     evaluate_model,
     score_task,
     score_text,
@@ -110,6 +111,27 @@ def test_task_accuracy_per_step_and_second_gate(golden_model):
                                      method=lambda m, h: m.exit_gate(h)))[:, :, answer]
     np.testing.assert_allclose(scores.gate_logits["trained"], trained, atol=1e-5)
     assert not np.allclose(scores.gate_logits["trained"], scores.gate_logits[MODEL_GATE])
+
+
+def test_decode_task_generates_answers_token_by_token(golden_model):
+    """Full cache at full depth = greedy decoding with the full forward pass; a shared cache gives the fields."""
+    cfg, params = golden_model
+    task = make_eval_task("mano:max_len=2,modulus=5,answer_base=2", cfg.vocab_size)
+    ev = task.eval_set(6)
+    ids = ev.prompts
+    for _ in range(task.answer_len):
+        out = Ouro(cfg).apply({"params": params}, ids)
+        logits = Ouro(cfg).apply({"params": params}, out.hidden_states[-1], method=Ouro.logits)
+        ids = np.concatenate([ids, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
+    tokens = ids[:, ev.prompts.shape[1]:]
+    want = np.stack([task.solve(p) for p in ev.prompts])
+    full = decode_task(cfg, params, task, num_examples=6, batch_size=3)
+    assert full["accuracy"] == task.evaluate(ev.prompts, tokens)
+    assert full["token_accuracy"] == pytest.approx((tokens == want).mean(0).tolist())
+    assert full["mean_depth"] == cfg.total_ut_steps
+    shared = decode_task(cfg, params, task, num_examples=6, batch_size=6, policy="first", exit_threshold=0.5)
+    assert shared["policy"] == "first" and len(shared["token_accuracy"]) == 3
+    assert 1 <= shared["mean_depth"] <= cfg.total_ut_steps
 
 
 def test_evaluate_model_writes_json_and_plots(model_dir, text_file, golden_dir, tmp_path):

@@ -33,6 +33,26 @@ def test_mano_known_expressions():
         assert task.solve(mano_prompt(task, text)).tolist() == [task.value_base + value]
 
 
+def test_mano_answer_digits():
+    """answer_base=B: the value's base-B digits, most significant first, padded to the width of p - 1."""
+    task = Mano(max_len=3, modulus=5, answer_base=2)
+    assert task.answer_len == 3 and task.max_example_len == 2 * 3 + 4 + 3
+    one_token = Mano(max_len=3, modulus=5)
+    for text, value in [("* + 3 4 2", 4), ("- 3 4", 4), ("+ 1 2", 3), ("* 0 4", 0)]:
+        digits = [value >> 2 & 1, value >> 1 & 1, value & 1]
+        assert task.solve(mano_prompt(task, text)).tolist() == [task.value_base + d for d in digits]
+        assert one_token.solve(mano_prompt(one_token, text)).tolist() == [task.value_base + value]
+    examples = training_examples(task, 200)
+    assert all(np.array_equal(task.solve(p), a) for p, a in examples)
+    ev = task.eval_set(50)
+    assert ev.answers.shape == (50, 3) and task.evaluate(ev.prompts, ev.answers) == 1.0
+    assert np.array_equal(ev.prompts, one_token.eval_set(50).prompts)  # same expressions, other answer format
+    assert Mano(max_len=2, modulus=23, answer_base=5).answer_len == 2
+    assert make_source("mano:max_len=2,modulus=5,answer_base=2").answer_len == 3
+    with pytest.raises(ValueError, match="answer_base"):
+        Mano(modulus=5, answer_base=7)
+
+
 def test_mano_answers_verified_by_evaluator():
     task = Mano(max_len=8)
     examples = training_examples(task, 3000)

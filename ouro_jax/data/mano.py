@@ -7,6 +7,10 @@ An expression with l operators chooses an operator uniformly, gives its left ope
 U[0, l - 1] of the remaining operators (the right one the rest), and draws leaves uniformly
 from F_p. Token ids: 0 pad, 1 <bos>, 2 <ans>, 3..3+p-1 the values 0..p-1, then + - *, then
 <len_1>..<len_L>; vocab_size = 6 + p + L (39 for L = 10).
+
+`answer_base=B` (2 <= B <= p) writes the answer as its base-B digits, most significant first and
+zero-padded to the digits of p - 1, as the value tokens 0..B-1 (p = 5, B = 2: 3 -> `0 1 1`): a
+multi-token answer, generated token by token at decode.
 """
 
 from __future__ import annotations
@@ -22,21 +26,34 @@ class Mano(SyntheticTask):
     name = "mano"
     answer_len = 1
 
-    def __init__(self, max_len: int = 10, modulus: int = 23, seed: int = 0):
+    def __init__(self, max_len: int = 10, modulus: int = 23, seed: int = 0, answer_base: int = 0):
         if max_len < 1:
             raise ValueError(f"Mano max_len (operators per expression) must be >= 1, got {max_len}")
         if modulus < 2:
             raise ValueError(f"Mano modulus must be >= 2, got {modulus}")
-        self.max_len, self.modulus, self.seed = max_len, modulus, seed
+        if answer_base and not 2 <= answer_base <= modulus:
+            raise ValueError(f"Mano answer_base must be 0 (one token) or in [2, modulus], got {answer_base}")
+        self.max_len, self.modulus, self.seed, self.answer_base = max_len, modulus, seed, answer_base
+        self.answer_len = 1
+        while answer_base and answer_base**self.answer_len < modulus:
+            self.answer_len += 1
         self.value_base = NUM_SHARED_TOKENS
         self.op_base = self.value_base + modulus
         self.len_base = self.op_base + len(OPS)  # <len_l> has id len_base + l - 1
         self.vocab_size = self.len_base + max_len
-        self.max_example_len = 2 * max_len + 5
+        self.max_example_len = 2 * max_len + 4 + self.answer_len
         self.num_train_examples = None
 
     def __repr__(self) -> str:
-        return f"Mano(max_len={self.max_len}, modulus={self.modulus}, seed={self.seed})"
+        base = f", answer_base={self.answer_base}" if self.answer_base else ""
+        return f"Mano(max_len={self.max_len}, modulus={self.modulus}, seed={self.seed}{base})"
+
+    def answer_tokens(self, value: int) -> np.ndarray:
+        """The answer of an expression with `value`: one value token, or its `answer_len` base-B digits."""
+        if not self.answer_base:
+            return np.array([self.value_base + value], np.int32)
+        digits = [value // self.answer_base**i % self.answer_base for i in reversed(range(self.answer_len))]
+        return np.array(digits, np.int32) + self.value_base
 
     def _generate(self, rng, num_ops: int) -> tuple[np.ndarray, np.ndarray]:
         tokens: list[int] = []
@@ -55,7 +72,7 @@ class Mano(SyntheticTask):
 
         value = expr(num_ops)
         prompt = np.array([BOS, self.len_base + num_ops - 1, *tokens, ANS], np.int32)
-        return prompt, np.array([self.value_base + value], np.int32)
+        return prompt, self.answer_tokens(value)
 
     def train_example(self, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = example_rng("mano-train", self.seed, seed, index)
@@ -82,7 +99,7 @@ class Mano(SyntheticTask):
         num_ops = sum(self.op_base <= t < self.len_base for t in p[2:-1])
         if len(stack) != 1 or num_ops != p[1] - self.len_base + 1:
             raise ValueError(f"malformed Mano expression or wrong length token: {self.detokenize(p)}")
-        return np.array([self.value_base + stack[0]], np.int32)
+        return self.answer_tokens(stack[0])
 
     def num_ops(self, prompt: np.ndarray) -> int:
         """l of a prompt, read from its `<len_l>` token."""

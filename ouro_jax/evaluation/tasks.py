@@ -1,5 +1,6 @@
 """Per-step exact-match accuracy on the synthetic tasks (Mano, multi-hop QA), with the exit gates
-at every answer token so the Q-exit sweep can pick each token's step without another pass."""
+at every answer token so the Q-exit sweep can pick each token's step without another pass; and the
+accuracy of answers generated token by token (`decode_task`: KV-cache policies, early exit)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ouro_jax.data.pipeline import make_source
 from ouro_jax.data.tasks import SyntheticTask
 from ouro_jax.evaluation.forward import StepForward
 from ouro_jax.evaluation.text import EvalInputError
+from ouro_jax.inference import default_cache_length, generate
 
 
 def make_eval_task(spec: str, vocab_size: int) -> SyntheticTask:
@@ -82,3 +84,24 @@ def score_task(forward: StepForward, params, task: SyntheticTask, *, num_example
 def _pad(rows: np.ndarray, batch_size: int) -> np.ndarray:
     """Rows padded with zero rows to `batch_size` (one compiled shape for every batch)."""
     return np.pad(rows, [(0, batch_size - len(rows))] + [(0, 0)] * (rows.ndim - 1))
+
+
+def decode_task(cfg, params, task: SyntheticTask, *, num_examples: int, batch_size: int, policy: str = "full",
+                exit_threshold: float | None = None) -> dict[str, Any]:
+    """Exact-match accuracy of answers generated token by token (greedy, `task.answer_len` new tokens) by the
+    inference engine with KV-cache `policy` and Q-exit `exit_threshold` (early exit); also the accuracy at
+    each answer position and the mean realized depth of the generated tokens."""
+    ev = task.eval_set(num_examples)
+    width = ev.prompts.shape[1]
+    cache_length = default_cache_length(width, task.answer_len)  # one compiled program for every batch
+    tokens, depths = [], []
+    for start in range(0, len(ev), batch_size):
+        out = generate(cfg, params, ev.prompts[start:start + batch_size], max_new_tokens=task.answer_len,
+                       policy=policy, exit_threshold=exit_threshold, cache_length=cache_length)
+        tokens.append(out.tokens)
+        depths.append(out.depths)
+    tokens, depths = np.concatenate(tokens), np.concatenate(depths)
+    want = np.stack([task.solve(p) for p in ev.prompts])
+    return {"policy": policy, "exit_threshold": exit_threshold, "examples": len(ev),
+            "accuracy": task.evaluate(ev.prompts, tokens), "token_accuracy": (tokens == want).mean(axis=0).tolist(),
+            "mean_depth": float(depths.mean())}

@@ -1,0 +1,71 @@
+"""Shared pieces of the experiment drivers: the small Mano config, training runs, parameter counts, JSON, figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+from configs import demo
+from ouro_jax import config as model_presets
+from ouro_jax.params_io import load_model
+from ouro_jax.train.config import model_fields
+from ouro_jax.train.loop import train
+
+
+def mano_config(task: str, *, layers: int, loops: int, steps: int, seed: int, objective: str = "last_step"):
+    """The demo recipe (d=64, 32 x 32 tokens, AdamW 1e-3) with `layers` shared layers looped `loops` times."""
+    c = demo.get_config()
+    c.seed = seed
+    c.model = model_fields(model_presets.tiny(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, total_ut_steps=loops, max_position_embeddings=128))
+    c.data.sources = task
+    c.data.eval_examples = 0  # evaluated afterwards with ouro_jax.evaluation
+    c.loss.objective = objective
+    c.optim.update(warmup_steps=min(50, steps // 10), decay_steps=min(600, max(1, steps // 4)))  # short runs
+    c.train.update(steps=steps, log_every=max(1, steps // 4), eval_every=0, checkpoint_every=steps,
+                   keep_checkpoints=1, progress_bar=False)
+    return c
+
+
+def train_run(config, workdir: str) -> tuple[str, float]:
+    """Trains (or resumes) `config` in `workdir`; returns the params directory and the training wall time in
+    seconds (kept in WORKDIR/wall_s.json: reloading a finished run reports the time it took to train)."""
+    record = os.path.join(workdir, "wall_s.json")
+    finished = os.path.isdir(os.path.join(workdir, "params")) and os.path.exists(record)
+    start = time.perf_counter()
+    result = train(config, workdir)
+    if not finished:
+        write_json(record, time.perf_counter() - start)
+    with open(record) as f:
+        return result.params_dir, json.load(f)
+
+
+def looped_stage1(out: str, task: str, *, steps: int, seed: int, loops: int = 4) -> tuple[str, float]:
+    """The Stage I looped model (1 layer x `loops`) of the adaptive-exit and KV-cache experiments, trained in
+    OUT/stage1_seedS (a finished run is only reloaded); returns its params directory and the wall time."""
+    config = mano_config(task, layers=1, loops=loops, steps=steps, seed=seed, objective="stage1")
+    return train_run(config, os.path.join(out, f"stage1_seed{seed}"))
+
+
+def write_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def count_params(params_dir: str) -> int:
+    return sum(x.size for x in jax.tree.leaves(load_model(params_dir)[1]))
+
+
+def new_figure():
+    """A standalone matplotlib figure (no GUI backend) with one grid axes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="tight")
+    ax = fig.add_subplot()
+    ax.grid(alpha=0.3)
+    return fig, ax
