@@ -98,6 +98,12 @@ def step_cross_entropy(cfg: OuroConfig, hidden: Array, head: Array, targets: Arr
                                         interpret=run.kernel_interpret)[0]
 
 
+def fuse_projections() -> bool:
+    """Whether q/k/v and gate/up run as one matmul each, from weights stacked at compute time: on XLA:CPU
+    (about 8% faster training there); elsewhere the stacked copies would only cost memory."""
+    return kernels.mesh_platform() == "cpu"
+
+
 def uses_kernel(op: str, impl: str, run, reasons) -> bool:
     """Whether `op` runs a Pallas kernel: `impl` on the platform of the mesh in context (see kernels.dispatch)."""
     return kernels.choose(op, impl, kernels.mesh_platform(), run.kernel_interpret, *reasons) is not None
@@ -181,7 +187,7 @@ class Attention(nn.Module):
         wv = weight("v_proj", ("embed", "kv_heads", "head_dim"), (d, kv_heads, hd))
         wo = weight("o_proj", ("q_heads", "head_dim", "embed"), (heads, hd, d))
         x = x.astype(dt)
-        if heads == kv_heads:  # one matmul for all three, stacked after the (sharded) head axis
+        if heads == kv_heads and fuse_projections():  # one matmul, stacked after the (sharded) head axis
             q, k, v = jnp.unstack(dense(x, jnp.stack([wq, wk, wv], axis=2).astype(dt)), axis=3)
         else:
             q, k, v = (dense(x, w.astype(dt)) for w in (wq, wk, wv))
@@ -230,7 +236,10 @@ class MLP(nn.Module):
         w_up = self.param("up_proj", _weight_init(cfg, ("embed", "mlp")), shape_in, cfg.weight_dtype)
         w_down = self.param("down_proj", _weight_init(cfg, ("mlp", "embed")), shape_out, cfg.weight_dtype)
         x = x.astype(dt)
-        gate, up = jnp.unstack(dense(x, jnp.stack([w_gate, w_up], axis=2).astype(dt)), axis=-1)  # one matmul
+        if fuse_projections():
+            gate, up = jnp.unstack(dense(x, jnp.stack([w_gate, w_up], axis=2).astype(dt)), axis=-1)
+        else:
+            gate, up = dense(x, w_gate.astype(dt)), dense(x, w_up.astype(dt))
         hidden = jax.nn.silu(gate) * up
         hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         hidden = checkpoint_name(hidden, "mlp_hidden")

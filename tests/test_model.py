@@ -149,6 +149,21 @@ def test_default_positions():
     np.testing.assert_array_equal(model.default_positions(None, segments, segments.shape), [[0, 1, 0, 1, 2, 0]])
 
 
+def test_fused_projections_equal_separate_ones(tiny, monkeypatch):
+    """q/k/v and gate/up from stacked weights (the XLA:CPU path) equal separate matmuls, values and grads."""
+    cfg, params = tiny
+    ids = _ids(4, (2, 9))
+
+    def loss_and_grads():
+        loss = lambda p: jnp.sum(Ouro(cfg).apply({"params": p}, ids).hidden_states ** 2)
+        return jax.value_and_grad(loss)(params)
+
+    assert model.fuse_projections()   # CPU
+    fused = loss_and_grads()
+    monkeypatch.setattr(model, "fuse_projections", lambda: False)
+    chex.assert_trees_all_close(fused, loss_and_grads(), rtol=1e-5, atol=1e-5)
+
+
 def test_query_blocked_causal_attention_equals_one_block(monkeypatch):
     """causal_attend skips the keys after each query block: outputs and gradients equal one softmax over all
     keys on every row that has a visible key (packed documents, left padding, a length not divisible)."""

@@ -95,3 +95,15 @@ def test_command_line_overrides_win(upcycled_1a):
     config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}", config_file="ouro_1p4b.py:stage1b")
     adopt_checkpoint_shape(config, config.init_from, explicit)
     assert (config.model.num_hidden_layers, config.model.total_ut_steps) == (48, 4)
+
+
+def test_stage2_runs_the_frozen_lm_as_it_was_trained(upcycled_1a):
+    """Stage II takes T and RoPE theta from the checkpoint too (the config file's are the 1.4B's); explicit wins."""
+    config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}", config_file="stage2_gate.py")
+    assert config.model.rope_theta == 1e6
+    adopt_checkpoint_shape(config, config.init_from, explicit)
+    assert (config.model.num_hidden_layers, config.model.total_ut_steps, config.model.rope_theta) == (48, 8, 1e4)
+    config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}", "--config.model.total_ut_steps=4",
+                                          config_file="stage2_gate.py")
+    adopt_checkpoint_shape(config, config.init_from, explicit)
+    assert (config.model.total_ut_steps, config.model.rope_theta) == (4, 1e4)

@@ -106,14 +106,19 @@ def adopt_checkpoint_shape(config, path: str, explicit: Collection[str] = ()) ->
     `explicit` names the `config.model` fields set on the command line (`--config.model.K=V`). For T,
     theta and positions an explicit value simply wins. An explicit architecture field cannot change the
     checkpoint's shapes: it must equal the checkpoint's value, else ConfigError (never silently replaced).
+    Stage II (`loss.objective="stage2"`) freezes the LM, so it takes every model field from the checkpoint
+    (bar explicit ones): the gate must learn on the hidden states the LM was trained to produce.
     """
     stored = load_model_config(path).to_dict()
+    adopted = ARCHITECTURE_FIELDS
+    if config.loss.objective == "stage2":
+        adopted = [k for k in stored if k in ARCHITECTURE_FIELDS or k not in explicit]
     clashes = [f"{k}={config.model[k]} (checkpoint: {stored[k]})" for k in ARCHITECTURE_FIELDS
                if k in explicit and config.model[k] != stored[k]]
     if clashes:
         raise ConfigError(f"--config.model overrides disagree with the shapes of init_from {path}: "
                           f"{', '.join(clashes)}; drop them (the checkpoint fixes the architecture)")
-    changed = {k: (config.model[k], stored[k]) for k in ARCHITECTURE_FIELDS if config.model[k] != stored[k]}
+    changed = {k: (config.model[k], stored[k]) for k in adopted if config.model[k] != stored[k]}
     if changed:
         print(f"[init] model fields taken from {path}: " +
               ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
