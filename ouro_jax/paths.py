@@ -83,8 +83,8 @@ def copy_tree(src: PathLike, dst: PathLike, commit: str | None = None) -> list[e
 
 
 def move_tree(src: PathLike, dst: PathLike, commit: str | None = None) -> None:
-    """Moves the directory `src` to `dst` (which must not exist). Locally one rename; otherwise a copy
-    (files named `commit` last), then a delete (those first)."""
+    """Moves the file or directory `src` to `dst` (which must not exist). Locally one rename; otherwise a
+    copy (files named `commit` last), then a delete (those first)."""
     src, dst = as_path(src), as_path(dst)
     if is_local(src) and is_local(dst):
         os.rename(src, dst)
