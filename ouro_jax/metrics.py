@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -97,28 +98,38 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-class _ObjectStoreLog:
-    """An append-only text file on an object store, which cannot append: the text is kept in memory and
-    uploaded whole on `sync()`, and at most every `interval` seconds on `flush()`."""
+class _ObjectStoreFile:
+    """A file that grows, on an object store (which cannot append): its bytes are kept in memory and
+    uploaded whole on `sync()` and `close()`, and on `flush()` when `interval` seconds have passed."""
 
-    def __init__(self, path: paths.Path, interval: float = 60.0):
-        self.path, self.interval = path, interval
-        self._parts = [path.read_text()] if path.exists() else []
+    def __init__(self, path: paths.PathLike, interval: float = 0.0):
+        self.path, self.interval = paths.as_path(path), interval
+        self._data = bytearray(self.path.read_bytes() if self.path.exists() else b"")
         self._synced = time.monotonic()
 
-    def write(self, text: str) -> None:
-        self._parts.append(text)
+    def write(self, data: str | bytes) -> None:
+        self._data += data.encode() if isinstance(data, str) else data
 
     def flush(self) -> None:
         if time.monotonic() - self._synced >= self.interval:
             self.sync()
 
     def sync(self) -> None:
-        paths.write_atomic(self.path, "".join(self._parts))
+        paths.write_atomic(self.path, bytes(self._data))
         self._synced = time.monotonic()
 
     def close(self) -> None:
         self.sync()
+
+
+class _ObjectStoreEvents:
+    """tensorboardX writer factory for object-store logdirs: event files through etils.epath."""
+
+    def open(self, path: str) -> _ObjectStoreFile:
+        return _ObjectStoreFile(path)  # tensorboardX flushes every `flush_secs`
+
+    def directory_check(self, path: str) -> None:
+        del path  # object stores have no directories to create
 
 
 class MetricsWriter:
@@ -139,8 +150,12 @@ class MetricsWriter:
         resumed = jsonl.exists()
         if resumed:
             drop_rows_after(jsonl, initial_step)
-        self._jsonl = jsonl.open("a") if paths.is_local(jsonl) else _ObjectStoreLog(jsonl)
-        from tensorboardX import SummaryWriter  # gs:// logdirs: tensorboardX's own GCS writer
+        self._jsonl = jsonl.open("a") if paths.is_local(jsonl) else _ObjectStoreFile(jsonl, interval=60.0)
+        from tensorboardX import SummaryWriter
+        from tensorboardX.record_writer import register_writer_factory
+
+        if not paths.is_local(workdir):  # the same credentials as every other file (not tensorboardX's own)
+            register_writer_factory(os.fspath(workdir).split("://", 1)[0], _ObjectStoreEvents())
 
         # purge_step makes TensorBoard discard the events of the previous run from that step on
         self._tb = SummaryWriter(str(workdir / "tb"), purge_step=initial_step + 1 if resumed else None)
@@ -166,7 +181,7 @@ class MetricsWriter:
 
     def sync(self) -> None:
         """Makes the metrics written so far durable (on an object store: uploads them)."""
-        if isinstance(self._jsonl, _ObjectStoreLog):
+        if isinstance(self._jsonl, _ObjectStoreFile):
             self._jsonl.sync()
 
     def log(self, text: str) -> None:
