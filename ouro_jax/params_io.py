@@ -20,7 +20,7 @@ from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import CheckpointError, ConfigError
 from ouro_jax.hf.load import load_hf, read_hf_config
 from ouro_jax.model import abstract_params
-from ouro_jax.paths import Path, as_path
+from ouro_jax.paths import Path, as_path, check_bucket
 
 CONFIG_FILE = "ouro_config.json"
 PARAMS_DIR = "params"
@@ -31,6 +31,7 @@ _LEGACY_EXECUTION_FIELDS = ("dtype", "param_dtype", "scan_layers", "scan_steps",
 def save_params(directory: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any]) -> None:
     """Writes a params-only checkpoint for inference or export."""
     directory = as_path(directory)
+    check_bucket(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, nn.unbox(params), force=True)

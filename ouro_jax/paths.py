@@ -16,6 +16,7 @@ the guarantees of the local code on them:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import sys
@@ -26,6 +27,8 @@ from etils import epath
 Path = epath.Path
 PathLike = str | os.PathLike
 CACHE_ENV = "OURO_JAX_CACHE_DIR"
+# gcsfs logs a traceback for every request that runs out of retries, then raises: the error is reported once.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 def is_local(path: PathLike) -> bool:
@@ -43,6 +46,20 @@ def exists(path: PathLike) -> bool:
     """Whether `path` exists (locally also a dangling symlink, as `os.path.lexists`)."""
     path = as_path(path)
     return os.path.lexists(path) if is_local(path) else path.exists()
+
+
+def check_bucket(path: PathLike) -> None:
+    """Raises FileNotFoundError naming the bucket when `path` is on an object store whose bucket does not
+    exist (before a write that would fail later with a less clear error); local paths pass."""
+    path = as_path(path)
+    if is_local(path):
+        return
+    scheme, rest = os.fspath(path).split("://", 1)
+    bucket = epath.Path(f"{scheme}://{rest.split('/', 1)[0]}")
+    try:
+        next(iter(bucket.iterdir()), None)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: bucket {bucket} does not exist") from None
 
 
 def write_atomic(path: PathLike, data: str | bytes) -> None:

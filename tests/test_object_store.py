@@ -2,13 +2,15 @@
 data, a training run with its workdir on the bucket (checkpoints, metrics, TensorBoard, params) that
 resumes, and an HF export read back; plus the local behaviour of the helpers."""
 
+import hashlib
 import json
 import os
+import subprocess
 
 import jax
 import numpy as np
 import pytest
-from helpers import FAST_COMPILE, tiny_train_config
+from helpers import FAST_COMPILE, PYTHON, REPO, subprocess_env, tiny_train_config
 
 from ouro_jax import paths
 from ouro_jax.data import TokenShards
@@ -66,7 +68,6 @@ def test_object_store_helpers(gcs_bucket):
 
     blob = paths.as_path(gcs_bucket) / "blob.bin"
     blob.write_bytes(b"shard bytes")
-    import hashlib
     digest = hashlib.sha256(b"shard bytes").hexdigest()
     local = paths.local_copy(blob, digest)
     assert paths.is_local(local) and open(local, "rb").read() == b"shard bytes"
@@ -134,3 +135,15 @@ def test_corrupt_remote_shard_is_refused(gcs_bucket, tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(ShardCorruptError, match="shard-00000.array_record: does not match its SHA-256"):
         TokenShards(data)
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow  # gcsfs retries a refused connection for ~15 s before it gives up
+def test_unreachable_endpoint_is_one_line(tmp_path):
+    env = {**subprocess_env(), "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "TENSORSTORE_GCS_HTTP_URL":
+           "http://127.0.0.1:9", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    proc = subprocess.run([PYTHON, "-m", "ouro_jax.export", "gs://ouro-test/params", str(tmp_path / "out")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("ouro-export: error: ") and "127.0.0.1:9" in lines[0], lines[0]

@@ -236,6 +236,7 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
         raise PrepareError("the tokenizer has no <|endoftext|> token; pass --no-eos to store documents without one")
     sources = [_Input(f, text_field, text_split) for f in files]
     output = as_path(output)
+    paths.check_bucket(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _check_output(output, overwrite)
     # ArrayRecord writes local files: beside a local output, in a local temporary directory for a remote one

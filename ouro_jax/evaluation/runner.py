@@ -20,7 +20,7 @@ from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS, ce_quality, check_thre
 from ouro_jax.evaluation.tasks import make_eval_task, score_task
 from ouro_jax.evaluation.text import EvalInputError, score_text, text_source
 from ouro_jax.params_io import load_model
-from ouro_jax.paths import as_path
+from ouro_jax.paths import as_path, check_bucket
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -65,6 +65,8 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
         raise EvalInputError("nothing to evaluate: give text inputs and/or a task")
     if num_steps is not None and num_steps < 1:
         raise EvalInputError(f"num_steps must be >= 1, got {num_steps}")
+    if output_dir is not None:
+        check_bucket(output_dir)
     path, cfg, params = load_checkpoint(model, **({"dtype": dtype} if dtype else {}))
     gates = {}
     if gate_from is not None:

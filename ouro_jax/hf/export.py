@@ -32,7 +32,7 @@ from ouro_jax.config import OuroConfig
 from ouro_jax.errors import CheckpointError
 from ouro_jax.hf.keys import INDEX_FILE, SINGLE_FILE, hf_tensors, key_table, param_shapes
 from ouro_jax.hf.safetensors_io import write_safetensors
-from ouro_jax.paths import Path, as_path, exists, is_local, make_temp_dir, remove_leftovers, replace_tree
+from ouro_jax.paths import Path, as_path, check_bucket, exists, is_local, make_temp_dir, remove_leftovers, replace_tree
 
 REMOTE_CODE_FILES = ("configuration_ouro.py", "modeling_ouro.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -182,6 +182,7 @@ def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any
     overwrite=True. Returns the absolute path (or URI) of out_dir.
     """
     out_dir = as_path(out_dir)
+    check_bucket(out_dir)
     stored_bf16 = all(np.dtype(leaf.dtype) == EXPORT_DTYPES["bfloat16"] for leaf in jax.tree.leaves(params))
     dtype_name = dtype or ("bfloat16" if stored_bf16 else "float32")
     if dtype_name not in EXPORT_DTYPES:

@@ -341,6 +341,7 @@ def train(config, workdir: paths.PathLike, explicit_model_fields: Collection[str
     """Runs (or resumes) the training of `config` in `workdir` (local or `gs://...`); `explicit_model_fields`:
     the config.model fields set on the command line (see `adopt_checkpoint_shape`)."""
     workdir = paths.as_path(workdir)
+    paths.check_bucket(workdir)
     if config.init_from:
         adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
     if jax.process_index() != 0:
