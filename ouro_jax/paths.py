@@ -1,4 +1,4 @@
-"""Paths: local files and object stores (`gs://`, `s3://`) alike, through `etils.epath`.
+"""Paths: local files and object stores (`gs://`) alike, through `etils.epath`.
 
 `as_path` is the one conversion: local paths become absolute (as `os.path.abspath`), URIs stay as
 they are. Object stores have no atomic rename, no append and no memory maps; the helpers here keep
