@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from ouro_jax.errors import ConfigError
+from ouro_jax.paths import as_path
 
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
 KERNEL_IMPLS = ("auto", "xla", "pallas")
@@ -162,11 +163,10 @@ class OuroConfig:
     def from_hf_config(cls, hf: dict[str, Any] | str | os.PathLike, execution: Execution | None = None) -> OuroConfig:
         """Builds a config from an HF `config.json` (a dict, the file, or its directory)."""
         if not isinstance(hf, dict):
-            path = os.fspath(hf)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path) as f:
-                hf = json.load(f)
+            path = as_path(hf)
+            if path.is_dir():
+                path = path / "config.json"
+            hf = json.loads(path.read_text())
         unknown = sorted(set(hf) - _HF_IGNORED - set(_HF_FIELDS))
         if unknown:
             raise ConfigError(f"unknown field(s) in HF config: {unknown}")

@@ -8,7 +8,6 @@ gives the ids directly).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import EXIT_MODES, POLICIES, GenerationResult, default_cache_length, generate
 from ouro_jax.params_io import load_model
+from ouro_jax.paths import as_path
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -37,7 +37,7 @@ def _parse_ids(text: str, what: str) -> list[int]:
 def _tokenizer(model_dir: str, spec: str | None):
     if spec is not None:
         return load_tokenizer(spec)
-    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+    if (as_path(model_dir) / "tokenizer.json").is_file():
         return load_tokenizer(model_dir)
     return load_tokenizer("byte")
 

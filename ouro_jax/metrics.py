@@ -9,6 +9,7 @@ a measured matmul (the whole host, however many fake devices it is split into).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ouro_jax import paths
 from ouro_jax.config import OuroConfig
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind` (first match wins).
@@ -96,27 +98,67 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+class _ObjectStoreFile:
+    """A file that grows, on an object store (which cannot append): its bytes are kept in memory and
+    uploaded whole on `sync()` and `close()`, and on `flush()` when `interval` seconds have passed."""
+
+    def __init__(self, path: paths.PathLike, interval: float = 0.0):
+        self.path, self.interval = paths.as_path(path), interval
+        self._data = bytearray(self.path.read_bytes() if self.path.exists() else b"")
+        self._synced = time.monotonic()
+
+    def write(self, data: str | bytes) -> None:
+        self._data += data.encode() if isinstance(data, str) else data
+
+    def flush(self) -> None:
+        if time.monotonic() - self._synced >= self.interval:
+            self.sync()
+
+    def sync(self) -> None:
+        paths.write_atomic(self.path, bytes(self._data))
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+
+
+class _ObjectStoreEvents:
+    """tensorboardX writer factory for object-store logdirs: event files through etils.epath."""
+
+    def open(self, path: str) -> _ObjectStoreFile:
+        return _ObjectStoreFile(path)  # tensorboardX flushes every `flush_secs`
+
+    def directory_check(self, path: str) -> None:
+        del path  # object stores have no directories to create
+
+
 class MetricsWriter:
     """Every step to `metrics.jsonl` and TensorBoard (`tb/`) in the workdir; a progress bar and a
-    line every `log_every` steps on stdout. Only process 0 writes."""
+    line every `log_every` steps on stdout. Only process 0 writes. On an object store (`gs://`)
+    metrics.jsonl is uploaded whole every minute, at each `sync()` (each checkpoint) and at the end."""
 
-    def __init__(self, workdir: str, *, total_steps: int, log_every: int = 10, progress_bar: bool = True,
+    def __init__(self, workdir: paths.PathLike, *, total_steps: int, log_every: int = 10, progress_bar: bool = True,
                  initial_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.log_every = max(1, int(log_every))
         self._jsonl = self._tb = self._bar = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        jsonl = os.path.join(workdir, "metrics.jsonl")
-        resumed = os.path.exists(jsonl)
+        workdir = paths.as_path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        jsonl = workdir / "metrics.jsonl"
+        resumed = jsonl.exists()
         if resumed:
             drop_rows_after(jsonl, initial_step)
-        self._jsonl = open(jsonl, "a")
+        self._jsonl = jsonl.open("a") if paths.is_local(jsonl) else _ObjectStoreFile(jsonl, interval=60.0)
         from tensorboardX import SummaryWriter
+        from tensorboardX.record_writer import register_writer_factory
+
+        if not paths.is_local(workdir):  # the same credentials as every other file (not tensorboardX's own)
+            register_writer_factory(os.fspath(workdir).split("://", 1)[0], _ObjectStoreEvents())
 
         # purge_step makes TensorBoard discard the events of the previous run from that step on
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=initial_step + 1 if resumed else None)
+        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=initial_step + 1 if resumed else None)
         if progress_bar:
             from tqdm import tqdm
 
@@ -137,6 +179,11 @@ class MetricsWriter:
         if kind != "train" or step % self.log_every == 0:
             self.log(f"{kind} step {step}: " + summary_line(metrics))
 
+    def sync(self) -> None:
+        """Makes the metrics written so far durable (on an object store: uploads them)."""
+        if isinstance(self._jsonl, _ObjectStoreFile):
+            self._jsonl.sync()
+
     def log(self, text: str) -> None:
         if not self.enabled:
             return
@@ -154,11 +201,10 @@ class MetricsWriter:
             self._jsonl.close()
 
 
-def drop_rows_after(path: str, step: int) -> int:
+def drop_rows_after(path: paths.PathLike, step: int) -> int:
     """Rewrites the JSONL metrics file at `path` without the rows after `step` (a resumed run logs
     them again); returns how many were dropped. Unparseable (torn) lines are dropped too."""
-    with open(path) as f:
-        lines = f.readlines()
+    lines = io.StringIO(paths.as_path(path).read_text()).readlines()
     kept = []
     for line in lines:
         try:
@@ -167,9 +213,7 @@ def drop_rows_after(path: str, step: int) -> int:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     if len(kept) < len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        paths.write_atomic(path, "".join(kept))
     return len(lines) - len(kept)
 
 

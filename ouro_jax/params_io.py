@@ -20,6 +20,7 @@ from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import CheckpointError, ConfigError
 from ouro_jax.hf.load import load_hf, read_hf_config
 from ouro_jax.model import abstract_params
+from ouro_jax.paths import Path, as_path, check_bucket
 
 CONFIG_FILE = "ouro_config.json"
 PARAMS_DIR = "params"
@@ -29,28 +30,27 @@ _LEGACY_EXECUTION_FIELDS = ("dtype", "param_dtype", "scan_layers", "scan_steps",
 
 def save_params(directory: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any]) -> None:
     """Writes a params-only checkpoint for inference or export."""
-    directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
+    directory = as_path(directory)
+    check_bucket(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(directory, PARAMS_DIR), nn.unbox(params), force=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+        checkpointer.save(directory / PARAMS_DIR, nn.unbox(params), force=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
-def _read_config(directory: str, execution: Execution | None = None) -> OuroConfig:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
+def _read_config(directory: Path, execution: Execution | None = None) -> OuroConfig:
+    path = directory / CONFIG_FILE
+    if not path.exists():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a params checkpoint of ouro_jax")
     try:
-        with open(path) as f:
-            fields = json.load(f)
+        fields = json.loads(path.read_text())
         fields = {k: v for k, v in fields.items() if k not in _LEGACY_EXECUTION_FIELDS}
         return OuroConfig.from_dict(fields, execution)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{path}: not a valid ouro_jax config ({e})") from None
 
 
-def _stored_dtype(params_dir: str) -> str:
+def _stored_dtype(params_dir: Path) -> str:
     """The dtype the weights were saved in (read from the orbax metadata, no array data)."""
     with ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.metadata(params_dir).item_metadata.tree
@@ -65,8 +65,8 @@ def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None,
     directly, else every array lands on this process's first device (whatever mesh or processes
     saved it); the returned config carries `execution` with that param_dtype.
     """
-    directory = os.path.abspath(os.fspath(directory))
-    params_dir = os.path.join(directory, PARAMS_DIR)
+    directory = as_path(directory)
+    params_dir = directory / PARAMS_DIR
     cfg = _read_config(directory, execution)
     try:
         cfg = cfg.with_execution(param_dtype=param_dtype or _stored_dtype(params_dir))
@@ -83,16 +83,16 @@ def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None,
         raise CheckpointError(f"{directory}: cannot restore params ({type(e).__name__}: {first_line})") from None
 
 
-def _is_ours(path: str) -> bool:
+def _is_ours(path: Path) -> bool:
     """True for a params checkpoint of ours, False for an HF Ouro directory; raises for neither."""
-    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+    if (path / CONFIG_FILE).exists():
         return True
-    if os.path.exists(os.path.join(path, "config.json")):
+    if (path / "config.json").exists():
         return False
     hint = ""
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isdir(os.path.join(path, "checkpoints")):
-        hint = f" (a training workdir? its params are in {os.path.join(path, PARAMS_DIR)})"
-    what = "no such directory" if not os.path.isdir(path) else "neither an HF Ouro directory (config.json) " \
+    if (path / PARAMS_DIR).is_dir() and (path / "checkpoints").is_dir():
+        hint = f" (a training workdir? its params are in {path / PARAMS_DIR})"
+    what = "no such directory" if not path.is_dir() else "neither an HF Ouro directory (config.json) " \
         f"nor an ouro_jax params checkpoint ({CONFIG_FILE})"
     raise CheckpointError(f"{path}: {what}{hint}")
 
@@ -100,14 +100,14 @@ def _is_ours(path: str) -> bool:
 def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
                execution: Execution | None = None) -> tuple[OuroConfig, dict[str, Any]]:
     """Loads an HF Ouro directory or a params checkpoint of ours, whichever `path` is."""
-    path = os.fspath(path)
+    path = as_path(path)
     load = load_params if _is_ours(path) else load_hf
     return load(path, param_dtype=param_dtype, shardings=shardings, execution=execution)
 
 
 def load_model_config(path: str | os.PathLike) -> OuroConfig:
     """The OuroConfig of an HF Ouro directory or a params checkpoint of ours, without reading weights."""
-    path = os.path.abspath(os.fspath(path))
+    path = as_path(path)
     if _is_ours(path):
         return _read_config(path)
     return OuroConfig.from_hf_config(read_hf_config(path))

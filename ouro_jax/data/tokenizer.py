@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 import re
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+
+from ouro_jax.paths import Path, as_path
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -136,8 +137,8 @@ class HFTokenizer:
         return {"kind": "hf", "path": str(self.path), "sha256": self.sha256, "vocab_size": self.vocab_size}
 
 
-def _resolve_tokenizer_file(path: str | os.PathLike) -> pathlib.Path:
-    p = pathlib.Path(path)
+def _resolve_tokenizer_file(path: str | os.PathLike) -> Path:
+    p = as_path(path)
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.is_file():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ouro_jax.paths import as_path
+
 METRIC_LABELS = {"ce": "cross-entropy (nats/token, lower is better)", "accuracy": "exact-match accuracy"}
 
 
@@ -35,5 +37,7 @@ def plot_sweep(result: dict, path: str | None = None, *, title: str = "", ax=Non
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path)
+        path = as_path(path)
+        with path.open("wb") as f:  # local or an object store
+            fig.savefig(f, format=path.suffix[1:] or "png")
     return fig

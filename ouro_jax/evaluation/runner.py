@@ -20,15 +20,16 @@ from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS, ce_quality, check_thre
 from ouro_jax.evaluation.tasks import make_eval_task, score_task
 from ouro_jax.evaluation.text import EvalInputError, score_text, text_source
 from ouro_jax.params_io import load_model
+from ouro_jax.paths import as_path, check_bucket
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def resolve_model(spec: str) -> str:
-    """A local model directory, or a hub id ("org/name") downloaded with huggingface_hub."""
-    if os.path.isdir(spec):
+    """A model directory (local or `gs://...`), or a hub id ("org/name") downloaded with huggingface_hub."""
+    if as_path(spec).is_dir():
         return spec
-    if os.path.exists(spec):
+    if as_path(spec).exists():
         raise EvalInputError(
             f"{spec}: not a directory (expected an HF Ouro directory or an ouro_jax params checkpoint)")
     if not _HUB_ID.fullmatch(spec) or spec.startswith("."):
@@ -64,6 +65,8 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
         raise EvalInputError("nothing to evaluate: give text inputs and/or a task")
     if num_steps is not None and num_steps < 1:
         raise EvalInputError(f"num_steps must be >= 1, got {num_steps}")
+    if output_dir is not None:
+        check_bucket(output_dir)
     path, cfg, params = load_checkpoint(model, **({"dtype": dtype} if dtype else {}))
     gates = {}
     if gate_from is not None:
@@ -98,14 +101,14 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
                                          num_layers=cfg.num_hidden_layers, thresholds=thresholds)}
         plots[f"task_{eval_task.name}"] = (result["task"]["sweep"], f"{task}: accuracy vs depth")
     if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
+        output = as_path(output_dir)
+        output.mkdir(parents=True, exist_ok=True)
         result["plots"] = {}
         for stem, (curves, title) in plots.items():
-            png = os.path.join(output_dir, f"sweep_{stem}.png")
+            png = output / f"sweep_{stem}.png"
             plot_sweep(curves, png, title=title)
-            result["plots"][stem] = png
-        with open(os.path.join(output_dir, "results.json"), "w") as f:
-            json.dump(result, f, indent=2)
+            result["plots"][stem] = os.fspath(png)
+        (output / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
 

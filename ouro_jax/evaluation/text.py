@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from ouro_jax.data.prepare import PrepareError, read_documents
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.errors import OuroError
 from ouro_jax.evaluation.forward import StepForward
+from ouro_jax.paths import as_path
 
 
 class EvalInputError(OuroError, ValueError):
@@ -51,7 +51,7 @@ def text_source(path: str | os.PathLike, vocab_size: int, *, tokenizer: str | No
                 text_field: str = "text"):
     """A pipeline source for `path`: a prepared shard directory, or a .jsonl / .txt file tokenized with
     `tokenizer` (default: the model directory's tokenizer.json, else the byte tokenizer)."""
-    p = pathlib.Path(path)
+    p = as_path(path)
     if not p.exists():
         raise EvalInputError(f"{p}: no such file or directory")
     if p.is_dir():
@@ -61,7 +61,7 @@ def text_source(path: str | os.PathLike, vocab_size: int, *, tokenizer: str | No
             raise EvalInputError(str(e)) from None
     else:
         if tokenizer is None:
-            has_own = model_dir is not None and (pathlib.Path(model_dir) / "tokenizer.json").is_file()
+            has_own = model_dir is not None and (as_path(model_dir) / "tokenizer.json").is_file()
             tokenizer = model_dir if has_own else "byte"
         try:
             tok = load_tokenizer(tokenizer)

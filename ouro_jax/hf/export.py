@@ -10,7 +10,8 @@ atomically: everything is written into a hidden temporary directory beside the t
 place at the end, so a failed or interrupted export leaves no directory behind (and, with overwrite=True,
 the previous export stays until the new one is complete). Only a hard kill (SIGKILL, power loss) can
 leave a hidden `.NAME.tmp-*` directory beside the target, never a half-written target; the next export
-to that target removes it. Export runs on one
+to that target removes it. On object stores (`gs://`), where a rename is a copy, `config.json` is written,
+copied and moved last (`paths.move_tree`): a directory without it is an incomplete export. Export runs on one
 host: every tensor must be fetchable from this process (params loaded without cross-host sharding).
 """
 
@@ -19,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from ouro_jax.config import OuroConfig
 from ouro_jax.errors import CheckpointError
 from ouro_jax.hf.keys import INDEX_FILE, SINGLE_FILE, hf_tensors, key_table, param_shapes
 from ouro_jax.hf.safetensors_io import write_safetensors
+from ouro_jax.paths import Path, as_path, check_bucket, exists, is_local, make_temp_dir, remove_leftovers, replace_tree
 
 REMOTE_CODE_FILES = ("configuration_ouro.py", "modeling_ouro.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -42,6 +42,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code")
+COMMIT_FILE = "config.json"  # written last and moved last: an export directory without it is incomplete
 
 
 def parse_size(size: int | str) -> int:
@@ -110,93 +111,62 @@ def _shards(tensors: Sequence[_LazyTensor], max_bytes: int) -> list[list[_LazyTe
     return shards
 
 
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _tokenizer_sources(tokenizer: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+def _tokenizer_sources(tokenizer: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Tokenizer files to copy: the known ones inside a directory, or the given files."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        path = os.fspath(tokenizer)
-        if os.path.isdir(path):
-            found = [os.path.join(path, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(path, n))]
+        path = as_path(tokenizer)
+        if path.is_dir():
+            found = [path / n for n in TOKENIZER_FILES if (path / n).is_file()]
             if not found:
                 raise FileNotFoundError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
             return found
         tokenizer = [path]
-    files = [os.fspath(p) for p in tokenizer]
+    files = [as_path(p) for p in tokenizer]
     for path in files:
-        if not os.path.isfile(path):
+        if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
     return files
 
 
-def _fsync_tree(directory: str) -> None:
-    for name in os.listdir(directory):
-        with open(os.path.join(directory, name), "rb") as f:
-            os.fsync(f.fileno())
+def _fsync_tree(directory: Path) -> None:
+    if is_local(directory):
+        for path in directory.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
 
 
-def _write_export(tmp: str, cfg: OuroConfig, params: dict[str, Any], dtype_name: str, max_bytes: int,
-                  tokenizer_files: list[str], generation: dict[str, Any] | None) -> None:
+def _write_export(tmp: Path, cfg: OuroConfig, params: dict[str, Any], dtype_name: str, max_bytes: int,
+                  tokenizer_files: list[Path], generation: dict[str, Any] | None) -> None:
     tensors = _lazy_tensors(cfg, params, EXPORT_DTYPES[dtype_name])
     metadata = {"format": "pt"}  # transformers expects this tag on safetensors files
     shards = _shards(tensors, max_bytes)
     if len(shards) == 1:
-        write_safetensors(os.path.join(tmp, SINGLE_FILE), [(t.key, t) for t in tensors], metadata)
+        write_safetensors(tmp / SINGLE_FILE, [(t.key, t) for t in tensors], metadata)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(os.path.join(tmp, name), [(t.key, t) for t in shard], metadata)
+            write_safetensors(tmp / name, [(t.key, t) for t in shard], metadata)
             weight_map.update({t.key: name for t in shard})
-        _write_json(os.path.join(tmp, INDEX_FILE),
+        _write_json(tmp / INDEX_FILE,
                     {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map})
-    _write_json(os.path.join(tmp, "config.json"), cfg.to_hf_config(dtype_name))
-    _write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg, generation))
+    _write_json(tmp / "generation_config.json", generation_config(cfg, generation))
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(os.path.join(REMOTE_CODE_DIR, name), os.path.join(tmp, name))
+        (tmp / name).write_bytes((as_path(REMOTE_CODE_DIR) / name).read_bytes())
     for path in tokenizer_files:
-        shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+        (tmp / path.name).write_bytes(path.read_bytes())
+    _write_json(tmp / COMMIT_FILE, cfg.to_hf_config(dtype_name))  # last: what marks the export complete
     _fsync_tree(tmp)
-
-
-def _publish(tmp: str, out_dir: str) -> None:
-    """Renames the finished temporary directory to out_dir, replacing an existing one only at the end."""
-    old = None
-    if os.path.lexists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        if os.path.islink(old):
-            os.unlink(old)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_leftovers(out_dir: str) -> list[str]:
-    """Removes the hidden `.NAME.tmp-*` / `.NAME.old-*` directories that a killed export of out_dir left."""
-    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
-    found = sorted(os.path.join(parent, d) for d in os.listdir(parent)
-                   if d.startswith((f".{name}.tmp-", f".{name}.old-")))
-    for path in found:
-        print(f"removing {path}: left by an interrupted export", flush=True)
-        shutil.rmtree(path, ignore_errors=True)
-    return found
 
 
 def has_tokenizer(directory: str | os.PathLike) -> bool:
     """Whether `directory` holds tokenizer files that an export would carry."""
-    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+    directory = as_path(directory)
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
 def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any], *, dtype: str | None = None,
@@ -209,29 +179,30 @@ def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any
     max_shard_size: bytes or e.g. '5GB'; above it the weights are split into shards with an index.
     tokenizer: a directory (its tokenizer files are copied) or a list of files.
     generation: extra `generation_config.json` fields. An existing non-empty out_dir is refused unless
-    overwrite=True. Returns the absolute path of out_dir.
+    overwrite=True. Returns the absolute path (or URI) of out_dir.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = as_path(out_dir)
+    check_bucket(out_dir)
     stored_bf16 = all(np.dtype(leaf.dtype) == EXPORT_DTYPES["bfloat16"] for leaf in jax.tree.leaves(params))
     dtype_name = dtype or ("bfloat16" if stored_bf16 else "float32")
     if dtype_name not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
-    if os.path.lexists(out_dir):
-        if not os.path.isdir(out_dir):
+    if exists(out_dir):
+        if not out_dir.is_dir():
             raise FileExistsError(f"{out_dir} exists and is not a directory")
-        if os.listdir(out_dir) and not overwrite:
+        if any(out_dir.iterdir()) and not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer_files = _tokenizer_sources(tokenizer) if tokenizer is not None else []
-    remove_leftovers(out_dir)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    remove_leftovers(out_dir, COMMIT_FILE, "export")
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         _write_export(tmp, cfg, params, dtype_name, max_bytes, tokenizer_files, generation)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary directory
-        _publish(tmp, out_dir)
+        if is_local(tmp):
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is an ordinary directory
+        replace_tree(tmp, out_dir, COMMIT_FILE)
     except BaseException:  # KeyboardInterrupt too: leave nothing behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
-    return out_dir
+    return os.fspath(out_dir)

@@ -14,18 +14,18 @@ from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import CheckpointError
 from ouro_jax.hf.keys import IGNORED_SUFFIXES, INDEX_FILE, SINGLE_FILE, TensorMapping, key_table, param_shapes
 from ouro_jax.hf.safetensors_io import SafetensorsFile
+from ouro_jax.paths import Path, as_path
 
 
-def _open_tensors(directory: str) -> dict[str, SafetensorsFile]:
+def _open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
     """HF key -> the file holding it, for a single or an index-sharded checkpoint."""
-    index_path = os.path.join(directory, INDEX_FILE)
-    if os.path.exists(index_path):
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
         try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: corrupt index ({e!r})") from None
-        files = {name: SafetensorsFile(os.path.join(directory, name)) for name in sorted(set(weight_map.values()))}
+        files = {name: SafetensorsFile(directory / name) for name in sorted(set(weight_map.values()))}
         located = {key: files[name] for key, name in weight_map.items()}
         for file in files.values():
             for key in file.keys():
@@ -35,8 +35,8 @@ def _open_tensors(directory: str) -> dict[str, SafetensorsFile]:
             if key not in file.keys():
                 raise CheckpointError(f"{INDEX_FILE} places {key!r} in {file.path}, which does not hold it")
         return located
-    single = os.path.join(directory, SINGLE_FILE)
-    if not os.path.exists(single):
+    single = directory / SINGLE_FILE
+    if not single.exists():
         raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
     file = SafetensorsFile(single)
     return {key: file for key in file.keys()}
@@ -44,10 +44,9 @@ def _open_tensors(directory: str) -> dict[str, SafetensorsFile]:
 
 def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The `config.json` dict of an HF directory (CheckpointError when missing or not JSON)."""
-    path = os.path.join(os.fspath(directory), "config.json")
+    path = as_path(directory) / "config.json"
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{directory}: no config.json; not an HF Ouro directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -63,8 +62,8 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, sha
     param_dtype ('float32' / 'bfloat16') defaults to the checkpoint's dtype; the returned config
     carries `execution` (default settings if None) with that param_dtype.
     """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
+    directory = as_path(directory)
+    if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     hf_config = read_hf_config(directory)
     if param_dtype is None:

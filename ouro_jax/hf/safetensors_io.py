@@ -1,8 +1,8 @@
 """Memory-mapped reading and streaming writing of `.safetensors` files, bfloat16 included.
 
 The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-data_offsets}}, then the raw little-endian tensor bytes. Reading maps the file and returns views,
-so a checkpoint is never copied whole into host memory.
+data_offsets}}, then the raw little-endian tensor bytes. Reading maps a local file and returns views,
+so a checkpoint is never copied whole into host memory; a file on an object store is read into memory once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from ouro_jax.errors import CheckpointError
+from ouro_jax.paths import as_path, is_local
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -30,9 +31,9 @@ class SafetensorsFile:
     """Read-only view of one `.safetensors` file; `get(name)` returns a memory-mapped array."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
+        self.path = as_path(path)
+        size = self.path.stat().length
+        with self.path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{self.path}: corrupt safetensors file (shorter than its 8-byte header length)")
@@ -61,7 +62,12 @@ class SafetensorsFile:
                                       f"(offsets {begin}..{end}, shape {shape}, {entry['dtype']}; "
                                       f"data has {data_size} bytes)")
             self._entries[name] = (dtype, shape, begin, end)
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+        if not size:
+            self._map = None
+        elif is_local(self.path):
+            self._map = np.memmap(os.fspath(self.path), dtype=np.uint8, mode="r")
+        else:
+            self._map = np.frombuffer(self.path.read_bytes(), np.uint8)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -95,7 +101,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.n
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with as_path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, array in tensors:

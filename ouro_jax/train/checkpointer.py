@@ -8,7 +8,6 @@ each step and checked on restore, so flipped bytes do not restore silently.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
@@ -17,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ouro_jax import paths
 from ouro_jax.errors import CheckpointError, OuroError
 from ouro_jax.train.step import all_finite
 
 UNRESTORABLE_SUFFIX = ".unrestorable"
+ORBAX_COMMIT_FILE = "commit_success.txt"  # what marks a finalized step on object stores (no atomic rename there)
 
 
 class NonFiniteParamsError(OuroError, RuntimeError):
@@ -111,11 +112,11 @@ class TrainCheckpointer:
     States with non-finite parameters are refused.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int | None = 3,
+    def __init__(self, directory: paths.PathLike, *, save_every: int, keep: int | None = 3,
                  async_save: bool = True, verify: bool = True):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
-        self.directory, self.verify = os.fspath(directory), verify
+        self.directory, self.verify = paths.as_path(directory), verify
         policies = ocp.checkpoint_managers
         every_n = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_every),
                                           policies.PreemptionCheckpointingPolicy()])  # no extra save at step 1
@@ -156,7 +157,7 @@ class TrainCheckpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        saved = os.path.isdir(os.path.join(self.directory, str(step), "fingerprint"))
+        saved = (self.directory / str(step) / "fingerprint").is_dir()
         if self.verify and saved:
             items["fingerprint"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -195,11 +196,11 @@ class TrainCheckpointer:
         if not steps or jax.process_index() != 0:
             return
         for step in steps:
-            source = os.path.join(self.directory, str(step))
-            target, n = source + UNRESTORABLE_SUFFIX, 1
-            while os.path.exists(target):
-                target, n = f"{source}{UNRESTORABLE_SUFFIX}-{n}", n + 1
-            os.rename(source, target)
+            source = self.directory / str(step)
+            target, n = source.with_name(source.name + UNRESTORABLE_SUFFIX), 1
+            while paths.exists(target):
+                target, n = source.with_name(f"{source.name}{UNRESTORABLE_SUFFIX}-{n}"), n + 1
+            paths.move_tree(source, target, ORBAX_COMMIT_FILE)
             print(f"[checkpoint] moved unrestorable step {step} aside to {target}", flush=True)
         self._manager.reload()
 

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ouro_jax import paths
 from ouro_jax import sharding as shd
 from ouro_jax.config import ARCHITECTURE_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
@@ -193,11 +194,10 @@ def _initial_state(config, program: TrainProgram, checkpointer: TrainCheckpointe
     return 0, program.init(jax.random.key(int(config.seed))), False
 
 
-def _write_run_config(config, workdir: str) -> None:
+def _write_run_config(config, workdir: paths.Path) -> None:
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json(indent=2))
 
 
 def _fault_kill(checkpointer: TrainCheckpointer) -> None:
@@ -209,13 +209,13 @@ def _fault_kill(checkpointer: TrainCheckpointer) -> None:
 class _Trainer:
     """One run's pieces (program, data, checkpoints, metrics) and the step loop over them."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: paths.Path):
         self.config, self.workdir = config, workdir
         self.mesh = shd.make_mesh(dict(config.mesh))
         self.program = build_train_program(config, self.mesh, dict(config.train.compiler_options) or None)
         self.sources = make_sources(config, self.program.model_cfg)
         self.evaluations = make_evaluations(config, self.sources, self.mesh)
-        self.checkpoint_dir = os.path.join(workdir, "checkpoints")
+        self.checkpoint_dir = workdir / "checkpoints"
         try:
             resumed = self._start()
         except CheckpointError as e:
@@ -262,11 +262,12 @@ class _Trainer:
                 f"(train.max_consecutive_nonfinite={limit}); the last good checkpoint is in {self.checkpoint_dir}. "
                 f"Lower optim.peak_lr or check the data.")
 
-    def _save(self, force: bool = False) -> None:
+    def _save(self, writer: MetricsWriter, force: bool = False) -> None:
         if force and self.saved_step == self.step:
             return
         if self.checkpointer.save(self.step, self.state, self.data, force=force):
             self.saved_step = self.step
+            writer.sync()  # the metrics up to a checkpoint are stored when it is
 
     def _write_pending(self, pending: list, window_start: float, writer: MetricsWriter, rate) -> float:
         """Fetches the metrics of the `pending` (step, device metrics) and writes one row per step, with
@@ -306,7 +307,7 @@ class _Trainer:
             evaluate = bool(eval_every) and self.step % eval_every == 0 and self.step < total
             if self.step % log_every == 0 or self.step % checkpoint_every == 0 or evaluate or self.step == total:
                 window_start = self._write_pending(pending, window_start, writer, rate)
-            self._save()
+            self._save(writer)
             if self.step == kill_after:
                 _fault_kill(self.checkpointer)
             if evaluate:
@@ -324,27 +325,28 @@ class _Trainer:
             with _StopSignals(int(self.config.train.stop_check_every)) as stop:
                 self._steps(step_fn, writer, stop)
                 if stop.requested(self.step, force=True):
-                    self._save(force=True)
+                    self._save(writer, force=True)
                     self.checkpointer.wait()
-                    raise TrainingInterrupted(stop.signum, self.step, self.checkpoint_dir)
-            self._save(force=True)
+                    raise TrainingInterrupted(stop.signum, self.step, os.fspath(self.checkpoint_dir))
+            self._save(writer, force=True)
             self._evaluate(writer)
             params_dir = None
             if self.config.train.export_params:
-                params_dir = os.path.join(self.workdir, "params")
+                params_dir = os.fspath(self.workdir / "params")
                 save_params(params_dir, self.program.model_cfg, self.state.params)
             self.checkpointer.wait()
         finally:
             writer.close()
             self.checkpointer.close()
         return TrainResult(state=self.state, step=self.step, eval_metrics=self.eval_metrics,
-                           checkpoint_dir=self.checkpoint_dir, params_dir=params_dir)
+                           checkpoint_dir=os.fspath(self.checkpoint_dir), params_dir=params_dir)
 
 
-def train(config, workdir: str, explicit_model_fields: Collection[str] = ()) -> TrainResult:
-    """Runs (or resumes) the training of `config` in `workdir`; `explicit_model_fields`: the config.model
-    fields set on the command line (see `adopt_checkpoint_shape`)."""
-    workdir = os.path.abspath(workdir)
+def train(config, workdir: paths.PathLike, explicit_model_fields: Collection[str] = ()) -> TrainResult:
+    """Runs (or resumes) the training of `config` in `workdir` (local or `gs://...`); `explicit_model_fields`:
+    the config.model fields set on the command line (see `adopt_checkpoint_shape`)."""
+    workdir = paths.as_path(workdir)
+    paths.check_bucket(workdir)
     if config.init_from:
         adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
     if jax.process_index() != 0:

@@ -1,7 +1,8 @@
 """The training workdir: one run at a time (a lock), and moving an incompatible old run aside.
 
 The lock is `fcntl.flock` on WORKDIR/.lock: the kernel drops it when its process dies, so a killed
-run never blocks the next one. Filesystems without flock (some network mounts) run unlocked.
+run never blocks the next one. Filesystems without flock (some network mounts) and object stores
+(`gs://`) run unlocked: there, keeping to one run per workdir is up to the user.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import fcntl
 import os
 import time
 
+from ouro_jax import paths
 from ouro_jax.errors import OuroError
+from ouro_jax.train.checkpointer import ORBAX_COMMIT_FILE
 
 LOCK_FILE = ".lock"
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tb", "config.json", "params")
@@ -24,11 +27,15 @@ class WorkdirBusyError(OuroError):
 class WorkdirLock:
     """Exclusive, non-blocking lock of a workdir for the life of a run (`with WorkdirLock(dir):`)."""
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_FILE)
+    def __init__(self, workdir: paths.PathLike):
+        self.path = os.fspath(paths.as_path(workdir) / LOCK_FILE)
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
+        if not paths.is_local(self.path):
+            print(f"[train] {os.path.dirname(self.path)} is on an object store: no workdir lock, so start only "
+                  "one run per workdir", flush=True)
+            return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -52,17 +59,19 @@ class WorkdirLock:
             self._fd = None
 
 
-def move_run_aside(workdir: str) -> str | None:
+def move_run_aside(workdir: paths.PathLike) -> str | None:
     """Moves the previous run's checkpoints, metrics, config and params into WORKDIR/replaced-TIME/
-    (nothing is deleted); returns that directory, or None when there was nothing to move."""
-    present = [name for name in RUN_ENTRIES if os.path.lexists(os.path.join(workdir, name))]
+    (nothing is deleted; on object stores a copy, then a delete); returns that directory, or None when
+    there was nothing to move."""
+    workdir = paths.as_path(workdir)
+    present = [name for name in RUN_ENTRIES if paths.exists(workdir / name)]
     if not present:
         return None
-    target = os.path.join(workdir, time.strftime("replaced-%Y%m%d-%H%M%S"))
+    target = os.fspath(workdir / time.strftime("replaced-%Y%m%d-%H%M%S"))
     n = 1
-    while os.path.exists(target):
+    while paths.exists(target):
         target, n = f"{target.rsplit('.', 1)[0]}.{n}", n + 1
-    os.makedirs(target)
+    paths.as_path(target).mkdir(parents=True)
     for name in present:
-        os.rename(os.path.join(workdir, name), os.path.join(target, name))
+        paths.move_tree(workdir / name, paths.as_path(target) / name, ORBAX_COMMIT_FILE)
     return target
