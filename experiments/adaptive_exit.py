@@ -11,25 +11,21 @@ evaluation's sweep plot OUT/eval_seedS/sweep_task_mano.png.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
 from configs import stage2_gate
-from experiments.common import looped_stage1, train_run, write_json
+from experiments.common import experiment_args, looped_stage1, train_run, write_json
 from ouro_jax.evaluation import evaluate_model
-from ouro_jax.params_io import load_model_config
-from ouro_jax.train.config import model_fields
 
 TASK = "mano:max_len=2,modulus=5,answer_base=2"
 
 
 def stage2_config(stage1_params: str, task: str, steps: int):
-    """Stage II on the small model: its own model fields (T, RoPE theta too), the demo's batches, float32."""
+    """Stage II on the small model (every model field comes from `stage1_params`), the demo's batches, float32."""
     c = stage2_gate.get_config()
     c.init_from = stage1_params
-    c.model = model_fields(load_model_config(stage1_params))
     c.execution.update(dtype="float32", unroll=True)
     c.mesh.update(data=-1, fsdp=1)
     c.data.update(sources=task, seq_len=32, batch_size=32)
@@ -48,18 +44,11 @@ def gain_over_static(sweep: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/experiments/adaptive")
-    p.add_argument("--task", default=TASK)
-    p.add_argument("--steps", type=int, default=3000, help="Stage I steps")
-    p.add_argument("--gate-steps", type=int, default=600, help="Stage II steps")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--examples", type=int, default=512, help="held-out examples")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 + 4 steps, 16 examples, one seed")
-    a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
+    a, seeds = experiment_args(
+        __doc__, argv, out="runs/experiments/adaptive", task=TASK, steps_help="Stage I steps", quick_help="4 + 4 steps",
+        add=lambda p: p.add_argument("--gate-steps", type=int, default=600, help="Stage II steps"))
     if a.quick:
-        a.steps, a.gate_steps, a.examples, seeds = 4, 4, 16, seeds[:1]
+        a.gate_steps = 4
     result = {"task": a.task, "steps": a.steps, "gate_steps": a.gate_steps, "examples": a.examples, "seeds": {}}
     for seed in seeds:
         stage1, wall1 = looped_stage1(a.out, a.task, steps=a.steps, seed=seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -13,6 +14,25 @@ from ouro_jax import config as model_presets
 from ouro_jax.params_io import load_model
 from ouro_jax.train.config import model_fields
 from ouro_jax.train.loop import train
+
+
+def experiment_args(doc: str, argv, *, out: str, task: str, steps_help: str, quick_help: str, add=None):
+    """(args, seeds) of a driver: --out, --task, --steps, --seeds, --examples, --quick (4 steps, 16 examples,
+    one seed) and whatever `add(parser)` adds."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", default=out)
+    p.add_argument("--task", default=task)
+    p.add_argument("--steps", type=int, default=3000, help=steps_help)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--examples", type=int, default=512, help="held-out examples")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help}, 16 examples, one seed")
+    if add:
+        add(p)
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    if a.quick:
+        a.steps, a.examples, seeds = 4, 16, seeds[:1]
+    return a, seeds
 
 
 def mano_config(task: str, *, layers: int, loops: int, steps: int, seed: int, objective: str = "last_step"):

@@ -9,12 +9,11 @@ length: per-step exact-match accuracy). Writes OUT/results.json and OUT/iso_mano
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
-from experiments.common import count_params, mano_config, new_figure, train_run, write_json
+from experiments.common import count_params, experiment_args, mano_config, new_figure, train_run, write_json
 from ouro_jax.evaluation import evaluate_model
 
 
@@ -25,19 +24,12 @@ def architectures(k: int, total: int) -> dict[str, tuple[int, int]]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/experiments/iso")
-    p.add_argument("--task", default="mano:max_len=2,modulus=5")
-    p.add_argument("--layers", type=int, default=1, help="k, layers of the looped model")
-    p.add_argument("--total", type=int, default=4, help="L, layer applications of the looped and dense models")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--examples", type=int, default=512, help="held-out examples")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 16 examples, one seed")
-    a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    if a.quick:
-        a.steps, a.examples, seeds = 4, 16, seeds[:1]
+    def add(p):
+        p.add_argument("--layers", type=int, default=1, help="k, layers of the looped model")
+        p.add_argument("--total", type=int, default=4, help="L, layer applications of the looped and dense models")
+
+    a, seeds = experiment_args(__doc__, argv, out="runs/experiments/iso", task="mano:max_len=2,modulus=5",
+                               steps_help="training steps", quick_help="4 steps", add=add)
     result = {"task": a.task, "steps": a.steps, "objective": "last_step", "examples": a.examples, "runs": {}}
     archs = architectures(a.layers, a.total)
     for name, (layers, loops) in archs.items():

@@ -14,14 +14,13 @@ OUT/kv_policies.json and OUT/kv_policies.png.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.adaptive_exit import TASK
-from experiments.common import looped_stage1, new_figure, write_json
+from experiments.common import experiment_args, looped_stage1, new_figure, write_json
 from ouro_jax import Ouro
 from ouro_jax.evaluation import decode_task, make_eval_task
 from ouro_jax.inference import POLICIES
@@ -29,18 +28,10 @@ from ouro_jax.params_io import load_model
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/experiments/adaptive")
-    p.add_argument("--task", default=TASK)
-    p.add_argument("--steps", type=int, default=3000, help="Stage I steps (when the model is trained here)")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--thresholds", default="1.0,0.5", help="Q-exit q of the decoder (1.0: full depth)")
-    p.add_argument("--examples", type=int, default=512, help="held-out examples")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 training steps, 16 examples, one seed")
-    a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    if a.quick:
-        a.steps, a.examples, seeds = 4, 16, seeds[:1]
+    a, seeds = experiment_args(
+        __doc__, argv, out="runs/experiments/adaptive", task=TASK, quick_help="4 training steps",
+        steps_help="Stage I steps (when the model is trained here)",
+        add=lambda p: p.add_argument("--thresholds", default="1.0,0.5", help="Q-exit q of the decoder (1: full depth)"))
     result = {"task": a.task, "examples": a.examples, "seeds": {}, "kv_cosine_to_last_step": {}}
     for seed in seeds:
         params_dir, _ = looped_stage1(a.out, a.task, steps=a.steps, seed=seed)
