@@ -3,7 +3,8 @@
     python -m ouro_jax.train --config configs/stage2_gate.py --workdir RUN \\
         --config.init_from=PATH --config.data.sources=DIR_OR_TASK
 
-PATH is an HF Ouro directory or a params checkpoint of ours; every model field comes from it (the frozen LM runs as trained; an explicit --config.model.* still wins);
+PATH is an HF Ouro directory or a params checkpoint of ours; every model field comes from it (the frozen LM
+runs as trained; an explicit --config.model.* still wins);
 labels w_t = sigmoid(k (max(0, CE_{t-1} - CE_t) - gamma)) with k = loss.gate_k, gamma = loss.gate_gamma.
 The optimizer holds state for the gate only; every LM parameter leaves bit-identical.
 """
