@@ -29,11 +29,16 @@ from ouro_jax.train.step import build_train_program  # noqa: E402
 BATCH, SEQ = 8, 256
 
 
+def bench_model(max_positions: int):
+    """The benchmarks' model: d=512, SwiGLU 1408, 4 layers, T=4, 8 heads of 64, vocab 8192."""
+    return presets.tiny(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=8, head_dim=64, total_ut_steps=4,
+                        max_position_embeddings=max_positions)
+
+
 def bench_config(dtype: str, remat: str, scan: bool):
     c = base_config()
-    c.model = model_fields(presets.tiny(
-        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=8, head_dim=64, total_ut_steps=4, max_position_embeddings=SEQ))
+    c.model = model_fields(bench_model(SEQ))
     c.execution.update(dtype=dtype, remat_policy=remat, unroll=not scan)
     c.mesh.update(data=1, fsdp=1, tensor=1)
     c.data.update(seq_len=SEQ, batch_size=BATCH)

@@ -24,8 +24,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_train import bench_model  # noqa: E402
 
-from ouro_jax import config as presets  # noqa: E402
 from ouro_jax import sharding as shd  # noqa: E402
 from ouro_jax.hf.export import export_hf  # noqa: E402
 from ouro_jax.inference import generate  # noqa: E402
@@ -37,9 +37,7 @@ BATCH, SEQ = 4, 512
 
 def bench_config(unroll: bool):
     c = base_config()
-    c.model = model_fields(presets.tiny(
-        vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=8, head_dim=64, total_ut_steps=4, max_position_embeddings=2 * SEQ))
+    c.model = model_fields(bench_model(2 * SEQ))
     c.execution.update(dtype="float32", unroll=unroll)
     c.mesh.update(data=1, fsdp=1, tensor=1)
     c.data.update(seq_len=SEQ, batch_size=BATCH)

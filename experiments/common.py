@@ -10,9 +10,8 @@ import time
 import jax
 
 from configs import demo
-from ouro_jax import config as model_presets
 from ouro_jax.params_io import load_model
-from ouro_jax.train.config import model_fields
+from ouro_jax.train.config import model_config, model_fields
 from ouro_jax.train.loop import train
 
 
@@ -39,9 +38,7 @@ def mano_config(task: str, *, layers: int, loops: int, steps: int, seed: int, ob
     """The demo recipe (d=64, 32 x 32 tokens, AdamW 1e-3) with `layers` shared layers looped `loops` times."""
     c = demo.get_config()
     c.seed = seed
-    c.model = model_fields(model_presets.tiny(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=16, total_ut_steps=loops, max_position_embeddings=128))
+    c.model = model_fields(model_config(c).replace(num_hidden_layers=layers, total_ut_steps=loops))
     c.data.sources = task
     c.data.eval_examples = 0  # evaluated afterwards with ouro_jax.evaluation
     c.loss.objective = objective

@@ -73,9 +73,9 @@ def _path_name(path) -> str:
 
 def fingerprint(tree: Any) -> dict[str, int]:
     """{array path: uint32 fingerprint} of every array in `tree` (one small device program)."""
-    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
+    keys, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
     values = jax.device_get(_fingerprints(list(leaves)))
-    return {_path_name(p): int(v) for p, v in zip(paths, values)}
+    return {_path_name(k): int(v) for k, v in zip(keys, values)}
 
 
 def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
