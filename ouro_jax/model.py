@@ -98,9 +98,10 @@ def step_cross_entropy(cfg: OuroConfig, hidden: Array, head: Array, targets: Arr
                                         interpret=run.kernel_interpret)[0]
 
 
-def fuse_projections() -> bool:
-    """Whether q/k/v and gate/up run as one matmul each, from weights stacked at compute time: on XLA:CPU
-    (about 8% faster training there); elsewhere the stacked copies would only cost memory."""
+def on_xla_cpu() -> bool:
+    """Whether the mesh in context runs on XLA:CPU, where q/k/v and gate/up run as one matmul each from
+    weights stacked at compute time (about 8% faster training there; elsewhere the stacked copies only
+    cost memory) and attention masks by an additive bias (see `attend`)."""
     return kernels.mesh_platform() == "cpu"
 
 
@@ -129,20 +130,30 @@ def attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
     """Softmax attention in float32 over one or more key blocks, with grouped KV heads.
 
     q [B, Sq, H, hd]; each block is (k, v [B, Sk, KVH, hd], mask [B, 1, Sq, Sk]). Decoding passes
-    the read-only KV cache and the new chunk as two blocks, so the cache is never copied. The
-    normalization divides the [.., hd] output, not the [.., Sk] probabilities.
+    the read-only KV cache and the new chunk as two blocks, so the cache is never copied. Each KV
+    head's queries form one [G * Sq, hd] matrix; on XLA:CPU the mask is an additive bias, and in
+    that form a one-block attention (dot, softmax, dot) compiles to one fused kernel (a select
+    there splits it; on TPU the select takes less memory). The normalization divides the [.., hd]
+    output, not the [.., Sk] probabilities.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_heads = blocks[0][0].shape[2]
-    q = (q * head_dim**-0.5).reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = [jnp.where(mask[:, :, None], jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32),
-                        jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
+    group = heads // kv_heads
+    q = jnp.swapaxes(q * head_dim**-0.5, 1, 2).reshape(batch, kv_heads, group * q_len, head_dim)
+    lowest = jnp.finfo(jnp.float32).min
+
+    def masked_scores(k, mask):
+        scores = jnp.einsum("bkqd,btkd->bkqt", q, k, preferred_element_type=jnp.float32)
+        mask = jnp.tile(mask, (1, 1, group, 1))
+        return scores + jnp.where(mask, 0.0, lowest) if on_xla_cpu() else jnp.where(mask, scores, lowest)
+
+    scores = [masked_scores(k, mask) for k, _, mask in blocks]
     peak = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores]))
     weights = [jnp.exp(s - peak) for s in scores]
-    total = sum(w.sum(axis=-1) for w in weights)                                 # [B, KVH, G, Sq]
-    out = sum(jnp.einsum("bkgqt,btkd->bqkgd", w.astype(v.dtype), v) for w, (_, v, _) in zip(weights, blocks))
-    out = out / jnp.moveaxis(total, 3, 1)[..., None].astype(out.dtype)
-    return out.reshape(batch, q_len, heads, head_dim)
+    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)                  # [B, KVH, G * Sq, 1]
+    out = sum(jnp.einsum("bkqt,btkd->bkqd", w.astype(v.dtype), v) for w, (_, v, _) in zip(weights, blocks))
+    out = out / total.astype(out.dtype)
+    return jnp.swapaxes(out.reshape(batch, heads, q_len, head_dim), 1, 2)
 
 
 def causal_attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -187,7 +198,7 @@ class Attention(nn.Module):
         wv = weight("v_proj", ("embed", "kv_heads", "head_dim"), (d, kv_heads, hd))
         wo = weight("o_proj", ("q_heads", "head_dim", "embed"), (heads, hd, d))
         x = x.astype(dt)
-        if heads == kv_heads and fuse_projections():  # one matmul, stacked after the (sharded) head axis
+        if heads == kv_heads and on_xla_cpu():  # one matmul, stacked after the (sharded) head axis
             q, k, v = jnp.unstack(dense(x, jnp.stack([wq, wk, wv], axis=2).astype(dt)), axis=3)
         else:
             q, k, v = (dense(x, w.astype(dt)) for w in (wq, wk, wv))
@@ -236,7 +247,7 @@ class MLP(nn.Module):
         w_up = self.param("up_proj", _weight_init(cfg, ("embed", "mlp")), shape_in, cfg.weight_dtype)
         w_down = self.param("down_proj", _weight_init(cfg, ("mlp", "embed")), shape_out, cfg.weight_dtype)
         x = x.astype(dt)
-        if fuse_projections():
+        if on_xla_cpu():
             gate, up = jnp.unstack(dense(x, jnp.stack([w_gate, w_up], axis=2).astype(dt)), axis=-1)
         else:
             gate, up = dense(x, w_gate.astype(dt)), dense(x, w_up.astype(dt))

@@ -149,19 +149,23 @@ def test_default_positions():
     np.testing.assert_array_equal(model.default_positions(None, segments, segments.shape), [[0, 1, 0, 1, 2, 0]])
 
 
-def test_fused_projections_equal_separate_ones(tiny, monkeypatch):
-    """q/k/v and gate/up from stacked weights (the XLA:CPU path) equal separate matmuls, values and grads."""
+def test_xla_cpu_forms_equal_the_others(tiny, monkeypatch):
+    """The XLA:CPU forms (q/k/v and gate/up from stacked weights, the attention mask as an additive bias) equal
+    separate matmuls and a masking select, values and grads, with left padding (the padded rows, which see no
+    key, are left out: the bias form passes their gradient on to q and k, the select does not)."""
     cfg, params = tiny
     ids = _ids(4, (2, 9))
+    attention_mask = jnp.array([[0, 0, 0] + [1] * 6, [1] * 9])
 
     def loss_and_grads():
-        loss = lambda p: jnp.sum(Ouro(cfg).apply({"params": p}, ids).hidden_states ** 2)
+        out = lambda p: Ouro(cfg).apply({"params": p}, ids, attention_mask=attention_mask).hidden_states
+        loss = lambda p: jnp.sum(out(p) ** 2 * attention_mask[:, :, None])
         return jax.value_and_grad(loss)(params)
 
-    assert model.fuse_projections()   # CPU
-    fused = loss_and_grads()
-    monkeypatch.setattr(model, "fuse_projections", lambda: False)
-    chex.assert_trees_all_close(fused, loss_and_grads(), rtol=1e-5, atol=1e-5)
+    assert model.on_xla_cpu()
+    cpu_forms = loss_and_grads()
+    monkeypatch.setattr(model, "on_xla_cpu", lambda: False)
+    chex.assert_trees_all_close(cpu_forms, loss_and_grads(), rtol=1e-5, atol=1e-5)
 
 
 def test_query_blocked_causal_attention_equals_one_block(monkeypatch):
