@@ -130,20 +130,28 @@ def attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
     """Softmax attention in float32 over one or more key blocks, with grouped KV heads.
 
     q [B, Sq, H, hd]; each block is (k, v [B, Sk, KVH, hd], mask [B, 1, Sq, Sk]). Decoding passes
-    the read-only KV cache and the new chunk as two blocks, so the cache is never copied. Each KV
-    head's queries form one [G * Sq, hd] matrix; on XLA:CPU the mask is an additive bias, and in
-    that form a one-block attention (dot, softmax, dot) compiles to one fused kernel (a select
-    there splits it; on TPU the select takes less memory). The normalization divides the [.., hd]
-    output, not the [.., Sk] probabilities.
+    the read-only KV cache and the new chunk as two blocks, so the cache is never copied.
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = blocks[0][0].shape[2]
+    heads_major = [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask) for k, v, mask in blocks]
+    return jnp.swapaxes(attend_heads_major(jnp.swapaxes(q, 1, 2), heads_major), 1, 2)
+
+
+def attend_heads_major(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
+    """`attend` in the heads-major layout: q [B, H, Sq, hd], each k, v [B, KVH, Sk, hd] -> [B, H, Sq, hd].
+
+    Each KV head's queries form one [G * Sq, hd] matrix; on XLA:CPU the mask is an additive bias, and in
+    that form a one-block attention (dot, softmax, dot) compiles to one fused kernel (a select there
+    splits it; on TPU the select takes less memory). The normalization divides the [.., hd] output, not
+    the [.., Sk] probabilities.
+    """
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads = blocks[0][0].shape[1]
     group = heads // kv_heads
-    q = jnp.swapaxes(q * head_dim**-0.5, 1, 2).reshape(batch, kv_heads, group * q_len, head_dim)
+    q = (q * head_dim**-0.5).reshape(batch, kv_heads, group * q_len, head_dim)
     lowest = jnp.finfo(jnp.float32).min
 
     def masked_scores(k, mask):
-        scores = jnp.einsum("bkqd,btkd->bkqt", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32)
         mask = jnp.tile(mask, (1, 1, group, 1))
         return scores + jnp.where(mask, 0.0, lowest) if on_xla_cpu() else jnp.where(mask, scores, lowest)
 
@@ -151,9 +159,8 @@ def attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
     peak = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores]))
     weights = [jnp.exp(s - peak) for s in scores]
     total = sum(w.sum(axis=-1, keepdims=True) for w in weights)                  # [B, KVH, G * Sq, 1]
-    out = sum(jnp.einsum("bkqt,btkd->bkqd", w.astype(v.dtype), v) for w, (_, v, _) in zip(weights, blocks))
-    out = out / total.astype(out.dtype)
-    return jnp.swapaxes(out.reshape(batch, heads, q_len, head_dim), 1, 2)
+    out = sum(jnp.einsum("bkqt,bktd->bkqd", w.astype(v.dtype), v) for w, (_, v, _) in zip(weights, blocks))
+    return (out / total.astype(out.dtype)).reshape(batch, heads, q_len, head_dim)
 
 
 def causal_attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -162,8 +169,10 @@ def causal_attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
     length = q.shape[1]
     num = max(1, min(ATTENTION_MAX_BLOCKS, length // ATTENTION_QUERY_BLOCK))
     bounds = [length * i // num for i in range(num + 1)]
-    return jnp.concatenate([attend(q[:, a:b], [(k[:, :b], v[:, :b], mask[:, :, a:b, :b])])
-                            for a, b in zip(bounds, bounds[1:])], axis=1)
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))   # heads-major once, not per block
+    out = [attend_heads_major(q[:, :, a:b], [(k[:, :, :b], v[:, :, :b], mask[:, :, a:b, :b])])
+           for a, b in zip(bounds, bounds[1:])]
+    return jnp.swapaxes(jnp.concatenate(out, axis=2), 1, 2)
 
 
 class RMSNorm(nn.Module):

@@ -186,7 +186,7 @@ def test_query_blocked_causal_attention_equals_one_block(monkeypatch):
     whole = jax.value_and_grad(lambda *a: loss(lambda q, k, v: model.attend(q, [(k, v, mask)]), *a), (0, 1, 2))
     chex.assert_trees_all_close(blocked(q, k, v), whole(q, k, v), rtol=1e-5, atol=1e-5)
     key_lengths = []
-    monkeypatch.setattr(model, "attend", lambda q, blocks: key_lengths.append(blocks[0][0].shape[1]) or q)
+    monkeypatch.setattr(model, "attend_heads_major", lambda q, blocks: key_lengths.append(blocks[0][0].shape[2]) or q)
     model.causal_attend(q, k, v, mask)
     assert key_lengths == [9, 18, 27, 37]
 
