@@ -10,7 +10,7 @@ import pytest
 from ouro_jax import config
 from ouro_jax import generate as cli
 from ouro_jax.inference import SamplingParams, filter_logits, generate, resolve_exit_threshold, sample_tokens
-from ouro_jax.inference.engine import _generate_program
+from ouro_jax.inference.engine import _generate_program, cache_positions, default_cache_length, prompt_bucket
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,20 @@ def test_one_compilation_serves_other_prompts_lengths_and_settings(golden_model,
         result = generate(cfg, params, [shorter], return_logits=True, **kw)
         assert result.tokens.shape == (1, kw["max_new_tokens"]) and result.cache_length == 32
     assert _generate_program._cache_size() == compiled
+
+
+@pytest.mark.parametrize("draft_tokens", [0, 3])
+def test_a_cache_of_exactly_the_written_positions_suffices(golden_model, prompt, draft_tokens):
+    """The last new token is never fed, so bucket + max_new_tokens - 1 (+ a verified chunk) positions give the
+    tokens a roomier cache gives; the default length is the power of two that holds them."""
+    cfg, params = golden_model
+    bucket, max_new_tokens = prompt_bucket(len(prompt)), 9
+    needed = cache_positions(bucket, max_new_tokens, draft_tokens)
+    run = lambda length: generate(cfg, params, [prompt], max_new_tokens=max_new_tokens, cache_length=length,
+                                  draft_tokens=draft_tokens).tokens
+    np.testing.assert_array_equal(run(needed), run(needed + 16))
+    assert default_cache_length(len(prompt), max_new_tokens, draft_tokens=draft_tokens) == prompt_bucket(needed)
+    assert default_cache_length(16, 17) == 32      # 16 + 17 - 1 = 32 positions
 
 
 def test_bad_input_gets_clear_errors(golden_model, prompt):

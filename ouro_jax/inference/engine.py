@@ -76,9 +76,16 @@ def prompt_bucket(length: int, min_bucket: int = 8) -> int:
     return max(min_bucket, 1 << (max(length, 1) - 1).bit_length())
 
 
+def cache_positions(bucket: int, max_new_tokens: int, draft_tokens: int = 0) -> int:
+    """Cache positions a generation writes: the padded prompt, every fed token (all new ones but the last)
+    and a verified chunk of `draft_tokens`."""
+    return bucket + max_new_tokens - 1 + draft_tokens
+
+
 def default_cache_length(longest_prompt: int, max_new_tokens: int, min_bucket: int = 8, draft_tokens: int = 0) -> int:
-    """The power-of-two cache length that holds the bucketed prompt, every fed token and a verified chunk."""
-    return prompt_bucket(prompt_bucket(longest_prompt, min_bucket) + max_new_tokens + draft_tokens, min_bucket)
+    """The power-of-two cache length that holds `cache_positions` of the bucketed prompt."""
+    return prompt_bucket(cache_positions(prompt_bucket(longest_prompt, min_bucket), max_new_tokens, draft_tokens),
+                         min_bucket)
 
 
 def resolve_exit_threshold(cfg: OuroConfig, exit_threshold: float | None) -> float:
@@ -466,7 +473,7 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
     pick the exit step's logits: the released generate); draft_tokens k > 0: self-speculative
     decoding, drafting k tokens at `draft_depth` steps and verifying them at `depth` (lossless; `full`
     policy). temperature 0 is greedy; a row stops after any of `stop_token_ids`. cache_length
-    defaults to the power-of-two bucket of prompt bucket + max_new_tokens (+ k); fix it to reuse one
+    defaults to the power-of-two bucket of prompt bucket + max_new_tokens - 1 (+ k); fix it to reuse one
     compiled program across calls with other lengths.
     """
     rows = _validate_prompts(cfg, prompts)
@@ -486,7 +493,7 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
     bucket = prompt_bucket(longest, min_bucket)
-    needed = bucket + max_new_tokens - 1 + draft_tokens   # the padded prompt, every fed token, a verified chunk
+    needed = cache_positions(bucket, max_new_tokens, draft_tokens)
     if cache_length is None:
         cache_length = default_cache_length(longest, max_new_tokens, min_bucket, draft_tokens)
     elif needed > cache_length:
