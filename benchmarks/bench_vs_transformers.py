@@ -10,7 +10,8 @@ train step = that plus `torch.optim.AdamW` and gradient clipping. ouro_jax: pref
 one new token (every step, the KV cache, the last position's logits); forward+backward = the Stage I
 loss (every step's cross-entropy, the gate's entropy) and its gradient; train step = the jitted
 `build_train_program` step (AdamW, clipping, non-finite checks). Times are the median of `--repeats`
-runs after a warm-up (compilation excluded); ratios > 1 mean ouro_jax is faster.
+runs after a warm-up (compilation excluded); each repeat runs every contestant once, in turn, so a slow
+spell of a shared machine hits all of them alike. Ratios > 1 mean ouro_jax is faster.
 """
 
 from __future__ import annotations
@@ -45,14 +46,23 @@ def bench_config(unroll: bool):
     return c
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up / compilation
-    times = []
+MEASURES = ("prefill", "forward+backward", "train step")
+
+
+def median_times(contestants: dict[str, dict], repeats: int) -> dict[str, dict[str, float]]:
+    """Seconds per call, the median of `repeats` rounds after a warm-up; each round times every
+    contestant's every measure once, in turn."""
+    for runs in contestants.values():
+        for fn in runs.values():
+            fn()   # warm-up / compilation
+    times = {name: {m: [] for m in runs} for name, runs in contestants.items()}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for measure in MEASURES:
+            for name, runs in contestants.items():
+                start = time.perf_counter()
+                runs[measure]()
+                times[name][measure].append(time.perf_counter() - start)
+    return {name: {m: float(np.median(t)) for m, t in by.items()} for name, by in times.items()}
 
 
 def batch_of(ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -61,8 +71,8 @@ def batch_of(ids: np.ndarray) -> dict[str, np.ndarray]:
             "loss_mask": np.ones((BATCH, SEQ), np.float32)}
 
 
-def ouro_jax_times(unroll: bool, ids: np.ndarray, repeats: int):
-    """(seconds per prefill, forward+backward, train step), and the initial params."""
+def ouro_jax_runs(unroll: bool, ids: np.ndarray):
+    """The three measures as callables, and the model config and initial params."""
     config = bench_config(unroll)
     mesh = shd.make_mesh(dict(config.mesh), jax.devices()[:1])
     program = build_train_program(config, mesh)
@@ -78,18 +88,18 @@ def ouro_jax_times(unroll: bool, ids: np.ndarray, repeats: int):
 
     grad = jax.jit(jax.value_and_grad(loss))
     prompts = ids[:, :SEQ]
-    prefill = median_time(lambda: generate(cfg, params, prompts, max_new_tokens=1), repeats)
-    forward_backward = median_time(lambda: jax.block_until_ready(grad(state.params, batch)), repeats)
 
     def train_step():
         nonlocal state
         state, metrics = program.step(state, batch)
         jax.block_until_ready(metrics)
 
-    return (prefill, forward_backward, median_time(train_step, repeats)), cfg, params
+    runs = {"prefill": lambda: generate(cfg, params, prompts, max_new_tokens=1),
+            "forward+backward": lambda: jax.block_until_ready(grad(state.params, batch)), "train step": train_step}
+    return runs, cfg, params
 
 
-def transformers_times(cfg, params, ids: np.ndarray, repeats: int):
+def transformers_runs(cfg, params, ids: np.ndarray):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,10 +110,12 @@ def transformers_times(cfg, params, ids: np.ndarray, repeats: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
     def prefill():
+        model.eval()
         with torch.inference_mode():
             model(prompts, use_cache=True, logits_to_keep=1)
 
     def forward_backward():
+        model.train()
         model.zero_grad(set_to_none=True)
         model(inputs, labels=inputs).loss.backward()
 
@@ -112,10 +124,7 @@ def transformers_times(cfg, params, ids: np.ndarray, repeats: int):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    model.eval()
-    prefill_s = median_time(prefill, repeats)
-    model.train()
-    return prefill_s, median_time(forward_backward, repeats), median_time(train_step, repeats)
+    return {"prefill": prefill, "forward+backward": forward_backward, "train step": train_step}
 
 
 def main():
@@ -126,18 +135,19 @@ def main():
     import torch
 
     ids = np.random.default_rng(0).integers(3, 8192, (BATCH, SEQ + 1), dtype=np.int32)
-    ours = {}
+    contestants = {}
     for loops in args.loops:
-        ours[loops], cfg, params = ouro_jax_times(loops == "unrolled", ids, args.repeats)
-        print(f"ouro_jax {loops}: " + ", ".join(f"{BATCH * SEQ / t:.0f}" for t in ours[loops]), flush=True)
-    theirs = transformers_times(cfg, params, ids, args.repeats)
+        contestants[f"ouro_jax {loops}"], cfg, params = ouro_jax_runs(loops == "unrolled", ids)
+    contestants["transformers"] = transformers_runs(cfg, params, ids)
+    times = median_times(contestants, args.repeats)
+    theirs = times.pop("transformers")
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), batch {BATCH} x {SEQ} tokens, float32")
-    header = f"{'tokens/s':>18} | {'transformers':>12} | " + " | ".join(f"{'ouro_jax ' + k:>17} | ratio" for k in ours)
-    print(header)
-    for i, name in enumerate(("prefill", "forward+backward", "train step")):
-        row = f"{name:>18} | {BATCH * SEQ / theirs[i]:12.0f} | "
-        row += " | ".join(f"{BATCH * SEQ / t[i]:17.0f} | {theirs[i] / t[i]:4.2f}x" for t in ours.values())
+    print(f"{'tokens/s':>18} | {'transformers':>12} | " + " | ".join(f"{name:>17} | ratio" for name in times))
+    for measure in MEASURES:
+        row = f"{measure:>18} | {BATCH * SEQ / theirs[measure]:12.0f} | "
+        row += " | ".join(f"{BATCH * SEQ / t[measure]:17.0f} | {theirs[measure] / t[measure]:4.2f}x"
+                          for t in times.values())
         print(row)
 
 
