@@ -54,20 +54,26 @@ def jax_decode(cfg, params, prompts, new_tokens, repeats, **kw):
     return decode_rate(run, new_tokens, len(prompts), repeats), run(new_tokens)
 
 
+def transformers_model(cfg, params):
+    """Our HF export of `params` (float32), loaded by transformers with trust_remote_code: the baseline."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ouro_jax.hf.export import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_hf(os.path.join(tmp, "ouro"), cfg, jax.device_get(params), dtype="float32")
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+
+
 class TorchDecoder:
     """transformers generate() on our HF export of the same weights (greedy, float32)."""
 
     def __init__(self, cfg, params):
         import torch
-        from transformers import AutoModelForCausalLM
-
-        from ouro_jax.hf.export import export_hf
 
         self.torch, self.cfg = torch, cfg
-        with tempfile.TemporaryDirectory() as tmp:
-            export_hf(os.path.join(tmp, "ouro"), cfg, jax.device_get(params), dtype="float32")
-            self.model = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "ouro"), trust_remote_code=True,
-                                                              dtype=torch.float32).eval()
+        self.model = transformers_model(cfg, params).eval()
 
     def rate(self, prompts, new_tokens, repeats):
         ids = self.torch.tensor(prompts)

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_decode import transformers_model  # noqa: E402
 from bench_train import bench_model  # noqa: E402
 
 from ouro_jax import sharding as shd  # noqa: E402
-from ouro_jax.hf.export import export_hf  # noqa: E402
 from ouro_jax.inference import generate  # noqa: E402
 from ouro_jax.train.config import base_config, model_fields  # noqa: E402
 from ouro_jax.train.step import batch_loss_sums, build_train_program  # noqa: E402
@@ -101,11 +100,8 @@ def ouro_jax_runs(unroll: bool, ids: np.ndarray):
 
 def transformers_runs(cfg, params, ids: np.ndarray):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_hf(os.path.join(tmp, "ouro"), cfg, params, dtype="float32")
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    model = transformers_model(cfg, params)
     prompts = inputs = torch.tensor(ids[:, :SEQ], dtype=torch.long)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
 
