@@ -5,7 +5,7 @@
 Model: d=512, 4 layers, T=4 (8 heads of 64, SwiGLU 1408, vocab 8192), Stage I objective, batch 8 x 256
 tokens; the loops over layers and steps either as nn.scan (the default, for compile time at scale) or
 unrolled (`execution.unroll`: the same params, faster on CPU). Model FLOPs are analytic
-(ouro_jax.metrics.model_flops_per_token: every matmul of the T loops, the LM head at every step,
+(ouro_jax.train.metrics.model_flops_per_token: every matmul of the T loops, the LM head at every step,
 attention; x3 for the backward pass; no rematerialization).
 """
 
@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 
 from ouro_jax import config as presets  # noqa: E402
 from ouro_jax import sharding as shd  # noqa: E402
-from ouro_jax.metrics import measure_matmul_flops, model_flops_per_token  # noqa: E402
 from ouro_jax.train.config import base_config, model_fields  # noqa: E402
+from ouro_jax.train.metrics import measure_matmul_flops, model_flops_per_token  # noqa: E402
 from ouro_jax.train.step import build_train_program  # noqa: E402
 
 BATCH, SEQ = 8, 256

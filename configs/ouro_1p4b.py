@@ -6,7 +6,7 @@
     --config configs/ouro_1p4b.py:stage3     long context: 64K, theta 1M, constant 3e-5
     --config configs/ouro_1p4b.py:stage4     mid-training: 32K, theta 1M, cosine 3e-5 -> 1e-5
 
-Set `--config.data.sources=DIR` (token shards from `python -m ouro_jax.data.prepare`); start each stage
+Set `--config.data.sources=DIR` (token shards from `ouro-prepare`); start each stage
 after 1a from the previous one with `--config.init_from=PREVIOUS_RUN/params` (the params only: a fresh
 optimizer state, hence a 200-step warmup). The paper ramps the stage-1a batch from 4M to 8M tokens;
 one run keeps one batch size (its data iterator state depends on it).

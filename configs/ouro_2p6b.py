@@ -1,7 +1,7 @@
 """Ouro-2.6B: 48 layers, upcycled from the 24-layer model after stage 1a, then stages 1b..4 (SPEC 6).
 
-    python -m ouro_jax.upcycle RUN_1A/params UPCYCLED          # layers [1..24, 1..24]
-    python -m ouro_jax.train --config configs/ouro_2p6b.py --workdir RUN \\
+    ouro-upcycle RUN_1A/params UPCYCLED          # layers [1..24, 1..24]
+    python -m ouro_jax.cli.train --config configs/ouro_2p6b.py --workdir RUN \\
         --config.init_from=UPCYCLED --config.data.sources=DIR
 
 The default is stage 1b (T=4); `:stage2`, `:stage3`, `:stage4` continue from the previous stage's

@@ -1,6 +1,6 @@
 """Stage II (SPEC 4): the LM frozen, only the exit gate trained toward its "continue" labels.
 
-    python -m ouro_jax.train --config configs/stage2_gate.py --workdir RUN \\
+    python -m ouro_jax.cli.train --config configs/stage2_gate.py --workdir RUN \\
         --config.init_from=PATH --config.data.sources=DIR_OR_TASK
 
 PATH is an HF Ouro directory or a params checkpoint of ours; every model field comes from it (the frozen LM

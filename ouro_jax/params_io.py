@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import CheckpointError, ConfigError
+from ouro_jax.hf.export import export_hf, has_tokenizer
 from ouro_jax.hf.load import load_hf, read_hf_config
 from ouro_jax.model import abstract_params
 from ouro_jax.paths import Path, as_path, check_bucket
@@ -111,3 +112,16 @@ def load_model_config(path: str | os.PathLike) -> OuroConfig:
     if _is_ours(path):
         return _read_config(path)
     return OuroConfig.from_hf_config(read_hf_config(path))
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> str:
+    """Exports an ouro_jax params checkpoint (or re-exports an HF Ouro directory) to out_dir.
+
+    kwargs are those of `export_hf`. Re-exporting a released checkpoint gives it our remote code
+    and the correct special ids; the tokenizer files of the source directory are copied unless
+    `tokenizer=` names others.
+    """
+    cfg, params = load_model(checkpoint)
+    if kwargs.get("tokenizer") is None and has_tokenizer(checkpoint):
+        kwargs["tokenizer"] = os.fspath(checkpoint)  # an HF source directory's tokenizer travels with it
+    return export_hf(out_dir, cfg, params, **kwargs)

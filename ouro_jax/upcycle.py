@@ -4,7 +4,7 @@ The released Ouro-2.6B (48 layers) was upcycled from the 24-layer model after st
 mapping is unspecified, and repeating the stack [1..N, 1..N] is the natural choice. Everything
 else (embedding, final norm, exit gate, head) is kept as it is.
 
-    python -m ouro_jax.upcycle SRC DST [--repeats 2]     # SRC: ours or an HF directory; DST: ours
+    ouro-upcycle SRC DST [--repeats 2]     # SRC: ours or an HF directory; DST: ours
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ouro_jax.config import OuroConfig
-from ouro_jax.errors import CheckpointError, OneLineParser, cli_errors
+from ouro_jax.errors import CheckpointError
 from ouro_jax.params_io import CONFIG_FILE, load_model, save_params
 from ouro_jax.paths import as_path
 
@@ -40,19 +40,3 @@ def upcycle_checkpoint(source: str, destination: str, repeats: int = 2, *, overw
     cfg, params = upcycle_params(cfg, params, repeats)
     save_params(destination, cfg, params)
     return cfg
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(prog="python -m ouro_jax.upcycle", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="params checkpoint of ouro_jax or an HF Ouro directory")
-    parser.add_argument("destination", help="where to write the upcycled params checkpoint")
-    parser.add_argument("--repeats", type=int, default=2, help="copies of the layer stack (default 2)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a params checkpoint at DESTINATION")
-    args = parser.parse_args(argv)
-    with cli_errors("python -m ouro_jax.upcycle"):
-        cfg = upcycle_checkpoint(args.source, args.destination, args.repeats, overwrite=args.overwrite)
-    print(f"wrote {args.destination}: {cfg.num_hidden_layers} layers ({args.repeats} x the stack of {args.source})")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ouro_jax import aot
 from ouro_jax import config as presets
+from ouro_jax.train import aot
 from ouro_jax.train.config import base_config, model_fields
 
 

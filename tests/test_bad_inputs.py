@@ -1,6 +1,6 @@
 """Bad input to every CLI ends in one line on stderr and a non-zero exit, and loses no existing file.
 
-Each case calls the CLI's `main` in-process (train: `ouro_jax.train.cli.main` after flag parsing);
+Each case calls the CLI's `main` in-process (train: `ouro_jax.cli.train.main` after flag parsing);
 a few train cases go through the real process to cover absl flag parsing.
 """
 
@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from helpers import PYTHON, REPO, subprocess_env, tiny_train_config
 
-from ouro_jax import export as export_cli
-from ouro_jax import generate as generate_cli
-from ouro_jax import upcycle as upcycle_cli
-from ouro_jax.data import prepare as prepare_cli
-from ouro_jax.evaluation import cli as eval_cli
+from ouro_jax.cli import eval as eval_cli
+from ouro_jax.cli import export as export_cli
+from ouro_jax.cli import generate as generate_cli
+from ouro_jax.cli import prepare as prepare_cli
+from ouro_jax.cli import train as train_cli
+from ouro_jax.cli import upcycle as upcycle_cli
+from ouro_jax.data import prepare as prepare_lib
 from ouro_jax.model import init_params
 from ouro_jax.params_io import save_params
-from ouro_jax.train import cli as train_cli
 from ouro_jax.train.config import model_config
 from ouro_jax.train.workdir import WorkdirLock
 
@@ -59,7 +60,7 @@ def env(tmp_path_factory, golden_dir):
     (root / "export_out").mkdir()
     (root / "export_out" / "keep.txt").write_text("existing export")
     (root / "a_file").write_text("a file, not a directory")
-    prepare_cli.prepare([str(root / "text.txt")], root / "data", progress=False)
+    prepare_lib.prepare([str(root / "text.txt")], root / "data", progress=False)
     shutil.copytree(root / "data", root / "data_truncated")
     shard = root / "data_truncated" / "shard-00000.array_record"
     shard.write_bytes(shard.read_bytes()[:50])
@@ -215,7 +216,7 @@ def test_train_locked_workdir(env, tmp_path, capsys):
 ], ids=["missing-config-file", "mesh-too-large", "nan-lr"])
 def test_train_command_line(tmp_path, args, text):
     args = [str(tmp_path / "w") if a == "W" else a for a in args]
-    proc = subprocess.run([PYTHON, "-m", "ouro_jax.train", *args], cwd=REPO, env=subprocess_env(),
+    proc = subprocess.run([PYTHON, "-m", "ouro_jax.cli.train", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("ouro-train")]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ouro_jax.cli.prepare import main
 from ouro_jax.data import ByteTokenizer, HFTokenizer, TokenShards
-from ouro_jax.data.prepare import PrepareError, main, prepare
+from ouro_jax.data.prepare import PrepareError, prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT_DOCS = ["First paragraph,\nwith two lines.", "Second: ünïcødé ✓", "Third one."]
@@ -96,13 +97,13 @@ def test_hf_tokenizer_and_no_eos(corpus, tmp_path):
 
 def test_cli_progress_and_manifest(corpus, tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "ouro_jax.data.prepare", str(corpus / "a.txt"), str(corpus / "c.parquet"),
+    r = subprocess.run([sys.executable, "-m", "ouro_jax.cli.prepare", str(corpus / "a.txt"), str(corpus / "c.parquet"),
                         "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "wrote 53 documents" in r.stdout
     assert "100%" in r.stderr and "B/s" in r.stderr  # the progress bar, on stderr
     assert json.loads((out / "manifest.json").read_text())["documents"] == 53
-    r = subprocess.run([sys.executable, "-m", "ouro_jax.data.prepare", str(corpus / "a.txt"), "--output", str(out)],
+    r = subprocess.run([sys.executable, "-m", "ouro_jax.cli.prepare", str(corpus / "a.txt"), "--output", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already holds prepared shards" in r.stderr and "Traceback" not in r.stderr
 

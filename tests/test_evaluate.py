@@ -13,6 +13,7 @@ import pytest
 from helpers import golden_with_tokenizer
 
 from ouro_jax import Ouro, exit_pdf, q_exit_step
+from ouro_jax.cli.eval import main as cli_main
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.evaluation import (
     MODEL_GATE,
@@ -26,7 +27,6 @@ from ouro_jax.evaluation import (
     sweep,
     text_source,
 )
-from ouro_jax.evaluation.cli import main as cli_main
 from ouro_jax.evaluation.sweep import ce_quality
 from ouro_jax.evaluation.tasks import make_eval_task
 
@@ -226,7 +226,7 @@ def test_exit_pdf_of_sweep_inputs_is_a_distribution(golden_model):
 
 
 def test_export_of_hf_directory_carries_its_tokenizer(model_dir, tmp_path):
-    from ouro_jax.export import export_checkpoint
+    from ouro_jax.params_io import export_checkpoint
 
     out = pathlib.Path(export_checkpoint(model_dir, tmp_path / "export"))
     assert (out / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()

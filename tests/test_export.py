@@ -13,15 +13,14 @@ import pytest
 from flax import traverse_util
 
 from ouro_jax import config
+from ouro_jax.cli.export import main as export_main
 from ouro_jax.errors import CheckpointError
-from ouro_jax.export import export_checkpoint
-from ouro_jax.export import main as export_main
 from ouro_jax.hf import export as export_module
 from ouro_jax.hf import export_hf, load_hf
 from ouro_jax.hf.keys import INDEX_FILE, key_table
 from ouro_jax.hf.safetensors_io import SafetensorsFile
 from ouro_jax.model import abstract_params
-from ouro_jax.params_io import save_params
+from ouro_jax.params_io import export_checkpoint, save_params
 
 
 def random_params(cfg, seed=0):

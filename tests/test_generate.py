@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ouro_jax import config
-from ouro_jax import generate as cli
+from ouro_jax.cli import generate as cli
 from ouro_jax.inference import SamplingParams, filter_logits, generate, resolve_exit_threshold, sample_tokens
 from ouro_jax.inference.engine import _generate_program, cache_positions, default_cache_length, prompt_bucket
 

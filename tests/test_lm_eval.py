@@ -20,7 +20,7 @@ TASKS = ["ouro_tiny_mc", "ouro_tiny_ppl", "ouro_tiny_gen"]
 
 @pytest.fixture(scope="module")
 def dirs(golden_dir, tmp_path_factory):
-    from ouro_jax.export import export_checkpoint
+    from ouro_jax.params_io import export_checkpoint
 
     tmp = tmp_path_factory.mktemp("lm_eval")
     source = golden_with_tokenizer(golden_dir, tmp / "golden")

@@ -18,9 +18,9 @@ import pytest
 from helpers import FAST_COMPILE, PYTHON, REPO, subprocess_env
 
 from ouro_jax import sharding as shd
+from ouro_jax.cli.export import main as export_main
+from ouro_jax.cli.generate import main as generate_main
 from ouro_jax.data import make_batch_iterator
-from ouro_jax.export import main as export_main
-from ouro_jax.generate import main as generate_main
 from ouro_jax.params_io import load_params
 from ouro_jax.train import step as trainer
 from ouro_jax.train.loop import make_sources
@@ -52,7 +52,7 @@ class _Pair:
             self.logs.append(log)
             with open(log, "a") as f:
                 self.procs.append(subprocess.Popen(
-                    [PYTHON, "-m", "ouro_jax.train", *ARGS, "--workdir", str(workdir),
+                    [PYTHON, "-m", "ouro_jax.cli.train", *ARGS, "--workdir", str(workdir),
                      f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={PROCESSES}", f"--process_id={i}",
                      *extra], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
 

@@ -16,9 +16,8 @@ from ouro_jax import paths
 from ouro_jax.data import TokenShards
 from ouro_jax.data import prepare as prepare_lib
 from ouro_jax.errors import ShardCorruptError
-from ouro_jax.export import export_checkpoint
 from ouro_jax.hf import load_hf
-from ouro_jax.params_io import load_params
+from ouro_jax.params_io import export_checkpoint, load_params
 from ouro_jax.train import loop
 from ouro_jax.train.workdir import move_run_aside
 
@@ -142,8 +141,8 @@ def test_corrupt_remote_shard_is_refused(gcs_bucket, tmp_path):
 def test_unreachable_endpoint_is_one_line(tmp_path):
     env = {**subprocess_env(), "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "TENSORSTORE_GCS_HTTP_URL":
            "http://127.0.0.1:9", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    proc = subprocess.run([PYTHON, "-m", "ouro_jax.export", "gs://ouro-test/params", str(tmp_path / "out")], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([PYTHON, "-m", "ouro_jax.cli.export", "gs://ouro-test/params", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("ouro-export: error: ") and "127.0.0.1:9" in lines[0], lines[0]

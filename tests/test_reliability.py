@@ -13,15 +13,16 @@ import pytest
 from helpers import FAST_COMPILE, random_batch, tiny_train_config
 
 from ouro_jax import sharding as shd
+from ouro_jax.cli import prepare as prepare_cli
 from ouro_jax.data import TokenShards
 from ouro_jax.data import prepare as prepare_lib
 from ouro_jax.errors import ShardCorruptError
 from ouro_jax.hf.export import export_hf
-from ouro_jax.metrics import MetricsWriter
-from ouro_jax.optim import OptimConfigError, make_optimizer
 from ouro_jax.train import loop
 from ouro_jax.train import step as trainer
 from ouro_jax.train.checkpointer import CheckpointMismatchError, TrainCheckpointer
+from ouro_jax.train.metrics import MetricsWriter
+from ouro_jax.train.optim import OptimConfigError, make_optimizer
 from ouro_jax.train.workdir import WorkdirBusyError, WorkdirLock
 
 
@@ -150,7 +151,7 @@ def test_prepare_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(t
 
     monkeypatch.setattr(prepare_lib.shards_lib.ShardWriter, "write", disk_full)
     with pytest.raises(SystemExit):
-        prepare_lib.main([str(text), "--output", str(tmp_path / "out"), "--overwrite", "--no-progress"])
+        prepare_cli.main([str(text), "--output", str(tmp_path / "out"), "--overwrite", "--no-progress"])
     assert "No space left on device" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == old
     assert not list(tmp_path.glob(".out.tmp-*"))

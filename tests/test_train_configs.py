@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from ouro_jax import model, optim
+from ouro_jax import model
 from ouro_jax import sharding as shd
+from ouro_jax.train import optim
 from ouro_jax.train import step as trainer
 
 

@@ -13,9 +13,9 @@ from ml_collections import config_flags
 from ouro_jax import config as model_presets
 from ouro_jax import model
 from ouro_jax import sharding as shd
+from ouro_jax.cli import train as cli
 from ouro_jax.errors import ConfigError
 from ouro_jax.params_io import load_model_config, save_params
-from ouro_jax.train import cli
 from ouro_jax.train import step as trainer
 from ouro_jax.train.config import model_config, pretraining_config
 from ouro_jax.train.loop import adopt_checkpoint_shape, train

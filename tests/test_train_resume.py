@@ -25,7 +25,7 @@ ARGS = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--config.data.bat
 
 
 def _start(workdir, *extra, env=None):
-    return subprocess.Popen([PYTHON, "-m", "ouro_jax.train", *ARGS, "--workdir", str(workdir), *extra], cwd=REPO,
+    return subprocess.Popen([PYTHON, "-m", "ouro_jax.cli.train", *ARGS, "--workdir", str(workdir), *extra], cwd=REPO,
                             env={**subprocess_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -146,7 +146,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 
 def test_bad_command_lines_fail_clearly(tmp_path):
     for extra in (["--workdir", str(tmp_path), "--config.train.stepz=3"], []):
-        proc = subprocess.run([PYTHON, "-m", "ouro_jax.train", *ARGS, *extra], cwd=REPO, env=subprocess_env(),
+        proc = subprocess.run([PYTHON, "-m", "ouro_jax.cli.train", *ARGS, *extra], cwd=REPO, env=subprocess_env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         if extra:

@@ -9,13 +9,14 @@ import optax
 import pytest
 from helpers import FAST_COMPILE, random_batch, reference_run, tiny_train_config
 
-from ouro_jax import losses, optim
+from ouro_jax import losses
 from ouro_jax import sharding as shd
-from ouro_jax.metrics import matmul_flops_per_token, model_flops_per_token, peak_flops
 from ouro_jax.model import Ouro, abstract_params
+from ouro_jax.train import optim
 from ouro_jax.train import step as trainer
 from ouro_jax.train.checkpointer import NonFiniteParamsError, TrainCheckpointer
 from ouro_jax.train.config import model_config
+from ouro_jax.train.metrics import matmul_flops_per_token, model_flops_per_token, peak_flops
 
 
 def _one_device():

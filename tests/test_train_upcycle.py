@@ -38,7 +38,7 @@ def test_upcycle_cli_and_training_adopts_the_checkpoint_shape(tmp_path):
     train_config = tiny_train_config()
     cfg = model_config(train_config)
     save_params(tmp_path / "small", cfg, model.init_params(cfg, jax.random.key(0)))
-    proc = subprocess.run([PYTHON, "-m", "ouro_jax.upcycle", str(tmp_path / "small"), str(tmp_path / "big")],
+    proc = subprocess.run([PYTHON, "-m", "ouro_jax.cli.upcycle", str(tmp_path / "small"), str(tmp_path / "big")],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "4 layers" in proc.stdout

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?config file}; TOPOLOGY=${2:?topology, e.g. v5p:2x2x1}; shift 2
-JAX_PLATFORMS=cpu exec .venv/bin/python -m ouro_jax.aot --config "$CONFIG" --topology "$TOPOLOGY" "$@"
+JAX_PLATFORMS=cpu exec .venv/bin/ouro-aot --config "$CONFIG" --topology "$TOPOLOGY" "$@"

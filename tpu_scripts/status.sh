@@ -5,5 +5,5 @@
 source "$(dirname "$0")/common.sh"
 WORKDIR=${1:?workdir of the run}; : "${LINES:=5}"
 on_all_workers "$WORKER_INDEX; echo \"== worker \$WORKER (\$(hostname))\"; \
-  pgrep -af 'ouro_jax.train' | grep -v pgrep || echo 'no training process'; \
+  pgrep -af 'ouro_jax.cli.train' | grep -v pgrep || echo 'no training process'; \
   tail -n $LINES $WORKDIR/logs/worker-\$WORKER.log 2>/dev/null || echo 'no log yet'"

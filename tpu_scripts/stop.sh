@@ -5,4 +5,4 @@
 # shellcheck source=tpu_scripts/common.sh
 source "$(dirname "$0")/common.sh"
 WORKDIR=${1:?workdir of the run}
-on_all_workers "mkdir -p $WORKDIR/logs && touch $WORKDIR/logs/STOP && (pkill -TERM -f '^.venv/bin/python -m ouro_jax.train' || true)"
+on_all_workers "mkdir -p $WORKDIR/logs && touch $WORKDIR/logs/STOP && (pkill -TERM -f '^.venv/bin/python -m ouro_jax.cli.train' || true)"

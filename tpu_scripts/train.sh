@@ -10,6 +10,6 @@ CONFIG=${1:?config file}; WORKDIR=${2:?workdir (a directory every worker can wri
 extra=$(printf ' %q' "$@")
 on_all_workers "cd ~/$REPO_DIR && $WORKER_INDEX && mkdir -p $WORKDIR/logs && rm -f $WORKDIR/logs/STOP && \
   nohup tpu_scripts/worker_loop.sh $WORKDIR/logs/worker-\$WORKER.log $WORKDIR/logs/STOP \
-    .venv/bin/python -m ouro_jax.train --config $CONFIG --workdir $WORKDIR --config.distributed=True$extra \
+    .venv/bin/python -m ouro_jax.cli.train --config $CONFIG --workdir $WORKDIR --config.distributed=True$extra \
     >/dev/null 2>&1 </dev/null &"
 echo "started; follow with: tpu_scripts/status.sh $WORKDIR   (all logs: tpu_scripts/logs.sh $WORKDIR)"

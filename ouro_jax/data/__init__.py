@@ -14,7 +14,7 @@ The iterator:
                       num_epochs=None, num_workers=0, process_index=None, process_count=None,
                       packing="auto", read_threads=0, prefetch=2) -> grain.DatasetIterator
 
-`sources`: one or a list of `TokenShards(dir)` (written by `python -m ouro_jax.data.prepare`),
+`sources`: one or a list of `TokenShards(dir)` (written by `ouro-prepare`),
 `InMemoryDocuments(token arrays, target_weights)`, tasks (`Mano`, `MultiHopQA`, `make_task(name, **kw)`),
 or specs for `make_source` ("mano:max_len=10",
 a prepared directory, {"kind": "shards", "path": ...}). `batch_size` is per process; the process

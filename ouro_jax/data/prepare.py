@@ -1,6 +1,6 @@
 """Tokenize plain text, JSONL and Parquet files into ArrayRecord shards (see `shards.py`).
 
-    python -m ouro_jax.data.prepare corpus/ extra.jsonl.gz --output /data/tok --tokenizer /models/Ouro-1.4B
+    ouro-prepare corpus/ extra.jsonl.gz --output /data/tok --tokenizer /models/Ouro-1.4B
 
 Inputs are files or directories (searched recursively, sorted). Formats by extension: `.txt`,
 `.md` (plain text), `.jsonl`, `.ndjson` (one JSON object per line), `.parquet`; `.gz` for text
@@ -19,7 +19,6 @@ manifest last (`paths.replace_tree`).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -32,7 +31,7 @@ import numpy as np
 from ouro_jax import paths
 from ouro_jax.data import shards as shards_lib
 from ouro_jax.data.tokenizer import load_tokenizer
-from ouro_jax.errors import OneLineParser, OuroError, fail
+from ouro_jax.errors import OuroError
 from ouro_jax.paths import Path, as_path, is_local
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -308,39 +307,3 @@ def _write_batch(tok, texts: list[str], src: _Input, writer: shards_lib.ShardWri
         writer.write(ids)
         src.documents += 1
         src.tokens += len(ids)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m ouro_jax.data.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="input files or directories")
-    parser.add_argument("--output", required=True, help="output directory for shards and manifest.json")
-    parser.add_argument("--tokenizer", default="byte",
-                        help="'byte', or a tokenizer.json / model directory holding one (default: byte)")
-    parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
-    parser.add_argument("--text-split", default="paragraph", choices=TEXT_SPLITS,
-                        help="documents of a plain-text file: blank-line separated, lines, or the whole file")
-    parser.add_argument("--no-eos", action="store_true", help="do not append <|endoftext|> to documents")
-    parser.add_argument("--max-shard-tokens", type=int, default=1 << 27, help="start a new shard past this")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        manifest = prepare(args.inputs, args.output, tokenizer=args.tokenizer, text_field=args.text_field,
-                           text_split=args.text_split, append_eos=not args.no_eos,
-                           max_shard_tokens=args.max_shard_tokens, progress=not args.no_progress,
-                           overwrite=args.overwrite)
-    except (PrepareError, OSError, ValueError) as e:
-        fail("python -m ouro_jax.data.prepare", e, code=2)
-    print(f"wrote {manifest['documents']} documents, {manifest['tokens']} tokens in "
-          f"{len(manifest['shards'])} shard(s) to {args.output}")
-    return 0
-
-
-def run() -> None:
-    """Console-script entry point (`ouro-prepare`)."""
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()

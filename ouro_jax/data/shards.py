@@ -2,7 +2,7 @@
 
 A record is a document's token ids as little-endian `uint16` (vocabularies up to 65536) or
 `uint32`, ending with `<|endoftext|>` unless the manifest says otherwise. `TokenShards(dir)` is the
-pipeline source over a directory written by `python -m ouro_jax.data.prepare`.
+pipeline source over a directory written by `ouro-prepare`.
 
 Opening a directory checks every shard's size against the manifest (free) and, when the shards
 total at most `VERIFY_BYTES`, their SHA-256 too (`verify=True` forces it, `False` skips both). Shards
@@ -101,7 +101,7 @@ class TokenShards:
         path = self.directory / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{self.directory} has no {MANIFEST}: not a directory written by "
-                                    "`python -m ouro_jax.data.prepare`")
+                                    "`ouro-prepare`")
         try:
             self.manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:

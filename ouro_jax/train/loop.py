@@ -1,4 +1,4 @@
-"""The training loop: `train(config, workdir)` runs or resumes a run (CLI: `ouro_jax.train.cli`).
+"""The training loop: `train(config, workdir)` runs or resumes a run (CLI: `ouro_jax.cli.train`).
 
 WORKDIR gets `checkpoints/` (orbax: train state + data iterator, async, newest K kept),
 `metrics.jsonl` and `tb/` (every step), and `params/` (a params-only export for inference) at the
@@ -35,9 +35,9 @@ from ouro_jax.config import ARCHITECTURE_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
 from ouro_jax.errors import CheckpointError, ConfigError, OuroError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
-from ouro_jax.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.params_io import load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
+from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 from ouro_jax.train.workdir import WorkdirLock, move_run_aside
 

@@ -31,8 +31,8 @@ from ouro_jax.config import OuroConfig
 from ouro_jax.exit import exit_entropy, exit_pdf
 from ouro_jax.losses import OBJECTIVES, objective_token_loss
 from ouro_jax.model import Ouro, init_boxed_params, init_params
-from ouro_jax.optim import beta_schedule, lr_schedule, make_optimizer
 from ouro_jax.train.config import model_config
+from ouro_jax.train.optim import beta_schedule, lr_schedule, make_optimizer
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
 # Which top-level param groups an objective trains.

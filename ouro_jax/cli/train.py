@@ -1,6 +1,6 @@
 """Training CLI: `ouro-train --config configs/<name>.py --workdir DIR [--config.k=v ...]`.
 
-Also `python -m ouro_jax.train`. Expected errors (bad flags, configs, checkpoints, data) end with one
+Also `python -m ouro_jax.cli.train`. Expected errors (bad flags, configs, checkpoints, data) end with one
 line on stderr and a non-zero exit; `--debug` shows the traceback.
 """
 
@@ -76,3 +76,7 @@ def run() -> None:
     flags.DEFINE_integer("process_id", -1, "with --config.distributed: this process's index (-1 = detect)")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,4 +1,4 @@
-"""Text generation: `ouro-generate --model DIR --prompt "..."` (or `python -m ouro_jax.generate`).
+"""Text generation: `ouro-generate --model DIR --prompt "..."` (or `python -m ouro_jax.cli.generate`).
 
 The command line only: the engine and the library `generate` live in `ouro_jax.inference`. The
 model directory is an HF Ouro directory or a params checkpoint of ours; text is tokenized with the

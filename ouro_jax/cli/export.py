@@ -1,4 +1,4 @@
-"""Export a checkpoint to a Hugging Face directory: `ouro-export CHECKPOINT OUT_DIR` (or `python -m ouro_jax.export`).
+"""`ouro-export CHECKPOINT OUT_DIR` (= `python -m ouro_jax.cli.export`): a checkpoint to a Hugging Face directory.
 
 CHECKPOINT is an ouro_jax params checkpoint (`ouro_jax.params_io.save_params`) or an HF Ouro
 directory (re-exported with our remote code and the correct special ids). The result loads with
@@ -8,25 +8,11 @@ directory (re-exported with our remote code and the correct special ids). The re
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ouro_jax.errors import OneLineParser, cli_errors
-from ouro_jax.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES, export_hf, has_tokenizer
-from ouro_jax.params_io import load_model
-
-
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> str:
-    """Exports an ouro_jax params checkpoint (or re-exports an HF Ouro directory) to out_dir.
-
-    kwargs are those of `export_hf`. Re-exporting a released checkpoint gives it our remote code
-    and the correct special ids; the tokenizer files of the source directory are copied unless
-    `tokenizer=` names others.
-    """
-    cfg, params = load_model(checkpoint)
-    if kwargs.get("tokenizer") is None and has_tokenizer(checkpoint):
-        kwargs["tokenizer"] = os.fspath(checkpoint)  # an HF source directory's tokenizer travels with it
-    return export_hf(out_dir, cfg, params, **kwargs)
+from ouro_jax.hf.export import DEFAULT_MAX_SHARD_SIZE, EXPORT_DTYPES
+from ouro_jax.params_io import export_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

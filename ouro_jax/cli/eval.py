@@ -1,4 +1,4 @@
-"""`ouro-eval` / `python -m ouro_jax.evaluate`: per-step quality and the quality-vs-compute sweep.
+"""`ouro-eval` / `python -m ouro_jax.cli.eval`: per-step quality and the quality-vs-compute sweep.
 
     ouro-eval MODEL [--text FILE_OR_SHARDS ...] [--task mano:max_len=10] [--gate-from STAGE2_CKPT]
               [--thresholds 0.2,0.5,0.8] [--output DIR]
@@ -95,3 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the real train step for TPU topologies, on a machine without a TPU.
 
-    python -m ouro_jax.aot --config configs/ouro_1p4b.py --topology v5p:2x2x1 --batch_per_chip 2
-    python -m ouro_jax.aot --config configs/ouro_1p4b.py --topology v6e:2x2 --find_max_batch
+    ouro-aot --config configs/ouro_1p4b.py --topology v5p:2x2x1 --batch_per_chip 2
+    ouro-aot --config configs/ouro_1p4b.py --topology v6e:2x2 --find_max_batch
 
 libtpu (`pip install "jax[tpu]"`) describes the topology; XLA compiles the sharded train step for
 it and reports the memory each chip needs, whether it fits the chip's HBM, and the collectives.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 
 import jax
 
@@ -164,33 +163,3 @@ def max_batch_per_chip(config, topology: str, limit: int = 1024) -> tuple[int, l
     while guess < limit and fits(guess + 1):
         guess += 1
     return guess, list(reports.values())
-
-
-def main(argv) -> int:
-    del argv
-    config, topology = FLAGS.config, FLAGS.topology
-    if FLAGS.find_max_batch:
-        best, _ = max_batch_per_chip(config, topology)
-        tokens = best * int(config.data.seq_len)
-        print(f"largest batch per chip that fits on {topology}: {best} ({tokens} tokens per chip)")
-        return 0 if best else 1
-    try:
-        report = compile_train_step(config, topology, FLAGS.batch_per_chip)
-    except DoesNotFit as e:
-        print(e)
-        return 1
-    print(report)
-    return 0 if report.fits else 1
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=False)
-    flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:2x2x1, v6e:2x2, v5p:4x4x4")
-    flags.DEFINE_integer("batch_per_chip", 1, "sequences per chip (per microbatch with grad_accum)")
-    flags.DEFINE_bool("find_max_batch", False, "search the largest per-chip batch that fits")
-    flags.mark_flags_as_required(["config"])
-    app.run(lambda argv: sys.exit(main(argv)))
