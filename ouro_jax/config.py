@@ -17,7 +17,8 @@ from ouro_jax.errors import ConfigError
 from ouro_jax.paths import as_path
 
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
-KERNEL_IMPLS = ("auto", "xla", "pallas")
+KERNEL_IMPLS = ("auto", "xla", "reference", "pallas")
+PLATFORMS = ("auto", "cpu", "tpu", "gpu")
 DTYPES = ("float32", "bfloat16", "float16")
 # The fields that fix the parameter shapes: what a run started from a checkpoint takes from it.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -61,10 +62,11 @@ class Execution:
     param_dtype: str = "float32"  # dtype of the weights held in memory (master weights in training)
     remat_policy: str = "none"  # one of REMAT_POLICIES
     unroll: bool = False  # unroll the layer and step scans: faster on CPU, larger programs (same params)
-    # Kernels, see ouro_jax/kernels: "auto" (by the mesh's platform) | "xla" | "pallas".
+    # Ops, see ouro_jax/kernels: "auto" (by the platform) | "xla" | "reference" (the test oracle) | "pallas".
     attention_impl: str = "auto"       # training / prefill attention and decode attention
     cross_entropy_impl: str = "auto"   # the per-step linear cross-entropy and the eval step's argmax
     kernel_interpret: bool = False     # run Pallas kernels in the interpreter (tests on CPU)
+    platform: str = "auto"             # the platform the ops are laid out for; "auto": the mesh's devices
 
     def __post_init__(self):
         _check_types(self)
@@ -76,6 +78,8 @@ class Execution:
         for name in ("attention_impl", "cross_entropy_impl"):
             if getattr(self, name) not in KERNEL_IMPLS:
                 raise ConfigError(f"{name} must be one of {KERNEL_IMPLS}, got {getattr(self, name)!r}")
+        if self.platform not in PLATFORMS:
+            raise ConfigError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> Execution:

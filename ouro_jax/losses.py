@@ -1,7 +1,8 @@
-"""Training objectives (SPEC sections 3-4): chunked cross-entropy, Stage I, the last step, Stage II.
+"""Training objectives (SPEC sections 3-4): Stage I, the last step, Stage II.
 
 All losses take per-step tensors with the recurrent-step axis first, `[T, B, S]`, and compute in
-float32; `chunked_cross_entropy` is what the model calls inside its loop to produce `step_ce`.
+float32; the per-step cross-entropy itself is an op (`kernels.linear_cross_entropy`) the model runs
+inside its loop to produce `step_ce`.
 """
 
 from __future__ import annotations
@@ -10,35 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from ouro_jax.exit import exit_log_pdf
-from ouro_jax.matmul import dense
-
-
-def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk_size: int = 1024) -> jax.Array:
-    """Per-token cross-entropy [B, S] (float32) of logits = hidden @ head, chunk by chunk over S.
-
-    Each chunk's logits are recomputed in the backward pass (`jax.checkpoint`), so neither the
-    forward nor the backward pass holds more than [B, chunk_size, V] logits. Targets outside
-    [0, V) (e.g. -1 for "no target") give a finite, meaningless value: mask them out.
-    """
-    batch, length, width = hidden.shape
-    chunk = min(chunk_size, length)
-    num_chunks = -(-length // chunk)
-    pad = num_chunks * chunk - length
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(jnp.clip(targets, 0, head.shape[1] - 1), ((0, 0), (0, pad)))
-    hidden = hidden.reshape(batch, num_chunks, chunk, width).swapaxes(0, 1)
-    targets = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk_ce(args):
-        h, t = args
-        logits = dense(h, head, out_dtype=jnp.float32)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1) - target_logit
-
-    ce = jax.lax.map(chunk_ce, (hidden, targets))
-    return ce.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
-
 
 # ---- Stage I: entropy-regularized expected cross-entropy (SPEC 3) -------------------------------
 

@@ -12,6 +12,7 @@ per-step head work (hidden states, gate, training loss) happens inside the loop 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -23,10 +24,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ouro_jax import kernels
 from ouro_jax.config import OuroConfig
-from ouro_jax.kernels import cross_entropy as xent_kernel
-from ouro_jax.kernels import decode as decode_kernel
-from ouro_jax.kernels import flash as flash_kernel
-from ouro_jax.losses import chunked_cross_entropy
 from ouro_jax.matmul import dense
 
 Array = jax.Array
@@ -83,31 +80,10 @@ def kernel_segments(attention_mask: Array | None, segment_ids: Array | None, sha
     return segments if attention_mask is None else segments * (attention_mask != 0)
 
 
-def fused_cross_entropy(cfg: OuroConfig, hidden: Array) -> bool:
-    """Whether the head's cross-entropy / argmax over `hidden` [B, S, d] runs the fused kernel."""
-    run = cfg.execution
-    return uses_kernel("cross_entropy", run.cross_entropy_impl, run, xent_kernel.kernel_reasons(hidden[..., 0].size))
-
-
-def step_cross_entropy(cfg: OuroConfig, hidden: Array, head: Array, targets: Array, chunk_size: int) -> Array:
-    """Per-token CE [B, S] of one step: the fused kernel or the chunked XLA path (cfg.execution.cross_entropy_impl)."""
-    run = cfg.execution
-    if not fused_cross_entropy(cfg, hidden):
-        return chunked_cross_entropy(hidden, head, targets, chunk_size)
-    return kernels.linear_cross_entropy(hidden, head, targets, impl=run.cross_entropy_impl,
-                                        interpret=run.kernel_interpret)[0]
-
-
-def on_xla_cpu() -> bool:
-    """Whether the mesh in context runs on XLA:CPU, where q/k/v and gate/up run as one matmul each from
-    weights stacked at compute time (about 8% faster training there; elsewhere the stacked copies only
-    cost memory) and attention masks by an additive bias (see `attend`)."""
-    return kernels.mesh_platform() == "cpu"
-
-
-def uses_kernel(op: str, impl: str, run, reasons) -> bool:
-    """Whether `op` runs a Pallas kernel: `impl` on the platform of the mesh in context (see kernels.dispatch)."""
-    return kernels.choose(op, impl, kernels.mesh_platform(), run.kernel_interpret, *reasons) is not None
+def on_xla_cpu(run) -> bool:
+    """Whether `run` builds for XLA:CPU, where q/k/v and gate/up run as one matmul each from weights
+    stacked at compute time (about 8% faster training there; elsewhere the stacked copies only cost memory)."""
+    return kernels.resolve_platform(run) == "cpu"
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:
@@ -120,59 +96,6 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
     x32 = x.astype(jnp.float32)
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
-ATTENTION_QUERY_BLOCK = 128   # causal attention without a cache: query blocks of >= this many rows
-ATTENTION_MAX_BLOCKS = 8      # at most this many query blocks (the graph holds one attention per block)
-
-
-def attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
-    """Softmax attention in float32 over one or more key blocks, with grouped KV heads.
-
-    q [B, Sq, H, hd]; each block is (k, v [B, Sk, KVH, hd], mask [B, 1, Sq, Sk]). Decoding passes
-    the read-only KV cache and the new chunk as two blocks, so the cache is never copied.
-    """
-    heads_major = [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask) for k, v, mask in blocks]
-    return jnp.swapaxes(attend_heads_major(jnp.swapaxes(q, 1, 2), heads_major), 1, 2)
-
-
-def attend_heads_major(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
-    """`attend` in the heads-major layout: q [B, H, Sq, hd], each k, v [B, KVH, Sk, hd] -> [B, H, Sq, hd].
-
-    Each KV head's queries form one [G * Sq, hd] matrix; on XLA:CPU the mask is an additive bias, and in
-    that form a one-block attention (dot, softmax, dot) compiles to one fused kernel (a select there
-    splits it; on TPU the select takes less memory). The normalization divides the [.., hd] output, not
-    the [.., Sk] probabilities.
-    """
-    batch, heads, q_len, head_dim = q.shape
-    kv_heads = blocks[0][0].shape[1]
-    group = heads // kv_heads
-    q = (q * head_dim**-0.5).reshape(batch, kv_heads, group * q_len, head_dim)
-    lowest = jnp.finfo(jnp.float32).min
-
-    def masked_scores(k, mask):
-        scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32)
-        mask = jnp.tile(mask, (1, 1, group, 1))
-        return scores + jnp.where(mask, 0.0, lowest) if on_xla_cpu() else jnp.where(mask, scores, lowest)
-
-    scores = [masked_scores(k, mask) for k, _, mask in blocks]
-    peak = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [s.max(axis=-1, keepdims=True) for s in scores]))
-    weights = [jnp.exp(s - peak) for s in scores]
-    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)                  # [B, KVH, G * Sq, 1]
-    out = sum(jnp.einsum("bkqt,bktd->bkqd", w.astype(v.dtype), v) for w, (_, v, _) in zip(weights, blocks))
-    return (out / total.astype(out.dtype)).reshape(batch, heads, q_len, head_dim)
-
-
-def causal_attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """`attend` over a whole causal sequence (q, k, v [B, S, ., hd], mask [B, 1, S, S]), by query blocks:
-    the block of rows a..b attends to keys 0..b only, so about half the scores are never computed."""
-    length = q.shape[1]
-    num = max(1, min(ATTENTION_MAX_BLOCKS, length // ATTENTION_QUERY_BLOCK))
-    bounds = [length * i // num for i in range(num + 1)]
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))   # heads-major once, not per block
-    out = [attend_heads_major(q[:, :, a:b], [(k[:, :, :b], v[:, :, :b], mask[:, :, a:b, :b])])
-           for a, b in zip(bounds, bounds[1:])]
-    return jnp.swapaxes(jnp.concatenate(out, axis=2), 1, 2)
 
 
 class RMSNorm(nn.Module):
@@ -207,40 +130,25 @@ class Attention(nn.Module):
         wv = weight("v_proj", ("embed", "kv_heads", "head_dim"), (d, kv_heads, hd))
         wo = weight("o_proj", ("q_heads", "head_dim", "embed"), (heads, hd, d))
         x = x.astype(dt)
-        if heads == kv_heads and on_xla_cpu():  # one matmul, stacked after the (sharded) head axis
+        run = cfg.execution
+        if self.is_initializing():   # init only needs shapes: no kernel
+            run = dataclasses.replace(run, attention_impl="xla")
+        if heads == kv_heads and on_xla_cpu(run):  # one matmul, stacked after the (sharded) head axis
             q, k, v = jnp.unstack(dense(x, jnp.stack([wq, wk, wv], axis=2).astype(dt)), axis=3)
         else:
             q, k, v = (dense(x, w.astype(dt)) for w in (wq, wk, wv))
         q, k, v = checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        mask, segments = mask if isinstance(mask, tuple) else (mask, None)
-        impl, interpret = cfg.execution.attention_impl, cfg.execution.kernel_interpret
-        if kv_cache is None and segments is not None and self._kernel("attention", q, k.shape[1]):
-            out = kernels.attention(q, k, v, segments, impl=impl, interpret=interpret)
-        elif kv_cache is not None and self._kernel("decode", q, kv_cache[0].shape[1]):
-            # the visible cache slots of a row: from its first unmasked slot (left padding) to cache_index
+        if kv_cache is None:
+            dense_mask, segments = mask
+            out = kernels.attention(q, k, v, segments, run, mask=dense_mask)
+        else:   # the visible cache slots of a row: from its first unmasked slot (left padding) to cache_index
             start = jnp.argmax(mask[:, 0, 0, :], axis=-1).astype(jnp.int32)
             out = kernels.decode_attention(q, kv_cache[0].astype(dt), kv_cache[1].astype(dt), k, v, start,
-                                           cache_index, impl=impl, interpret=interpret)
-        elif kv_cache is None:
-            out = causal_attend(q, k, v, mask)
-        else:  # cache slots before cache_index, then this chunk (which occupies the following slots)
-            cache_k, cache_v = kv_cache
-            before = jnp.arange(cache_k.shape[1]) < cache_index
-            own = jax.lax.dynamic_slice_in_dim(mask, cache_index, q.shape[1], axis=-1)
-            out = attend(q, [(cache_k.astype(dt), cache_v.astype(dt), mask & before), (k, v, own)])
+                                           cache_index, run, mask=mask)
         out = checkpoint_name(out, "attention_out")
         return dense(out, wo.astype(dt), contract=2), (k, v)
-
-    def _kernel(self, op: str, q: Array, key_length: int) -> bool:
-        """Whether `op` runs a Pallas kernel here (cfg.execution.attention_impl on the mesh's platform and shapes)."""
-        run = self.cfg.execution
-        if run.attention_impl == "xla" or self.is_initializing():   # init only needs shapes
-            return False
-        reasons = (flash_kernel.kernel_reasons(q.shape[1], q.shape[3], q.dtype, run.kernel_interpret)
-                   if op == "attention" else decode_kernel.kernel_reasons(key_length, q.shape[3], run.kernel_interpret))
-        return uses_kernel(op, run.attention_impl, run, reasons)
 
 
 class MLP(nn.Module):
@@ -256,7 +164,7 @@ class MLP(nn.Module):
         w_up = self.param("up_proj", _weight_init(cfg, ("embed", "mlp")), shape_in, cfg.weight_dtype)
         w_down = self.param("down_proj", _weight_init(cfg, ("mlp", "embed")), shape_out, cfg.weight_dtype)
         x = x.astype(dt)
-        if on_xla_cpu():
+        if on_xla_cpu(cfg.execution):
             gate, up = jnp.unstack(dense(x, jnp.stack([w_gate, w_up], axis=2).astype(dt)), axis=-1)
         else:
             gate, up = dense(x, w_gate.astype(dt)), dense(x, w_up.astype(dt))
@@ -345,15 +253,10 @@ class Ouro(nn.Module):
         return dense(hidden.astype(dt), self.head_kernel().astype(dt), out_dtype=jnp.float32)
 
     def predict(self, hidden: Array) -> Array:
-        """Greedy ids [B, S] int32 of normed hidden states [B, S, d]: the fused kernel's argmax when
-        cross_entropy_impl picks it (no [B, S, V] logits), else the argmax of `logits`."""
-        cfg, head = self.cfg, self.head_kernel().astype(self.cfg.compute_dtype)
-        run = cfg.execution
-        if not fused_cross_entropy(cfg, hidden):
-            return jnp.argmax(self.logits(hidden), axis=-1).astype(jnp.int32)
-        targets = jnp.zeros(hidden.shape[:2], jnp.int32)
-        return kernels.linear_cross_entropy(hidden.astype(cfg.compute_dtype), head, targets,
-                                            impl=run.cross_entropy_impl, interpret=run.kernel_interpret)[1]
+        """Greedy ids [B, S] int32 of normed hidden states [B, S, d] (`kernels.linear_argmax`: no [B, S, V]
+        logits when cross_entropy_impl picks a kernel)."""
+        dt = self.cfg.compute_dtype
+        return kernels.linear_argmax(hidden.astype(dt), self.head_kernel().astype(dt), self.cfg.execution)
 
     def step(self, h, positions, mask, kv_cache: KV | None = None, cache_index=None, return_kv=False):
         """One recurrent step: the layer stack, the final norm, the exit gate -> (h, gate_logit, kv).
@@ -385,17 +288,17 @@ class Ouro(nn.Module):
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if positions is None:
             positions = default_positions(attention_mask, segment_ids, input_ids.shape)
-        mask = causal_mask(attention_mask, segment_ids, input_ids.shape)
-        if self.cfg.execution.attention_impl != "xla":   # the kernels take segment ids; XLA drops what is unused
-            mask = (mask, kernel_segments(attention_mask, segment_ids, input_ids.shape))
+        # the xla attention takes the boolean mask, the others segment ids; XLA drops what is unused
+        mask = (causal_mask(attention_mask, segment_ids, input_ids.shape),
+                kernel_segments(attention_mask, segment_ids, input_ids.shape))
         h = self.embed(input_ids)
 
         def body(model: Ouro, h, _, positions, mask, targets):
             h, gate_logits, kv = model.step(h, positions, mask, return_kv=return_kv)
             step_ce = None
             if targets is not None:
-                step_ce = step_cross_entropy(model.cfg, h, model.head_kernel().astype(model.cfg.compute_dtype),
-                                             targets, ce_chunk_size)
+                head = model.head_kernel().astype(model.cfg.compute_dtype)
+                step_ce = kernels.linear_cross_entropy(h, head, targets, model.cfg.execution, chunk_size=ce_chunk_size)
             return h, (gate_logits, h if return_hidden else None, step_ce, kv)
 
         loop = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},

@@ -7,6 +7,7 @@ also accepts an HF Ouro directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -25,8 +26,8 @@ from ouro_jax.paths import Path, as_path, check_bucket
 
 CONFIG_FILE = "ouro_config.json"
 PARAMS_DIR = "params"
-# Execution settings that checkpoints written before the config split stored beside the model fields.
-_LEGACY_EXECUTION_FIELDS = ("dtype", "param_dtype", "scan_layers", "scan_steps", "remat_policy")
+# Execution settings, which checkpoints written before the config split stored beside the model fields.
+_EXECUTION_FIELDS = frozenset(f.name for f in dataclasses.fields(Execution))
 
 
 def save_params(directory: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any]) -> None:
@@ -45,7 +46,7 @@ def _read_config(directory: Path, execution: Execution | None = None) -> OuroCon
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a params checkpoint of ouro_jax")
     try:
         fields = json.loads(path.read_text())
-        fields = {k: v for k, v in fields.items() if k not in _LEGACY_EXECUTION_FIELDS}
+        fields = {k: v for k, v in fields.items() if k not in _EXECUTION_FIELDS}
         return OuroConfig.from_dict(fields, execution)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{path}: not a valid ouro_jax config ({e})") from None

@@ -65,11 +65,11 @@ def reference_run(steps=5):
     import jax
 
     from ouro_jax import sharding as shd
-    from ouro_jax.train import step as trainer
+    from ouro_jax.train.step import build_train_program
 
     cfg = tiny_train_config()
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    program = trainer.build_train_program(cfg, mesh, FAST_COMPILE)
+    program = build_train_program(cfg, mesh, FAST_COMPILE)
     state = program.init(jax.random.key(0))
     initial = jax.tree.map(np.array, jax.device_get(state.params))
     history = []

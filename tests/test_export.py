@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ouro_jax import config
+from ouro_jax import config, params_io
 from ouro_jax.cli.export import main as export_main
 from ouro_jax.errors import CheckpointError
 from ouro_jax.hf import export as export_module
@@ -240,3 +240,14 @@ def test_reexport_of_a_released_directory_fixes_the_special_ids(golden_dir, gold
     cfg, params = load_hf(out)
     assert cfg == golden_model[0]
     assert_bitwise_equal(params, golden_model[1])
+
+
+def test_a_config_with_the_execution_fields_of_older_checkpoints_still_reads(tmp_path):
+    """Checkpoints written before the config split stored execution settings beside the model fields."""
+    cfg = config.tiny()
+    older = {**cfg.to_dict(), "dtype": "bfloat16", "remat_policy": "full"}
+    (tmp_path / "ouro_config.json").write_text(json.dumps(older))
+    assert params_io._read_config(tmp_path) == cfg
+    (tmp_path / "ouro_config.json").write_text(json.dumps({**cfg.to_dict(), "scan_layers": True}))
+    with pytest.raises(CheckpointError, match="scan_layers"):
+        params_io._read_config(tmp_path)

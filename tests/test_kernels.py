@@ -1,5 +1,7 @@
-"""Every Pallas kernel (interpret mode on CPU, TPU and GPU flavors) against its XLA reference."""
+"""Every op flavor against its reference: the Pallas kernels (interpret mode on CPU, TPU and GPU flavors)
+and the xla flavors, each reached through the Execution settings of the op's entry point."""
 
+import dataclasses
 import logging
 
 import jax
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from ouro_jax import kernels
+from ouro_jax.config import Execution
 from ouro_jax.kernels import cross_entropy as xent
 from ouro_jax.kernels import decode as dec
 from ouro_jax.kernels import dispatch
@@ -15,6 +18,8 @@ from ouro_jax.kernels import flash as attn
 from ouro_jax.sharding import activation_rules, make_mesh
 
 FLAVORS = ("tpu", "gpu")
+PALLAS = Execution(attention_impl="pallas", cross_entropy_impl="pallas", kernel_interpret=True)
+XLA_ON_TPU = Execution(attention_impl="xla", cross_entropy_impl="xla", platform="tpu")   # the select-mask form
 
 
 def _normal(key, shape, dtype=jnp.float32):
@@ -81,7 +86,7 @@ def test_attention_entry_point_under_a_mesh_runs_per_device():
     q, k, v, seg = _attention_inputs(4, 2, 64, 128, batch=4)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(mesh), activation_rules(mesh):
-        out = jax.jit(lambda *a: kernels.attention(*a, impl="pallas", interpret=True))(q, k, v, seg)
+        out = jax.jit(lambda *a: kernels.attention(*a, PALLAS))(q, k, v, seg)
     ref = attn.reference_attention(q, k, v, seg)
     valid = (seg != 0)[:, :, None, None]
     np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=1e-5)
@@ -115,7 +120,8 @@ def test_linear_cross_entropy_bf16_and_entry_point_under_a_mesh():
     hidden, head, targets = _ce_inputs(64, 128, 384, jnp.bfloat16)
     mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     with jax.set_mesh(mesh), activation_rules(mesh):
-        fn = jax.jit(lambda h, w, t: kernels.linear_cross_entropy(h, w, t, impl="pallas", interpret=True))
+        both = lambda h, w, t: (kernels.linear_cross_entropy(h, w, t, PALLAS), kernels.linear_argmax(h, w, PALLAS))
+        fn = jax.jit(both)
         ce, argmax = fn(hidden.reshape(8, 8, 128), head, targets.reshape(8, 8))
     ref_ce, _ = xent.reference_cross_entropy(hidden.astype(jnp.float32), head.astype(jnp.float32), targets)
     np.testing.assert_allclose(ce.reshape(-1), ref_ce, atol=2e-2)
@@ -148,7 +154,7 @@ def test_decode_attention_bf16_and_empty_cache_rows():
     cache = [_normal(i, (2, 32, 2, 128), jnp.bfloat16) for i in (1, 2)]
     new = [_normal(i, (2, 1, 2, 128), jnp.bfloat16) for i in (3, 4)]
     start, end = jnp.asarray([0, 9], jnp.int32), jnp.asarray([17, 9], jnp.int32)   # row 1 sees only itself
-    out = kernels.decode_attention(q, *cache, *new, start, end, impl="pallas", platform="cpu", interpret=True)
+    out = kernels.decode_attention(q, *cache, *new, start, end, dataclasses.replace(PALLAS, platform="cpu"))
     ref = dec.reference_decode_attention(*(x.astype(jnp.float32) for x in (q, *cache, *new)), start, end)
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2)
     np.testing.assert_allclose(out[1].astype(jnp.float32), new[1][1][:, [0, 0, 1, 1]].astype(jnp.float32), atol=1e-2)
@@ -156,28 +162,65 @@ def test_decode_attention_bf16_and_empty_cache_rows():
 
 def test_auto_keeps_xla_on_cpu_and_falls_back_once_with_a_warning(caplog):
     q, k, v, seg = _attention_inputs(2, 2, 64, 16, batch=1)
-    assert dispatch.choose("attention", "auto", "cpu", False, lambda _: None) is None
+    assert dispatch.choose("attention", "auto", "cpu", False, lambda _: dispatch.Limits()) == "xla"
     dispatch._warned.clear()
     with caplog.at_level(logging.WARNING, logger=dispatch.__name__):
         for _ in range(2):
-            out = kernels.attention(q, k, v, seg, impl="auto", platform="tpu")
+            out = kernels.attention(q, k, v, seg, Execution(platform="tpu"))
     assert sum("sequence length 16 < 128" in r.message for r in caplog.records) == 1
-    np.testing.assert_allclose(out, attn.reference_attention(q, k, v, seg))
-    assert dispatch.choose("attention", "auto", "tpu", False, lambda _: None) == "tpu"
-    assert dispatch.choose("attention", "auto", "cuda", False, lambda _: None) == "gpu"
+    valid = (seg != 0)[:, :, None, None]
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, attn.reference_attention(q, k, v, seg), 0),
+                               atol=1e-5)
+    assert dispatch.choose("attention", "auto", "tpu", False, lambda _: dispatch.Limits()) == "tpu"
+    assert dispatch.choose("attention", "auto", "cuda", False, lambda _: dispatch.Limits()) == "gpu"
+    assert dispatch.choose("attention", "reference", "tpu", False, lambda _: dispatch.Limits()) == "reference"
 
 
 def test_forced_pallas_where_it_cannot_run_names_op_platform_and_reason():
     q, k, v, seg = _attention_inputs(2, 2, 96, 128, batch=1)
+    on = lambda platform: Execution(attention_impl="pallas", cross_entropy_impl="pallas", platform=platform)
     with pytest.raises(kernels.KernelUnavailable, match=r"attention: .*'tpu'.*head_dim 96"):
-        kernels.attention(q, k, v, seg, impl="pallas", platform="tpu")
+        kernels.attention(q, k, v, seg, on("tpu"))
     with pytest.raises(kernels.KernelUnavailable, match=r"cross_entropy: .*'cpu'.*interpret"):
-        kernels.linear_cross_entropy(q[..., 0, :], jnp.ones((96, 8)), seg, impl="pallas", platform="cpu")
+        kernels.linear_cross_entropy(q[..., 0, :], jnp.ones((96, 8)), seg, on("cpu"))
     with pytest.raises(kernels.KernelUnavailable, match=r"decode_attention: .*cache length 30"):
-        kernels.decode_attention(q[:, :1], k[:, :30], v[:, :30], k[:, :1], v[:, :1], 0, 3, impl="pallas",
-                                 platform="tpu")
+        kernels.decode_attention(q[:, :1], k[:, :30], v[:, :30], k[:, :1], v[:, :1], 0, 3, on("tpu"))
     with pytest.raises(ValueError, match="kernel impl must be one of"):
-        kernels.attention(q, k, v, seg, impl="triton")
+        dispatch.choose("attention", "triton", "cpu", False, lambda _: dispatch.Limits())
+
+
+@pytest.mark.parametrize("run", [Execution(attention_impl="xla"), XLA_ON_TPU, Execution(attention_impl="reference")],
+                         ids=["xla-cpu", "xla-tpu", "reference"])
+def test_attention_flavors_through_the_entry_point(run):
+    q, k, v, seg = _attention_inputs(4, 2, 8, 37)
+    valid = (seg != 0)[:, :, None, None]
+    out = kernels.attention(q, k, v, seg, run)
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, attn.reference_attention(q, k, v, seg), 0),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("run", [Execution(attention_impl="xla"), XLA_ON_TPU, Execution(attention_impl="reference")],
+                         ids=["xla-cpu", "xla-tpu", "reference"])
+def test_decode_attention_flavors_through_the_entry_point(run):
+    batch, q_len, length = 3, 2, 24
+    q = _normal(0, (batch, q_len, 4, 8))
+    cache_k, cache_v = _normal(1, (batch, length, 2, 8)), _normal(2, (batch, length, 2, 8))
+    k_new, v_new = _normal(3, (batch, q_len, 2, 8)), _normal(4, (batch, q_len, 2, 8))
+    start, end = jnp.asarray([0, 5, 11], jnp.int32), 13
+    out = kernels.decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, run)
+    ref = dec.reference_decode_attention(q, cache_k, cache_v, k_new, v_new, start, jnp.full((batch,), end))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_linear_cross_entropy_flavors_through_the_entry_point(impl):
+    hidden, head, targets = _ce_inputs(3 * 13, 16, 50)
+    hidden, targets = hidden.reshape(3, 13, 16), targets.reshape(3, 13)
+    run = Execution(cross_entropy_impl=impl)
+    ce = kernels.linear_cross_entropy(hidden, head, targets, run, chunk_size=4)   # chunks with an uneven tail
+    ref_ce, ref_argmax = xent.reference_cross_entropy(hidden.reshape(-1, 16), head, targets.reshape(-1))
+    np.testing.assert_allclose(ce.reshape(-1), ref_ce, atol=1e-5)
+    np.testing.assert_array_equal(kernels.linear_argmax(hidden, head, run).reshape(-1), ref_argmax)
 
 
 def test_mesh_platform_reads_the_mesh_devices():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ouro_jax import config, model
+from ouro_jax.kernels import flash
 from ouro_jax.model import Ouro
 
 
@@ -149,46 +150,46 @@ def test_default_positions():
     np.testing.assert_array_equal(model.default_positions(None, segments, segments.shape), [[0, 1, 0, 1, 2, 0]])
 
 
-def test_xla_cpu_forms_equal_the_others(tiny, monkeypatch):
+def test_xla_cpu_forms_equal_the_others(tiny):
     """The XLA:CPU forms (q/k/v and gate/up from stacked weights, the attention mask as an additive bias) equal
-    separate matmuls and a masking select, values and grads, with left padding (the padded rows, which see no
-    key, are left out: the bias form passes their gradient on to q and k, the select does not)."""
+    separate matmuls and a masking select (the xla ops laid out for TPU), values and grads, with left padding
+    (the padded rows, which see no key, are left out: the bias form passes their gradient on to q and k, the
+    select does not)."""
     cfg, params = tiny
     ids = _ids(4, (2, 9))
     attention_mask = jnp.array([[0, 0, 0] + [1] * 6, [1] * 9])
 
-    def loss_and_grads():
+    def loss_and_grads(cfg):
         out = lambda p: Ouro(cfg).apply({"params": p}, ids, attention_mask=attention_mask).hidden_states
         loss = lambda p: jnp.sum(out(p) ** 2 * attention_mask[:, :, None])
         return jax.value_and_grad(loss)(params)
 
-    assert model.on_xla_cpu()
-    cpu_forms = loss_and_grads()
-    monkeypatch.setattr(model, "on_xla_cpu", lambda: False)
-    chex.assert_trees_all_close(cpu_forms, loss_and_grads(), rtol=1e-5, atol=1e-5)
+    assert model.on_xla_cpu(cfg.execution)
+    tpu_forms = cfg.with_execution(platform="tpu", attention_impl="xla", cross_entropy_impl="xla")
+    assert not model.on_xla_cpu(tpu_forms.execution)
+    chex.assert_trees_all_close(loss_and_grads(cfg), loss_and_grads(tpu_forms), rtol=1e-5, atol=1e-5)
 
 
-def test_query_blocked_causal_attention_equals_one_block(monkeypatch):
-    """causal_attend skips the keys after each query block: outputs and gradients equal one softmax over all
-    keys on every row that has a visible key (packed documents, left padding, a length not divisible)."""
+def test_query_blocked_causal_attention_equals_one_block():
+    """The xla attention skips the keys after each query block: outputs and gradients equal one softmax over
+    all keys on every row that has a visible key (packed documents, left padding, a length not divisible)."""
     length, heads, kv_heads, head_dim = 37, 4, 2, 8
     q, k, v = (jax.random.normal(key, (2, length, h, head_dim))
                for key, h in zip(jax.random.split(jax.random.key(3), 3), (heads, kv_heads, kv_heads)))
     segments = jnp.array([[1] * 20 + [2] * 17, [0] * 5 + [1] * 32])
     mask = model.causal_mask(None, segments, segments.shape)
     visible = (segments != 0)[:, :, None, None]
-    monkeypatch.setattr(model, "ATTENTION_QUERY_BLOCK", 8)
 
     def loss(attention, q, k, v):
         return jnp.sum(jnp.where(visible, attention(q, k, v), 0.0) ** 2)
 
-    blocked = jax.value_and_grad(lambda *a: loss(lambda q, k, v: model.causal_attend(q, k, v, mask), *a), (0, 1, 2))
-    whole = jax.value_and_grad(lambda *a: loss(lambda q, k, v: model.attend(q, [(k, v, mask)]), *a), (0, 1, 2))
-    chex.assert_trees_all_close(blocked(q, k, v), whole(q, k, v), rtol=1e-5, atol=1e-5)
-    key_lengths = []
-    monkeypatch.setattr(model, "attend_heads_major", lambda q, blocks: key_lengths.append(blocks[0][0].shape[2]) or q)
-    model.causal_attend(q, k, v, mask)
-    assert key_lengths == [9, 18, 27, 37]
+    blocked = lambda q, k, v: flash.xla_attention(q, k, v, mask, "cpu", query_block=8)
+    whole = lambda q, k, v: flash.attend(q, [(k, v, mask)], "cpu")
+    value_and_grad = lambda fn: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(value_and_grad(blocked), value_and_grad(whole), rtol=1e-5, atol=1e-5)
+    assert flash.query_bounds(length, 8) == [0, 9, 18, 27, 37]
+    reference = flash.reference_attention(q, k, v, segments)
+    np.testing.assert_allclose(np.where(visible, blocked(q, k, v), 0), np.where(visible, reference, 0), atol=1e-5)
 
 
 def test_grouped_query_attention_equals_repeated_kv_heads():

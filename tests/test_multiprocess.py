@@ -22,8 +22,8 @@ from ouro_jax.cli.export import main as export_main
 from ouro_jax.cli.generate import main as generate_main
 from ouro_jax.data import make_batch_iterator
 from ouro_jax.params_io import load_params
-from ouro_jax.train import step as trainer
 from ouro_jax.train.loop import make_sources
+from ouro_jax.train.step import as_model_batch, build_train_program
 
 pytestmark = pytest.mark.subprocess
 
@@ -107,11 +107,11 @@ def _reference(config_json: str):
     first): (losses per step, final params, whether the two shards' first batches differ)."""
     config = ml_collections.ConfigDict(json.loads(config_json))
     mesh = shd.make_mesh(dict(config.mesh), devices=jax.devices()[:4])
-    program = trainer.build_train_program(config, mesh, FAST_COMPILE)
+    program = build_train_program(config, mesh, FAST_COMPILE)
     shards = _shard_iterators(config, program.model_cfg)
     state, losses, disjoint = program.init(jax.random.key(int(config.seed))), [], None
     for _ in range(int(config.train.steps)):
-        parts = [trainer.as_model_batch(next(it)) for it in shards]
+        parts = [as_model_batch(next(it)) for it in shards]
         if disjoint is None:
             disjoint = not np.array_equal(parts[0]["input_ids"], parts[1]["input_ids"])
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

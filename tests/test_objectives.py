@@ -9,8 +9,8 @@ from helpers import FAST_COMPILE, random_batch, tiny_train_config
 
 from ouro_jax import sharding as shd
 from ouro_jax.model import Ouro, init_params
-from ouro_jax.train import step as trainer
 from ouro_jax.train.config import model_config
+from ouro_jax.train.step import batch_loss_sums, build_train_program
 
 
 def _numpy_last_step_ce(cfg, params, batch):
@@ -34,7 +34,7 @@ def test_last_step_objective_is_the_last_steps_cross_entropy():
     cfg = model_config(config)
     params = init_params(cfg, jax.random.key(1))
     batch = random_batch(config, seed=3)
-    loss_fn = functools.partial(trainer.batch_loss_sums, cfg, objective="last_step", beta=0.1, gate_k=50.0,
+    loss_fn = functools.partial(batch_loss_sums, cfg, objective="last_step", beta=0.1, gate_k=50.0,
                                 gate_gamma=0.005, ce_chunk_size=8)
     value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=FAST_COMPILE)
     (loss_sum, stats), grads = value_and_grad(params, batch)
@@ -49,7 +49,7 @@ def test_last_step_training_leaves_the_gate_untouched():
     config = tiny_train_config()
     config.loss.objective = "last_step"
     config.optim.update(weight_decay=0.1)  # weight decay would move a gate that the optimizer held
-    program = trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]), FAST_COMPILE)
+    program = build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]), FAST_COMPILE)
     state = program.init(jax.random.key(0))
     before = jax.tree.map(np.array, jax.device_get(state.params))
     assert "exit_gate" not in state.opt_state[1][0].mu and "decoder" in state.opt_state[1][0].mu
@@ -66,4 +66,4 @@ def test_unknown_objective_is_rejected():
     config = tiny_train_config()
     config.loss.objective = "stage3"
     with pytest.raises(ValueError, match="loss.objective must be one of"):
-        trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+        build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))

@@ -19,10 +19,10 @@ from ouro_jax.data import prepare as prepare_lib
 from ouro_jax.errors import ShardCorruptError
 from ouro_jax.hf.export import export_hf
 from ouro_jax.train import loop
-from ouro_jax.train import step as trainer
 from ouro_jax.train.checkpointer import CheckpointMismatchError, TrainCheckpointer
 from ouro_jax.train.metrics import MetricsWriter
 from ouro_jax.train.optim import OptimConfigError, make_optimizer
+from ouro_jax.train.step import build_train_program, place_params
 from ouro_jax.train.workdir import WorkdirBusyError, WorkdirLock
 
 
@@ -133,7 +133,7 @@ def test_flipped_bytes_fail_the_fingerprint(tmp_path, capsys):
 def test_starting_from_scratch_is_said(tmp_path, capsys):
     checkpointer = TrainCheckpointer(tmp_path / "checkpoints", save_every=5)
     config = _run_config()
-    program = trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]), FAST_COMPILE)
+    program = build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]), FAST_COMPILE)
     step, _, resumed = loop._initial_state(config, program, checkpointer, None)
     checkpointer.close()
     assert (step, resumed) == (0, False) and "starting from scratch" in capsys.readouterr().out
@@ -177,11 +177,11 @@ def test_an_update_that_overflows_is_skipped():
     config = tiny_train_config()
     config.optim.update(peak_lr=1.0, init_lr=1.0, weight_decay=1e3)  # valid settings, decoupled decay overflows
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    program = trainer.build_train_program(config, mesh, FAST_COMPILE)
+    program = build_train_program(config, mesh, FAST_COMPILE)
     state = program.init(jax.random.key(0))
     params = jax.tree.map(np.array, jax.device_get(state.params))
     params["embed_tokens"][0, 0] = 1e37  # token 0 is in no batch: finite loss and gradient
-    state = trainer.place_params(program, params)
+    state = place_params(program, params)
     new_state, metrics = program.step(state, shd.global_batch(random_batch(config), mesh))
     assert int(metrics["skipped"]) == 1 and np.isfinite(float(metrics["loss"]))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.params), params)

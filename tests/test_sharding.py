@@ -9,8 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from ouro_jax import sharding as shd
 from ouro_jax.model import Ouro, init_params
-from ouro_jax.train import step as trainer
 from ouro_jax.train.config import model_config
+from ouro_jax.train.step import build_train_program
 
 
 def test_make_mesh_sizes_and_errors():
@@ -35,7 +35,7 @@ def test_logical_specs_replicate_undivisible_dimensions():
 
 def test_state_shardings_follow_parameters_into_the_optimizer_state():
     cfg = tiny_train_config()
-    program = trainer.build_train_program(cfg, shd.make_mesh((2, 2, 2)), FAST_COMPILE)
+    program = build_train_program(cfg, shd.make_mesh((2, 2, 2)), FAST_COMPILE)
     sh = program.state_shardings
     assert sh.params["embed_tokens"].spec == P("tensor", "fsdp")
     assert sh.params["decoder"]["layers"]["mlp"]["up_proj"].spec == P(None, "fsdp", "tensor")
@@ -46,13 +46,13 @@ def test_state_shardings_follow_parameters_into_the_optimizer_state():
     assert program.abstract_batch["input_ids"].sharding.spec == P(("data", "fsdp"), None)
     with pytest.raises(shd.ShardingError, match="not divisible by data x fsdp = 4"):
         cfg.data.batch_size = 6
-        trainer.build_train_program(cfg, shd.make_mesh((2, 2, 2)), FAST_COMPILE)
+        build_train_program(cfg, shd.make_mesh((2, 2, 2)), FAST_COMPILE)
 
 
 def test_eight_devices_match_one_device():
     reference = reference_run()
     cfg, mesh = tiny_train_config(), shd.make_mesh((2, 2, 2))
-    program = trainer.build_train_program(cfg, mesh, FAST_COMPILE)
+    program = build_train_program(cfg, mesh, FAST_COMPILE)
     state = program.init(jax.random.key(0))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), reference["initial_params"])
     losses = []

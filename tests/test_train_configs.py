@@ -11,7 +11,7 @@ from helpers import REPO
 from ouro_jax import model
 from ouro_jax import sharding as shd
 from ouro_jax.train import optim
-from ouro_jax.train import step as trainer
+from ouro_jax.train.step import build_train_program
 
 
 def load_config(name, arg=None):
@@ -29,7 +29,7 @@ def load_config(name, arg=None):
 ])
 def test_released_shapes_build_sharded_programs(name, arg, params, steps_t, objective):
     config = load_config(name, arg)
-    program = trainer.build_train_program(config, shd.make_mesh(dict(config.mesh)))
+    program = build_train_program(config, shd.make_mesh(dict(config.mesh)))
     assert program.objective == objective and program.model_cfg.total_ut_steps == steps_t
     assert model.count_params(program.abstract_state.params) == params
     assert program.model_cfg.execution.dtype == "bfloat16" and program.model_cfg.execution.param_dtype == "float32"
@@ -45,7 +45,7 @@ def test_released_shapes_build_sharded_programs(name, arg, params, steps_t, obje
 @pytest.mark.parametrize("name", ["demo", "tiny"])
 def test_small_configs_build_on_one_device(name):
     config = load_config(name)
-    program = trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    program = build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     assert program.model_cfg.total_ut_steps >= 2 and config.data.sources.startswith("mano")
 
 
@@ -54,7 +54,7 @@ def test_bfloat16_compute_over_float32_master_weights():
 
     config = tiny_train_config()
     config.execution.update(dtype="bfloat16", param_dtype="float32")
-    program = trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    program = build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     assert {x.dtype.name for x in jax.tree.leaves(program.abstract_state.params)} == {"float32"}
     assert {x.dtype.name for x in jax.tree.leaves(program.abstract_state.opt_state) if x.ndim} == {"float32"}
     text = program.step.lower(program.abstract_state, program.abstract_batch).as_text()
@@ -79,7 +79,7 @@ RECIPE = {
 def test_every_pretraining_stage_builds_with_the_released_recipe(name, layers, stage):
     steps_t, beta, theta, seq_len, batch_tokens, tokens, lrs = RECIPE[stage]
     config = load_config(name, stage)
-    program = trainer.build_train_program(config, shd.make_mesh(dict(config.mesh)))
+    program = build_train_program(config, shd.make_mesh(dict(config.mesh)))
     cfg = program.model_cfg
     assert (cfg.num_hidden_layers, cfg.total_ut_steps, cfg.rope_theta) == (layers, steps_t, theta)
     assert cfg.max_position_embeddings >= seq_len and program.objective == "stage1" and config.loss.beta == beta

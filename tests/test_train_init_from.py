@@ -16,9 +16,9 @@ from ouro_jax import sharding as shd
 from ouro_jax.cli import train as cli
 from ouro_jax.errors import ConfigError
 from ouro_jax.params_io import load_model_config, save_params
-from ouro_jax.train import step as trainer
 from ouro_jax.train.config import model_config, pretraining_config
 from ouro_jax.train.loop import adopt_checkpoint_shape, train
+from ouro_jax.train.step import build_train_program
 
 
 def tiny_stage(stage):
@@ -73,7 +73,7 @@ def test_upcycled_2p6b_stage1b_runs_T4(upcycled_1a):
     config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}")
     assert not explicit
     adopt_checkpoint_shape(config, config.init_from, explicit)
-    program = trainer.build_train_program(config, shd.make_mesh(dict(config.mesh)))  # abstract: nothing 2.6B-sized
+    program = build_train_program(config, shd.make_mesh(dict(config.mesh)))  # abstract: nothing 2.6B-sized
     cfg = program.model_cfg
     assert (cfg.num_hidden_layers, cfg.total_ut_steps, cfg.rope_theta) == (48, 4, 1e4)
     assert model.count_params(program.abstract_state.params) == 2_667_974_657

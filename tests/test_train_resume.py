@@ -102,11 +102,11 @@ def _abstract_state(workdir):
     import ml_collections
 
     from ouro_jax import sharding as shd
-    from ouro_jax.train import step as trainer
+    from ouro_jax.train.step import build_train_program
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    program = trainer.build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    program = build_train_program(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
     return program.abstract_state
 
 

@@ -13,10 +13,10 @@ from ouro_jax import losses
 from ouro_jax import sharding as shd
 from ouro_jax.model import Ouro, abstract_params
 from ouro_jax.train import optim
-from ouro_jax.train import step as trainer
 from ouro_jax.train.checkpointer import NonFiniteParamsError, TrainCheckpointer
 from ouro_jax.train.config import model_config
 from ouro_jax.train.metrics import matmul_flops_per_token, model_flops_per_token, peak_flops
+from ouro_jax.train.step import build_train_program, place_params
 
 
 def _one_device():
@@ -95,7 +95,7 @@ def test_gradients_are_clipped_by_global_norm_before_adamw():
 
 
 def _train(cfg, steps, state=None, seeds=None, program=None):
-    program = program or trainer.build_train_program(cfg, _one_device(), FAST_COMPILE)
+    program = program or build_train_program(cfg, _one_device(), FAST_COMPILE)
     state = program.init(jax.random.key(0)) if state is None else state
     history = []
     for i in range(steps):
@@ -118,7 +118,7 @@ def test_gradient_accumulation_equals_the_full_batch():
                  jax.device_get(accum.params))
     with pytest.raises(ValueError, match="divisible by train.grad_accum"):
         cfg.train.grad_accum = 3
-        trainer.build_train_program(cfg, _one_device())
+        build_train_program(cfg, _one_device())
 
 
 def test_step_metrics_match_the_loss_functions():
@@ -144,8 +144,8 @@ def test_stage2_trains_only_the_gate_toward_its_labels():
     cfg = tiny_train_config()
     cfg.loss.objective = "stage2"
     cfg.optim.update(peak_lr=3e-2, weight_decay=0.1)
-    program = trainer.build_train_program(cfg, _one_device(), FAST_COMPILE)
-    state = trainer.place_params(program, lm)
+    program = build_train_program(cfg, _one_device(), FAST_COMPILE)
+    state = place_params(program, lm)
     assert set(state.opt_state[1][0].mu) == {"exit_gate"}  # no optimizer state for the frozen LM
     batch = random_batch(cfg, seed=100)
 
@@ -171,7 +171,7 @@ def test_nonfinite_updates_are_skipped_counted_and_never_checkpointed(tmp_path):
     cfg, program = reference["config"], reference["program"]
     params = jax.tree.map(np.array, reference["initial_params"])
     params["lm_head"][0, 0] = np.inf  # every cross-entropy turns NaN
-    state = trainer.place_params(program, params)
+    state = place_params(program, params)
     opt_before = jax.device_get(state.opt_state)
     for i in range(3):
         state, metrics = program.step(state, shd.global_batch(random_batch(cfg, seed=i), program.mesh))

@@ -3,9 +3,10 @@
 The forward kernel walks the vocabulary block by block with an online logsumexp, the target's logit
 and a running argmax; the backward (`jax.custom_vjp`) recomputes each vocabulary block's logits from
 the saved logsumexp: dlogits = g * (softmax - onehot), dh += dlogits @ W_blk^T, dW_blk = h^T dlogits.
-Flavors: TPU (Mosaic) accumulates over a vocabulary grid axis in resident output blocks; GPU (Triton)
-loops over the vocabulary inside the kernel. Targets outside [0, V) give a finite, meaningless CE
-(as `losses.chunked_cross_entropy`): mask them out.
+Flavors: xla (`chunked_cross_entropy`: [B, chunk, V] logits at a time, recomputed in the backward pass;
+the argmax of the whole logits), reference (`reference_cross_entropy`, the test oracle), TPU (Mosaic)
+accumulating over a vocabulary grid axis in resident output blocks, GPU (Triton) looping over the
+vocabulary inside the kernel. Targets outside [0, V) give a finite, meaningless CE: mask them out.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ouro_jax.kernels.dispatch import choose, mesh_platform
+from ouro_jax.config import Execution
+from ouro_jax.kernels.dispatch import REFERENCE, XLA, Limits, choose_for
 from ouro_jax.kernels.sharded import per_device
+from ouro_jax.matmul import dense
 
 BLOCK_N = 256
 VOCAB_BLOCKS = (2048, 1024, 512, 256, 128)
@@ -29,6 +32,32 @@ def reference_cross_entropy(hidden, head, targets):
     targets = jnp.clip(targets, 0, head.shape[1] - 1)
     target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     return jax.nn.logsumexp(logits, axis=-1) - target_logit, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk_size: int = 1024) -> jax.Array:
+    """xla: per-token cross-entropy [B, S] (float32) of logits = hidden @ head, chunk by chunk over S.
+
+    Each chunk's logits are recomputed in the backward pass (`jax.checkpoint`), so neither the
+    forward nor the backward pass holds more than [B, chunk_size, V] logits.
+    """
+    batch, length, width = hidden.shape
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(jnp.clip(targets, 0, head.shape[1] - 1), ((0, 0), (0, pad)))
+    hidden = hidden.reshape(batch, num_chunks, chunk, width).swapaxes(0, 1)
+    targets = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_ce(args):
+        h, t = args
+        logits = dense(h, head, out_dtype=jnp.float32)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+    ce = jax.lax.map(chunk_ce, (hidden, targets))
+    return ce.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
 
 
 def _vocab_block(vocab: int, largest: int) -> int:
@@ -156,29 +185,43 @@ def pallas_cross_entropy(hidden, head, targets, flavor: str = "tpu", interpret: 
     return _fused(hidden, head, targets.astype(jnp.int32), flavor, interpret)
 
 
-def kernel_reasons(rows: int):
-    """(cannot_run, not_worth) of `dispatch.choose`: any shape runs (blocks span the hidden size and
-    edge blocks are padded); fewer rows than one block are left to XLA by auto."""
-    return (lambda _: None,
-            lambda _: f"{rows} tokens < one block of {BLOCK_N}" if rows < BLOCK_N else None)
+def kernel_limits(rows: int):
+    """flavor -> `Limits`: any shape runs (blocks span the hidden size and edge blocks are padded);
+    fewer rows than one block are left to XLA by auto."""
+    return lambda _: Limits(not_worth=f"{rows} tokens < one block of {BLOCK_N}" if rows < BLOCK_N else None)
 
 
-def linear_cross_entropy(hidden, head, targets, *, impl: str = "auto", platform: str | None = None,
-                         interpret: bool = False):
-    """Per-token CE and argmax of hidden [B, S, d] @ head [d, V] with targets [B, S]:
-    (ce [B, S] float32, argmax [B, S] int32), per device under the mesh in context."""
-    platform = platform or mesh_platform()
-    flavor = choose("cross_entropy", impl, platform, interpret, *kernel_reasons(hidden.shape[0] * hidden.shape[1]))
-
+def _by_rows(flavor: str, interpret: bool):
+    """(ce, argmax) of [B, S, d] hidden by the reference or a kernel flavor, per device for a kernel."""
     def per_rows(h, w, t):
         batch, length, d = h.shape
         h2, t2 = h.reshape(batch * length, d), t.reshape(batch * length)
-        if flavor is None:
-            ce, am = reference_cross_entropy(h2, w, t2)
-        else:
-            ce, am = pallas_cross_entropy(h2, w, t2, flavor, interpret)
+        ce, am = (reference_cross_entropy(h2, w, t2) if flavor == REFERENCE
+                  else pallas_cross_entropy(h2, w, t2, flavor, interpret))
         return ce.reshape(batch, length), am.reshape(batch, length)
 
-    if flavor is None:
-        return per_rows(hidden, head, targets)
-    return per_device(per_rows, (hidden, head, targets), ("b..", "..", "b."), ("b.", "b."))
+    if flavor == REFERENCE:
+        return per_rows
+    return lambda *args: per_device(per_rows, args, ("b..", "..", "b."), ("b.", "b."))
+
+
+def _flavor(hidden, run: Execution) -> str:
+    return choose_for("cross_entropy", run.cross_entropy_impl, run, kernel_limits(hidden.shape[0] * hidden.shape[1]))
+
+
+def linear_cross_entropy(hidden, head, targets, run: Execution, *, chunk_size: int = 1024):
+    """Per-token CE [B, S] float32 of hidden [B, S, d] @ head [d, V] with targets [B, S], by
+    `run.cross_entropy_impl` (xla: chunks of `chunk_size` positions)."""
+    flavor = _flavor(hidden, run)
+    if flavor == XLA:
+        return chunked_cross_entropy(hidden, head, targets, chunk_size)
+    return _by_rows(flavor, run.kernel_interpret)(hidden, head, targets)[0]
+
+
+def linear_argmax(hidden, head, run: Execution):
+    """Greedy ids [B, S] int32 of hidden [B, S, d] @ head [d, V] by `run.cross_entropy_impl` (the kernel
+    flavors never hold [B, S, V] logits; xla takes the argmax of float32 logits)."""
+    flavor = _flavor(hidden, run)
+    if flavor == XLA:
+        return jnp.argmax(dense(hidden, head, out_dtype=jnp.float32), axis=-1).astype(jnp.int32)
+    return _by_rows(flavor, run.kernel_interpret)(hidden, head, jnp.zeros(hidden.shape[:2], jnp.int32))[1]

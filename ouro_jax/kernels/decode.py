@@ -4,11 +4,14 @@ q [B, Sq, H, hd]; cache_k / cache_v [B, L, KVH, hd] (one layer of a policy's `st
 place); k_new / v_new [B, Sq, KVH, hd] (the chunk's own K/V, causal among themselves); cache slots
 [start_b, end_b) are visible to every query of row b (left padding: start_b = the row's padding).
 
-The kernel covers the cache: per (row, KV head) it keeps an unnormalized output, a running max and a
-running sum over cache blocks (the grouped query heads and chunk positions form R = G * Sq rows), and
-skips blocks outside [start, end). The chunk's own keys are merged in XLA (they are only Sq wide).
-TPU (Mosaic): a grid over cache blocks with the bounds prefetched as scalars; GPU (Triton): a loop
-over cache blocks inside the kernel, one program per (row, KV head).
+Flavors: xla (`xla_decode_attention`: the cache and the chunk as two key blocks of one float32 softmax,
+masked by the caller's [B, 1, Sq, L] slot mask), reference (`reference_decode_attention`, the test
+oracle), and the Pallas kernels. The kernel covers the cache: per (row, KV head) it keeps an
+unnormalized output, a running max and a running sum over cache blocks (the grouped query heads and
+chunk positions form R = G * Sq rows), and skips blocks outside [start, end). The chunk's own keys
+are merged in XLA (they are only Sq wide). TPU (Mosaic): a grid over cache blocks with the bounds
+prefetched as scalars; GPU (Triton): a loop over cache blocks inside the kernel, one program per
+(row, KV head).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ouro_jax.kernels.dispatch import choose, mesh_platform
+from ouro_jax.config import Execution
+from ouro_jax.kernels.dispatch import REFERENCE, XLA, Limits, choose_for, resolve_platform
+from ouro_jax.kernels.flash import attend
 from ouro_jax.kernels.sharded import per_device
 
 BLOCKS = (512, 256, 128, 64, 32, 16, 8)
@@ -48,6 +53,22 @@ def reference_decode_attention(q, cache_k, cache_v, k_new, v_new, start, end):
     out = (jnp.einsum("bkgqt,btkd->bqkgd", p_cache.astype(cache_v.dtype), cache_v)
            + jnp.einsum("bkgqt,btkd->bqkgd", p_own.astype(v_new.dtype), v_new))
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def xla_decode_attention(q, cache_k, cache_v, k_new, v_new, mask, cache_index, platform: str):
+    """Cache slots before `cache_index` allowed by `mask` [B, 1, Sq, L], then the chunk (which occupies the
+    following slots): two key blocks of one softmax, the cache read in place."""
+    before = jnp.arange(cache_k.shape[1]) < cache_index
+    own = jax.lax.dynamic_slice_in_dim(mask, cache_index, q.shape[1], axis=-1)
+    return attend(q, [(cache_k, cache_v, mask & before), (k_new, v_new, own)], platform)
+
+
+def window_mask(start, end, length: int, q_len: int):
+    """The slot mask [B, 1, Sq, L] of cache slots [start_b, end) followed by a causal chunk at `end`."""
+    slot = jnp.arange(length)
+    own = (slot[None] >= end) & (slot[None] - end <= jnp.arange(q_len)[:, None])      # [Sq, L]
+    visible = (slot[None] >= start[:, None]) & (slot[None] < end)                        # [B, L]
+    return (visible[:, None] | own[None])[:, None]
 
 
 def _online_update(q, k, v, pos0, lo, hi, scale, m, total, acc):
@@ -167,28 +188,31 @@ def pallas_decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, flavo
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
-def kernel_reasons(length: int, head_dim: int, interpret: bool = False):
-    """(cannot_run,) of `dispatch.choose` for a cache of `length` slots."""
-    def reason(flavor: str) -> str | None:
+def kernel_limits(length: int, head_dim: int, interpret: bool = False):
+    """flavor -> `Limits` for a cache of `length` slots."""
+    def limits(flavor: str) -> Limits:
         if _cache_block(length, 512) is None:
-            return f"cache length {length} is not a multiple of 8"
+            return Limits(f"cache length {length} is not a multiple of 8")
         if flavor == "tpu" and head_dim % 128 and head_dim != 64 and not interpret:
-            return f"head_dim {head_dim} (64 or a multiple of 128)"
-        return None
-    return (reason,)
+            return Limits(f"head_dim {head_dim} (64 or a multiple of 128)")
+        return Limits()
+    return limits
 
 
-def decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, *, impl: str = "auto",
-                     platform: str | None = None, interpret: bool = False):
-    """[B, Sq, H, hd] attention over cache slots [start, end) per row and the causal chunk, by `impl`."""
-    platform = platform or mesh_platform()
-    reasons = kernel_reasons(cache_k.shape[1], q.shape[3], interpret)
-    flavor = choose("decode_attention", impl, platform, interpret, *reasons)
+def decode_attention(q, cache_k, cache_v, k_new, v_new, start, end, run: Execution, *, mask=None):
+    """[B, Sq, H, hd] attention over cache slots [start, end) per row and the causal chunk (which sits at
+    slots end..), by `run.attention_impl`. `mask` [B, 1, Sq, L]: the xla flavor's slot mask
+    (`window_mask(start, end, ...)` when not given); `end` is one index for every row."""
+    flavor = choose_for("decode_attention", run.attention_impl, run,
+                        kernel_limits(cache_k.shape[1], q.shape[3], run.kernel_interpret))
     batch = q.shape[0]
     start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
+    if flavor == XLA:
+        mask = window_mask(start, end, cache_k.shape[1], q.shape[1]) if mask is None else mask
+        return xla_decode_attention(q, cache_k, cache_v, k_new, v_new, mask, end, resolve_platform(run))
     end = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (batch,))
-    if flavor is None:
+    if flavor == REFERENCE:
         return reference_decode_attention(q, cache_k, cache_v, k_new, v_new, start, end)
-    fn = functools.partial(pallas_decode_attention, flavor=flavor, interpret=interpret)
+    fn = functools.partial(pallas_decode_attention, flavor=flavor, interpret=run.kernel_interpret)
     return per_device(fn, (q, cache_k, cache_v, k_new, v_new, start, end),
                       ("b.h.", "b.h.", "b.h.", "b.h.", "b.h.", "b", "b"), "b.h.")

@@ -1,21 +1,28 @@
-"""Choosing an implementation per op: "xla" (the reference), "pallas" (a kernel) or "auto".
+"""Choosing a flavor per op call, once: "xla" (what runs by default off TPU/GPU), "reference" (the
+test oracle), "tpu" / "gpu" (Pallas kernels), from an `Execution`'s impl for the op.
 
-"auto" follows the platform of the mesh a program is built for (its abstract devices: an AOT compile
-for TPU on a CPU host gets the TPU kernels), never the host's default backend, and falls back to XLA
-with one warning where a kernel cannot run or does not pay. Forcing "pallas" where a kernel cannot run
-raises `KernelUnavailable`. `interpret=True` runs kernels in the Pallas interpreter on any platform
-(tests on CPU); the kernel flavor then follows `platform` ("tpu" unless told otherwise).
+"auto" follows the platform a program is built for (`resolve_platform`: the Execution's `platform`,
+else the platform of the mesh's abstract devices: an AOT compile for TPU on a CPU host gets the TPU
+kernels), never the host's default backend, and falls back to XLA with one warning where a kernel
+cannot run or does not pay. Forcing "pallas" where a kernel cannot run raises `KernelUnavailable`.
+`kernel_interpret` runs kernels in the Pallas interpreter on any platform (tests on CPU); the kernel
+flavor then follows the platform ("tpu" unless it names a GPU).
+
+Every op states why a kernel flavor is not used in one shape: `Limits(cannot_run, not_worth)`, each a
+reason string or None.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 
-IMPLS = ("auto", "xla", "pallas")
-KERNEL_PLATFORMS = ("tpu", "gpu")
+from ouro_jax.config import KERNEL_IMPLS, Execution
+
+XLA, REFERENCE = "xla", "reference"
 
 _log = logging.getLogger(__name__)
 _warned: set[tuple[str, str]] = set()
@@ -25,9 +32,17 @@ class KernelUnavailable(ValueError):
     """A Pallas kernel was forced where it cannot run (platform, shape or dtype)."""
 
 
+class Limits(NamedTuple):
+    """Why a kernel flavor is not used for one call: `cannot_run` (forced "pallas" raises), `not_worth`
+    ("auto" keeps XLA); None where nothing stands in the way."""
+
+    cannot_run: str | None = None
+    not_worth: str | None = None
+
+
 def check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"kernel impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in KERNEL_IMPLS:
+        raise ValueError(f"kernel impl must be one of {KERNEL_IMPLS}, got {impl!r}")
     return impl
 
 
@@ -45,6 +60,11 @@ def mesh_platform(mesh=None) -> str:
     return jax.devices()[0].platform
 
 
+def resolve_platform(run: Execution) -> str:
+    """The platform a program is built for: `run.platform`, or the mesh's when "auto"."""
+    return mesh_platform() if run.platform == "auto" else run.platform
+
+
 def kernel_platform(platform: str, interpret: bool) -> str | None:
     """The kernel flavor for `platform`: "tpu" (Mosaic), "gpu" (Triton) or None (no kernel).
 
@@ -58,29 +78,32 @@ def kernel_platform(platform: str, interpret: bool) -> str | None:
     return None
 
 
-def choose(op: str, impl: str, platform: str, interpret: bool, cannot_run: Callable[[str], str | None],
-           not_worth: Callable[[str], str | None] = lambda _: None) -> str | None:
-    """Resolves `impl` for one call of `op` -> the kernel flavor ("tpu"/"gpu") or None for XLA.
+def choose(op: str, impl: str, platform: str, interpret: bool, limits: Callable[[str], Limits]) -> str:
+    """Resolves `impl` for one call of `op` -> "xla", "reference", or the kernel flavor "tpu" / "gpu".
 
-    cannot_run(flavor) / not_worth(flavor) return a reason or None; auto falls back to XLA on either
-    (one warning per op and reason), forced "pallas" raises on the first.
+    limits(flavor) says what stands in the way of that kernel flavor; auto falls back to XLA on either
+    reason (one warning per op and reason), forced "pallas" raises on `cannot_run`.
     """
-    check_impl(impl)
-    if impl == "xla":
-        return None
+    if check_impl(impl) in (XLA, REFERENCE):
+        return impl
     flavor = kernel_platform(platform, interpret)
-    reason = (f"no Pallas kernel for platform {platform!r} (use interpret mode to emulate one)"
-              if flavor is None else cannot_run(flavor))
+    if flavor is None and impl == "auto":
+        return XLA       # auto on a platform without kernels (CPU): XLA is the intended path
+    why = (Limits(f"no Pallas kernel for platform {platform!r} (use interpret mode to emulate one)")
+           if flavor is None else limits(flavor))
     if impl == "pallas":
-        if reason:
-            raise KernelUnavailable(f"{op}: Pallas kernel forced on {platform!r} but it cannot run: {reason}")
+        if why.cannot_run:
+            raise KernelUnavailable(f"{op}: Pallas kernel forced on {platform!r} but it cannot run: {why.cannot_run}")
         return flavor
-    if flavor is None:
-        return None       # auto on a platform without kernels (CPU): XLA is the intended path
-    reason = reason or not_worth(flavor)
+    reason = why.cannot_run or why.not_worth
     if reason:
         if (op, reason) not in _warned:
             _warned.add((op, reason))
             _log.warning("%s: falling back to XLA on %s: %s", op, platform, reason)
-        return None
+        return XLA
     return flavor
+
+
+def choose_for(op: str, impl: str, run: Execution, limits: Callable[[str], Limits]) -> str:
+    """`choose` on the platform `run` builds for (see `resolve_platform`)."""
+    return choose(op, impl, resolve_platform(run), run.kernel_interpret, limits)
