@@ -13,6 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ouro_jax import validate
 from ouro_jax.errors import ConfigError
 from ouro_jax.paths import as_path
 
@@ -120,8 +121,8 @@ class OuroConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.early_exit_threshold is not None and not 0.0 <= self.early_exit_threshold <= 1.0:
-            raise ConfigError(f"early_exit_threshold must lie in [0, 1], got {self.early_exit_threshold}")
+        if self.early_exit_threshold is not None:
+            validate.exit_threshold(self.early_exit_threshold, "early_exit_threshold")
 
     @property
     def compute_dtype(self):

@@ -150,8 +150,8 @@ class TrainCheckpointer:
         if problem:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} does not fit the config: {problem}. Fix the config "
-                "(see WORKDIR/config.json for the one it was trained with), or pass --config.train.restart=True "
-                "to start over (the old run is moved aside, not deleted)")
+                "(see WORKDIR/config.json for the one it was trained with), or pass "
+                "--config.train.restart_incompatible=True to start over (the old run is moved aside, not deleted)")
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -188,7 +188,7 @@ class TrainCheckpointer:
         if len(failed) > len([e for _, e in failed if isinstance(e, CorruptCheckpointError)]):
             raise CheckpointError(
                 f"no checkpoint in {self.directory} restores (step {failed[0][0]}: {_first_line(failed[0][1])}); "
-                "pass --config.train.restart=True to start over (the old run is moved aside, not deleted)")
+                "pass --config.train.restart_incompatible=True to start over (the old run is moved aside, not deleted)")
         return None
 
     def _move_aside(self, steps: list[int]) -> None:

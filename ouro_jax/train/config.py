@@ -23,7 +23,9 @@ from typing import NamedTuple
 
 import ml_collections
 
+from ouro_jax import validate
 from ouro_jax.config import Execution, OuroConfig
+from ouro_jax.errors import ConfigError
 
 
 def model_fields(cfg: OuroConfig) -> ml_collections.ConfigDict:
@@ -39,6 +41,26 @@ def execution_fields(execution: Execution) -> ml_collections.ConfigDict:
 def model_config(config) -> OuroConfig:
     """The OuroConfig of a training config (unknown or mistyped fields raise ConfigError)."""
     return OuroConfig.from_dict(dict(config.model), Execution.from_dict(dict(config.execution)))
+
+
+def check_training(config) -> str:
+    """Refuses out-of-range run settings (one validator per value, ouro_jax.validate); returns the objective."""
+    objective = validate.objective(config.loss.objective)
+    validate.loss_beta(config.loss.beta)
+    validate.loss_beta(config.loss.beta_final, "loss.beta_final")
+    max_positions = int(config.model.max_position_embeddings)
+    validate.positions("data.seq_len", config.data.seq_len, max_positions)
+    for name in ("data.batch_size", "train.grad_accum", "train.ce_chunk_size", "train.steps"):
+        section, key = name.split(".")
+        validate.positive(name, config[section][key])
+    return objective
+
+
+def check_starting_point(config) -> None:
+    """Stage II trains only the exit gate of a trained model: it needs `init_from`."""
+    if config.loss.objective == "stage2" and not config.init_from:
+        raise ConfigError("loss.objective='stage2' trains only the exit gate of a trained model: set init_from "
+                          "to the Stage I checkpoint")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -37,6 +37,7 @@ from ouro_jax.errors import CheckpointError, ConfigError, OuroError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
 from ouro_jax.params_io import load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
+from ouro_jax.train.config import check_starting_point, check_training
 from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 from ouro_jax.train.workdir import WorkdirLock, move_run_aside
@@ -347,6 +348,8 @@ def train(config, workdir: paths.PathLike, explicit_model_fields: Collection[str
     the config.model fields set on the command line (see `adopt_checkpoint_shape`)."""
     workdir = paths.as_path(workdir)
     paths.check_bucket(workdir)
+    check_training(config)
+    check_starting_point(config)
     if config.init_from:
         adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
     if jax.process_index() != 0:
