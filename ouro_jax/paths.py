@@ -10,6 +10,8 @@ the guarantees of the local code on them:
   directory complete) copied last and deleted first, so at every moment the source or the target is complete.
 - `replace_tree` / `remove_leftovers`: publish a finished temporary directory over an old one, and clean
   up what a killed publish left; a leftover is removed only when it is incomplete or the target is complete.
+- `check_output`: what an output may be: never the current directory, a source or a folder above one,
+  a training workdir, or (replaced) anything but a previous output of the same kind.
 - `local_copy`: a verified copy of a remote file in a local cache, for readers that need a local file.
 """
 
@@ -142,6 +144,44 @@ def replace_tree(new: PathLike, target: PathLike, commit: str) -> None:
             os.unlink(old)
         else:
             old.rmtree(missing_ok=True)
+
+
+def _holds(outer: str, inner: str) -> bool:
+    """Whether the path `outer` is `inner` or a folder above it (real paths locally, URIs as written)."""
+    outer, inner = outer.rstrip("/"), inner.rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def _canonical(path: PathLike) -> str:
+    path = as_path(path)
+    return os.path.realpath(path) if is_local(path) else os.fspath(path)
+
+
+def check_output(target: PathLike, *, kind: str, marker: str, sources: tuple[PathLike, ...] = (),
+                 overwrite: bool = False, other_files: bool = False) -> None:
+    """Refuses an output directory that writing `kind` there could destroy: the current directory or a folder
+    above it, a source or a folder above one, a training workdir, a file, an existing `kind` (its `marker`
+    file present) without `overwrite`, and a non-empty directory of another kind (unless `other_files`: the
+    writer keeps the files it does not own)."""
+    target = as_path(target)
+    where = _canonical(target)
+    if is_local(target) and _holds(where, os.path.realpath(os.getcwd())):
+        raise FileExistsError(f"{target}: is the current directory or holds it; refusing to write {kind} there")
+    for source in sources:
+        if _holds(where, _canonical(source)):
+            raise FileExistsError(f"{target}: is the source {source} or holds it; refusing to write {kind} there")
+    if not exists(target):
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if (target / "checkpoints").is_dir():
+        raise FileExistsError(f"{target}: a training workdir (it holds checkpoints/); refusing to write {kind} there")
+    if (target / marker).exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} already holds {kind}; pass --overwrite to replace it")
+    elif not other_files and any(target.iterdir()):
+        raise FileExistsError(f"{target} is not empty and holds no {kind} (no {marker}); --overwrite replaces only "
+                              f"a previous {kind}: choose a new or empty directory")
 
 
 def _complete(path: epath.Path, commit: str) -> bool:

@@ -194,10 +194,13 @@ def _ours(path: Path) -> bool:
     return path.name == shards_lib.MANIFEST or path.suffix == ".array_record"
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def _check_output(output: Path, overwrite: bool, sources: Sequence[Path]) -> None:
     """Refuses an output that is a file, or holds shards without --overwrite; removes leftovers of killed runs."""
     if output.exists() and not output.is_dir():
         raise PrepareError(f"output {output} exists and is not a directory")
+    # the old shards are replaced below; files of other kinds are kept
+    paths.check_output(output, kind="prepared shards", marker=shards_lib.MANIFEST, sources=sources, overwrite=True,
+                       other_files=True)
     paths.remove_leftovers(output, shards_lib.MANIFEST, "prepare")
     ours = [p for p in output.iterdir() if _ours(p)] if output.is_dir() else []
     if ours and not overwrite:
@@ -237,7 +240,7 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
     output = as_path(output)
     paths.check_bucket(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    _check_output(output, overwrite)
+    _check_output(output, overwrite, files)
     # ArrayRecord writes local files: beside a local output, in a local temporary directory for a remote one
     tmp = paths.make_temp_dir(output.parent if is_local(output) else tempfile.gettempdir(), f".{output.name}.tmp-")
     try:

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -88,6 +89,9 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, sha
             got, want = located[m.hf_key].shape(m.hf_key), m.hf_shape(our_shape)
             if got != want:
                 problems.append(f"{m.hf_key}: shape {got}, expected {want}")
+            stored = located[m.hf_key].dtype(m.hf_key)
+            if not jnp.issubdtype(stored, jnp.floating):
+                problems.append(f"{m.hf_key}: stored as {stored}, expected floating-point weights")
     if problems:
         raise CheckpointError(f"{directory}: checkpoint does not fit the config:\n  " + "\n  ".join(problems))
 
@@ -106,6 +110,8 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, sha
                 host[...] = piece
             else:
                 host[m.layer] = piece
+        if not np.isfinite(host).all():
+            raise CheckpointError(f"{directory}: weights {'.'.join(path)} hold NaN or infinite values")
         flat[path] = jax.device_put(host, flat_shardings.get(path))
         del host
     params = traverse_util.unflatten_dict(flat)

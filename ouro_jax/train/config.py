@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         async_checkpointing=True,
         restart_incompatible=False,  # checkpoints that do not fit / restore: move the old run aside, start over
+        allow_changes="",         # resume despite these config changes, e.g. "data.batch_size,model.total_ut_steps"
         max_consecutive_nonfinite=5,
         export_params=True,       # params-only export to WORKDIR/params at the end
         compiler_options=ml_collections.ConfigDict(),  # XLA options, e.g. xla_backend_optimization_level

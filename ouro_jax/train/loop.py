@@ -40,7 +40,7 @@ from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.config import check_starting_point, check_training
 from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
-from ouro_jax.train.workdir import WorkdirLock, move_run_aside
+from ouro_jax.train.workdir import WorkdirLock, check_resume_config, move_run_aside
 
 # Fault injection: `OURO_JAX_FAULT_KILL_AFTER_STEP=N` kills the run (SIGKILL) right after step N, once every
 # checkpoint requested so far is finalized: a deterministic crash for the resume tests.
@@ -236,6 +236,8 @@ class _Trainer:
         self.checkpointer = TrainCheckpointer(self.checkpoint_dir, save_every=int(config.train.checkpoint_every),
                                               keep=int(config.train.keep_checkpoints) or None,
                                               async_save=bool(config.train.async_checkpointing))
+        if self.checkpointer.all_steps():
+            check_resume_config(config, self.workdir)
         self.step, self.state, resumed = _initial_state(config, self.program, self.checkpointer, self.data)
         return resumed
 
