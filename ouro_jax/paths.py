@@ -180,8 +180,21 @@ def check_output(target: PathLike, *, kind: str, marker: str, sources: tuple[Pat
         if not overwrite:
             raise FileExistsError(f"{target} already holds {kind}; pass --overwrite to replace it")
     elif not other_files and any(target.iterdir()):
-        raise FileExistsError(f"{target} is not empty and holds no {kind} (no {marker}); --overwrite replaces only "
+        raise FileExistsError(f"{target} is not empty and not {kind} (no {marker}); --overwrite replaces only "
                               f"a previous {kind}: choose a new or empty directory")
+
+
+def check_writable(directory: PathLike) -> None:
+    """Creates `directory` if needed and writes and removes a small file there: a read-only or full
+    filesystem fails here at once, naming the directory, instead of in a writer's retries much later."""
+    directory = as_path(directory)
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"not writable ({e.strerror or e})", os.fspath(directory)) from None
 
 
 def _complete(path: epath.Path, commit: str) -> bool:

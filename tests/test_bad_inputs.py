@@ -128,7 +128,7 @@ CASES = [
     ("prepare-zero-shard-tokens", "prepare", ["{root}/text.txt", "--output", "{root}/o5", "--max-shard-tokens", "0"],
      "max_shard_tokens"),
     ("upcycle-missing", "upcycle", ["{root}/nope", "{root}/up"], "no such directory"),
-    ("upcycle-existing-destination", "upcycle", ["{root}/params", "{root}/params"], "--overwrite"),
+    ("upcycle-onto-source", "upcycle", ["{root}/params", "{root}/params"], "is the source"),
     ("upcycle-zero-repeats", "upcycle", ["{root}/params", "{root}/up2", "--repeats", "0"], "repeats"),
     ("upcycle-truncated", "upcycle", ["{root}/params_truncated", "{root}/up3"], "cannot restore params"),
     ("eval-missing-model", "eval", ["{root}/nope", "--task", "mano"], "nope"),

@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import jax
 import ml_collections
 
 from ouro_jax import validate
 from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import ConfigError
+from ouro_jax.model import abstract_params
 
 
 def model_fields(cfg: OuroConfig) -> ml_collections.ConfigDict:
@@ -54,6 +56,24 @@ def check_training(config) -> str:
         section, key = name.split(".")
         validate.positive(name, config[section][key])
     return objective
+
+
+def training_memory_bytes(config, devices: int) -> float:
+    """A lower bound of one device's memory in a training step: the train state (params, gradients and two
+    float32 AdamW moments) fully sharded over `devices`, and one saved hidden state per layer application
+    for this device's share of a micro-batch (what even full rematerialization keeps)."""
+    cfg = model_config(config)
+    count = sum(leaf.size for leaf in jax.tree.leaves(abstract_params(cfg)))
+    state = count * (2 * cfg.weight_dtype.itemsize + 8)
+    tokens = int(config.data.batch_size) // max(1, int(config.train.grad_accum)) * int(config.data.seq_len)
+    saved = tokens * cfg.hidden_size * cfg.num_hidden_layers * cfg.total_ut_steps * cfg.compute_dtype.itemsize
+    return (state + saved) / devices
+
+
+def check_fits(config) -> None:
+    """Refuses, before any data is read or anything compiles, a run whose step cannot fit the devices."""
+    batch, seq_len = int(config.data.batch_size), int(config.data.seq_len)
+    validate.fits_memory(f"training batch {batch} x {seq_len}", training_memory_bytes(config, jax.device_count()))
 
 
 def check_starting_point(config) -> None:

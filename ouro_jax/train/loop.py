@@ -37,7 +37,7 @@ from ouro_jax.errors import CheckpointError, ConfigError, OuroError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
 from ouro_jax.params_io import load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
-from ouro_jax.train.config import check_starting_point, check_training
+from ouro_jax.train.config import check_fits, check_starting_point, check_training
 from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 from ouro_jax.train.workdir import WorkdirLock, check_resume_config, move_run_aside
@@ -232,6 +232,7 @@ class _Trainer:
     def _start(self) -> bool:
         """Opens the checkpoints and sets data, step and state; returns whether a checkpoint was restored."""
         config = self.config
+        paths.check_writable(self.checkpoint_dir)
         self.data = make_train_iterator(config, self.sources)
         self.checkpointer = TrainCheckpointer(self.checkpoint_dir, save_every=int(config.train.checkpoint_every),
                                               keep=int(config.train.keep_checkpoints) or None,
@@ -352,6 +353,7 @@ def train(config, workdir: paths.PathLike, explicit_model_fields: Collection[str
     paths.check_bucket(workdir)
     check_training(config)
     check_starting_point(config)
+    check_fits(config)
     if config.init_from:
         adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
     if jax.process_index() != 0:
