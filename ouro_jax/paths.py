@@ -229,6 +229,14 @@ def cache_dir() -> epath.Path:
     return as_path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ouro_jax"))
 
 
+def sha256_file(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with as_path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def local_copy(path: PathLike, sha256: str, suffix: str = "") -> str:
     """A local file with the content of `path` whose SHA-256 is `sha256`: `path` itself when local, else a
     copy in `cache_dir()` named by the hash (downloaded once, checked while downloading)."""

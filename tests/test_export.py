@@ -51,7 +51,7 @@ def test_export_files_config_and_special_ids(model, tmp_path):
     cfg, params = model
     out = export_hf(tmp_path / "hf", cfg, params)
     assert sorted(os.listdir(out)) == ["config.json", "configuration_ouro.py", "generation_config.json",
-                                       "model.safetensors", "modeling_ouro.py"]
+                                       "model.safetensors", "modeling_ouro.py", "ouro_checksums.json"]
     with open(os.path.join(out, "config.json")) as f:
         hf = json.load(f)
     assert hf["model_type"] == "ouro" and hf["architectures"] == ["OuroForCausalLM"]

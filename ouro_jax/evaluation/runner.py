@@ -74,6 +74,9 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
     path, cfg, params = load_checkpoint(model, dtype)
     validate.positions("seq_len", seq_len, cfg.max_position_embeddings)
     validate.positive("batch_size", batch_size)
+    depth = num_steps or cfg.total_ut_steps  # one float32 [B, S, V] logits block and hidden state per step, at least
+    validate.fits_memory(f"evaluating batch {batch_size} x {seq_len}",
+                         4 * batch_size * seq_len * (cfg.vocab_size + cfg.hidden_size) * depth)
     gates = {}
     if gate_from is not None:
         _, gate_cfg, gate_params = load_checkpoint(gate_from)

@@ -30,7 +30,7 @@ from flax import traverse_util
 
 from ouro_jax.config import OuroConfig
 from ouro_jax.errors import CheckpointError
-from ouro_jax.hf.keys import INDEX_FILE, SINGLE_FILE, hf_tensors, key_table, param_shapes
+from ouro_jax.hf.keys import CHECKSUMS_FILE, INDEX_FILE, SINGLE_FILE, hf_tensors, key_table, param_shapes
 from ouro_jax.hf.safetensors_io import write_safetensors
 from ouro_jax.paths import (
     Path,
@@ -41,6 +41,7 @@ from ouro_jax.paths import (
     make_temp_dir,
     remove_leftovers,
     replace_tree,
+    sha256_file,
 )
 
 REMOTE_CODE_FILES = ("configuration_ouro.py", "modeling_ouro.py")
@@ -163,6 +164,7 @@ def _write_export(tmp: Path, cfg: OuroConfig, params: dict[str, Any], dtype_name
             weight_map.update({t.key: name for t in shard})
         _write_json(tmp / INDEX_FILE,
                     {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map})
+    _write_json(tmp / CHECKSUMS_FILE, {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))})
     _write_json(tmp / "generation_config.json", generation_config(cfg, generation))
     for name in REMOTE_CODE_FILES:
         (tmp / name).write_bytes((as_path(REMOTE_CODE_DIR) / name).read_bytes())

@@ -13,9 +13,31 @@ from flax import traverse_util
 
 from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import CheckpointError
-from ouro_jax.hf.keys import IGNORED_SUFFIXES, INDEX_FILE, SINGLE_FILE, TensorMapping, key_table, param_shapes
+from ouro_jax.hf.keys import (
+    CHECKSUMS_FILE,
+    IGNORED_SUFFIXES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TensorMapping,
+    key_table,
+    param_shapes,
+)
 from ouro_jax.hf.safetensors_io import SafetensorsFile
-from ouro_jax.paths import Path, as_path
+from ouro_jax.paths import Path, as_path, sha256_file
+
+
+def _verify_checksums(directory: Path) -> None:
+    """Checks the weights files against the SHA-256 an export of ours stored beside them (if it did)."""
+    path = directory / CHECKSUMS_FILE
+    if not path.exists():
+        return
+    try:
+        expected = dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    for name, digest in expected.items():
+        if (directory / name).exists() and sha256_file(directory / name) != digest:
+            raise CheckpointError(f"{directory / name}: does not match its SHA-256 in {CHECKSUMS_FILE} (corrupt)")
 
 
 def _open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
@@ -70,6 +92,7 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, sha
     if param_dtype is None:
         param_dtype = "bfloat16" if hf_config.get("dtype", hf_config.get("torch_dtype")) == "bfloat16" else "float32"
     cfg = OuroConfig.from_hf_config(hf_config, execution).with_execution(param_dtype=param_dtype)
+    _verify_checksums(directory)
     located = _open_tensors(directory)
     table = key_table(cfg)
     shapes = param_shapes(cfg)
