@@ -104,7 +104,7 @@ def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None,
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 -- orbax/TensorStore raise many types for missing or corrupt files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0]
         raise CheckpointError(f"{directory}: cannot restore params ({type(e).__name__}: {first_line})") from None
     _verify(directory, params, sums=cfg.execution.param_dtype == stored_dtype)
     return cfg, params

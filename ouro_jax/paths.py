@@ -194,7 +194,7 @@ def check_writable(directory: PathLike) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise OSError(e.errno, f"not writable ({e.strerror or e})", os.fspath(directory)) from None
+        raise OSError(f"{directory}: not writable ({e.strerror or e})") from None
 
 
 def _complete(path: epath.Path, commit: str) -> bool:

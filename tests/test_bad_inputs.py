@@ -29,7 +29,7 @@ from ouro_jax.data import prepare as prepare_lib
 from ouro_jax.hf import export as hf_export
 from ouro_jax.hf.safetensors_io import SafetensorsFile, write_safetensors
 from ouro_jax.model import init_params
-from ouro_jax.params_io import save_params
+from ouro_jax.params_io import CHECKSUM_FILE, export_checkpoint, save_params
 from ouro_jax.train.background import WRITER_TIMEOUT_ENV
 from ouro_jax.train.config import model_config
 from ouro_jax.train.workdir import WorkdirLock
@@ -91,14 +91,24 @@ def _broken_weights(root, golden_dir, cfg):
         shutil.copytree(golden_dir, root / name)
         write_safetensors(root / name / "model.safetensors", [(k, edit(v) if k == first else v)
                                                                for k, v in sorted(tensors.items())])
+    export_checkpoint(golden_dir, root / "hf_flipped")
+    weights = root / "hf_flipped" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # one bit of the last tensor: still a valid float
+    weights.write_bytes(bytes(data))
     params = jax.tree.map(np.array, init_params(cfg, jax.random.key(0)))
     params["lm_head"][0, 0] = np.nan
     save_params(root / "params_nan", cfg, params)
     shutil.copytree(root / "params", root / "params_flipped")
-    for path in (root / "params_flipped" / "params").rglob("d/*"):  # one bit in the middle of each data file
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        path.write_bytes(bytes(data))
+    biggest = max((p for p in (root / "params_flipped" / "params").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)  # the array data: flip one bit every 512 bytes of its middle
+    data = bytearray(biggest.read_bytes())
+    for i in range(len(data) // 4, 3 * len(data) // 4, 512):
+        data[i] ^= 0x01
+    biggest.write_bytes(bytes(data))
+    shutil.copytree(root / "params", root / "params_wrong_sums")  # arrays that differ from what was saved
+    sums = json.loads((root / "params_wrong_sums" / CHECKSUM_FILE).read_text())
+    (root / "params_wrong_sums" / CHECKSUM_FILE).write_text(json.dumps({**sums, "lm_head": sums["lm_head"] ^ 1}))
 
 
 def _snapshot(root):
@@ -199,7 +209,10 @@ CASES += [
     ("export-nan-weights", "export", ["{root}/hf_nan", "{root}/out8"], "NaN"),
     ("export-int32-weights", "export", ["{root}/hf_int32", "{root}/out9"], "stored as int32"),
     ("export-params-nan", "export", ["{root}/params_nan", "{root}/out10"], "NaN"),
-    ("export-params-flipped", "export", ["{root}/params_flipped", "{root}/out11"], "saved checksums"),
+    # flipped bits fail the saved checksums or, where they hit compressed bytes, the restore itself
+    ("export-params-flipped", "export", ["{root}/params_flipped", "{root}/out11"], "params_flipped: "),
+    ("export-params-wrong-sums", "export", ["{root}/params_wrong_sums", "{root}/out14"],
+     "do not match their saved checksums"),
     ("export-bad-dtype", "export", ["{root}/hf", "{root}/out12", "--dtype", "int8"], "--dtype"),
     ("upcycle-onto-source-overwrite", "upcycle", ["{root}/params", "{root}/params", "--overwrite"], "is the source"),
     ("upcycle-into-current-dir", "upcycle", ["{root}/params", "", "--overwrite"], "current directory"),
@@ -249,7 +262,10 @@ CASES += [
     ("generate-int32-weights", "generate", ["--model", "{root}/hf_int32", "--prompt-ids", "1"], "stored as int32"),
     ("generate-nan-weights", "generate", ["--model", "{root}/hf_nan", "--prompt-ids", "1"], "NaN"),
     ("generate-params-flipped", "generate", ["--model", "{root}/params_flipped", "--prompt-ids", "1"],
-     "do not match their saved checksums"),
+     "params_flipped: "),
+    ("generate-export-flipped", "generate", ["--model", "{root}/hf_flipped", "--prompt-ids", "1"],
+     "does not match its SHA-256"),
+    ("export-from-flipped-export", "export", ["{root}/hf_flipped", "{root}/out13"], "does not match its SHA-256"),
     ("generate-params-nan", "generate", ["--model", "{root}/params_nan", "--prompt-ids", "1"], "NaN"),
     ("eval-nan-threshold", "eval", ["{root}/hf", "--task", "mano", "--thresholds", "0.5,nan"], "got nan"),
     ("eval-negative-threshold", "eval", ["{root}/hf", "--task", "mano", "--thresholds", "-0.5"], "[0, 1]"),
@@ -264,7 +280,8 @@ CASES += [
      "not a gate trained on this model"),
     ("eval-zero-batch-size", "eval", ["{root}/hf", "--task", "mano", "--batch-size", "0"], "--batch-size"),
     ("eval-int32-weights", "eval", ["{root}/hf_int32", "--task", "mano"], "stored as int32"),
-    ("eval-params-flipped", "eval", ["{root}/params_flipped", "--task", "mano"], "saved checksums"),
+    ("eval-params-flipped", "eval", ["{root}/params_flipped", "--task", "mano"], "params_flipped: "),
+    ("eval-params-wrong-sums", "eval", ["{root}/params_wrong_sums", "--task", "mano"], "saved checksums"),
 ]
 MAINS = {"generate": generate_cli.run, "export": export_cli.main, "prepare": prepare_cli.main,
          "upcycle": upcycle_cli.main, "eval": eval_cli.main}
@@ -296,12 +313,12 @@ TRAIN_CASES = [
     ("train-zero-ce-chunk", dict(train__ce_chunk_size=0), "train.ce_chunk_size must be an integer >= 1"),
     ("train-zero-batch", dict(data__batch_size=0), "data.batch_size must be an integer >= 1"),
     ("train-zero-grad-accum", dict(train__grad_accum=0), "train.grad_accum"),
-    ("train-fractional-steps", dict(model__total_ut_steps=2.7), "total_ut_steps"),
     ("train-threshold-above-one", dict(model__early_exit_threshold=1.5), "early_exit_threshold"),
     ("train-absurd-batch", dict(data__batch_size=2**34), "does not fit: needs"),
     ("train-init-from-nan-weights", dict(init_from="{root}/hf_nan"), "NaN"),
     ("train-init-from-int32-weights", dict(init_from="{root}/hf_int32"), "stored as int32"),
-    ("train-init-from-flipped-params", dict(init_from="{root}/params_flipped"), "saved checksums"),
+    ("train-init-from-flipped-params", dict(init_from="{root}/params_flipped"), "params_flipped: "),
+    ("train-init-from-wrong-sums", dict(init_from="{root}/params_wrong_sums"), "saved checksums"),
 ]
 
 
@@ -347,7 +364,9 @@ def test_train_locked_workdir(env, tmp_path, capsys):
     (["--config", "nope.py", "--workdir", "W"], "nope.py"),
     (["--config", "configs/tiny.py", "--workdir", "W", "--config.mesh.data=64"], "needs 64 devices"),
     (["--config", "configs/tiny.py", "--workdir", "W", "--config.optim.peak_lr=nan"], "optim.peak_lr"),
-], ids=["missing-config-file", "mesh-too-large", "nan-lr"])
+    (["--config", "configs/tiny.py", "--workdir", "W", "--config.model.total_ut_steps=2.7"], "total_ut_steps"),
+    (["--config", "configs/ouro_1p4b.py:stage9", "--workdir", "W"], "unknown stage 'stage9'"),
+], ids=["missing-config-file", "mesh-too-large", "nan-lr", "fractional-steps", "unknown-stage"])
 def test_train_command_line(tmp_path, args, text):
     args = [str(tmp_path / "w") if a == "W" else a for a in args]
     proc = subprocess.run([PYTHON, "-m", "ouro_jax.cli.train", *args], cwd=REPO, env=subprocess_env(),
@@ -372,6 +391,7 @@ def _resume_config(**changes):
     config = tiny_train_config()
     config.data.eval_examples = 0
     config.train.update(steps=2, checkpoint_every=2, export_params=False, compiler_options=FAST_COMPILE)
+    config.optim.update(warmup_steps=1, decay_steps=1)
     for key, value in changes.items():
         section, name = key.split("__")
         config[section][name] = value
@@ -479,12 +499,12 @@ def _run_within(seconds, fn, *args):
 
 def test_export_into_a_full_disk(env, small_disk, capsys):
     (small_disk / "old").mkdir()
-    export_cli.main([str(env / "hf"), str(small_disk / "old"), "--overwrite"])  # an empty output: written
-    capsys.readouterr()
+    (small_disk / "old" / "keep.txt").write_text("kept")
     before = _snapshot(env)
     exit_info = _run_within(60, export_cli.main, [str(env / "hf"), str(small_disk / "out")])
-    _expect_one_line(capsys, exit_info, "No space left on device", before, env)
-    assert _leftovers(small_disk) == ["old"]
+    # names the file being written
+    _expect_one_line(capsys, exit_info, f"No space left on device: '{small_disk}/.out.tmp-", before, env)
+    assert _leftovers(small_disk) == ["old"] and (small_disk / "old" / "keep.txt").read_text() == "kept"
 
 
 def test_prepare_into_a_full_disk(env, small_disk, capsys, tmp_path):
@@ -518,13 +538,15 @@ def test_train_with_read_only_checkpoints(env, tmp_path, read_only_dir, capsys):
 
 
 def test_train_into_a_full_disk(env, small_disk, capsys):
-    with open(small_disk / "filler", "wb") as f:  # fill it
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
         with contextlib.suppress(OSError):
-            while True:
-                f.write(b"x" * 4096)
-                f.flush()
+            while True:  # fill it
+                os.write(fd, b"x" * 4096)
+    finally:
+        os.close(fd)
     before = _snapshot(env)
-    exit_info = _run_within(60, _train, env, small_disk, None, workdir=str(small_disk / "run"))
+    exit_info = _run_within(60, lambda: _train(env, small_disk, None, workdir=str(small_disk / "run")))
     _expect_one_line(capsys, exit_info, "No space left on device", before, env)
 
 
@@ -533,13 +555,20 @@ def test_a_stuck_tensorboard_writer_ends_the_run_in_bounded_time(env, tmp_path, 
     forever; the run still ends within the writer timeout, its checkpoint saved, with one line."""
     from tensorboardX import event_file_writer
 
-    def disk_full(self, event):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    first_event = event_file_writer.EventsWriter.write_event
+    written = []
+
+    def disk_full(self, event):  # the file-version event at the writer's start goes through, then the disk is full
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(event)
+        return first_event(self, event)
 
     monkeypatch.setattr(event_file_writer.EventsWriter, "write_event", disk_full)
     monkeypatch.setenv(WRITER_TIMEOUT_ENV, "2")
-    exit_info = _run_within(60, _train, env, tmp_path, None, train__steps=4, train__checkpoint_every=4,
-                            train__export_params=False)
+    exit_info = _run_within(60, lambda: _train(env, tmp_path, None, train__steps=4, train__checkpoint_every=4,
+                                               train__export_params=False, optim__warmup_steps=1,
+                                               optim__decay_steps=1, train__compiler_options=FAST_COMPILE))
     _expect_one_line(capsys, exit_info, "tb: TensorBoard writer made no progress for 2 s", {}, env)
     assert "4" in os.listdir(tmp_path / "run" / "checkpoints")
 

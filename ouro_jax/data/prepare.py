@@ -31,7 +31,7 @@ import numpy as np
 from ouro_jax import paths
 from ouro_jax.data import shards as shards_lib
 from ouro_jax.data.tokenizer import load_tokenizer
-from ouro_jax.errors import OuroError
+from ouro_jax.errors import OuroError, one_line
 from ouro_jax.paths import Path, as_path, is_local
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -244,8 +244,11 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
     # ArrayRecord writes local files: beside a local output, in a local temporary directory for a remote one
     tmp = paths.make_temp_dir(output.parent if is_local(output) else tempfile.gettempdir(), f".{output.name}.tmp-")
     try:
-        manifest = _tokenize(sources, tok, tmp, text_split, text_field, append_eos, max_shard_tokens, batch_docs,
-                             progress)
+        try:
+            manifest = _tokenize(sources, tok, tmp, text_split, text_field, append_eos, max_shard_tokens, batch_docs,
+                                 progress)
+        except RuntimeError as e:  # ArrayRecord reports failed writes (a full disk) as RuntimeError
+            raise OSError(f"{output}: writing the shards failed ({one_line(e).split('; ')[0]})") from None
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _publish(tmp, output)
     except BaseException:  # KeyboardInterrupt too: the old output stays as it was

@@ -116,7 +116,7 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, sha
             if not jnp.issubdtype(stored, jnp.floating):
                 problems.append(f"{m.hf_key}: stored as {stored}, expected floating-point weights")
     if problems:
-        raise CheckpointError(f"{directory}: checkpoint does not fit the config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{directory}: checkpoint does not fit the config: " + "; ".join(problems))
 
     dtype = np.dtype(cfg.weight_dtype)
     by_path: dict[tuple[str, ...], list[TensorMapping]] = {}

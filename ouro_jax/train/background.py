@@ -4,7 +4,6 @@ on SIGTERM. A failure or a stall comes back to the training thread as one OSErro
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import threading
@@ -41,12 +40,11 @@ class BackgroundWriter:
     def _raise_error(self) -> None:
         if self._error is not None:
             e = self._error
-            raise OSError(getattr(e, "errno", None) or errno.EIO, f"{self.what} failed ({type(e).__name__}: {e})",
-                          self.path)
+            raise OSError(f"{self.path}: {self.what} failed ({type(e).__name__}: {e})")
 
     def _stalled(self) -> TimeoutError:
-        return TimeoutError(errno.ETIMEDOUT, f"{self.what} made no progress for {self.timeout:g} s (a full disk or "
-                            "a hung filesystem?)", self.path)
+        return TimeoutError(f"{self.path}: {self.what} made no progress for {self.timeout:g} s (a full disk or a "
+                            "hung filesystem?)")
 
     def submit(self, fn: Callable, *args) -> None:
         self._raise_error()

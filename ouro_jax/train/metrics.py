@@ -23,6 +23,7 @@ import numpy as np
 
 from ouro_jax import paths
 from ouro_jax.config import OuroConfig
+from ouro_jax.errors import one_line
 from ouro_jax.train.background import BackgroundWriter
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind` (first match wins).
@@ -159,7 +160,10 @@ class MetricsWriter:
             register_writer_factory(os.fspath(workdir).split("://", 1)[0], _ObjectStoreEvents())
 
         # purge_step makes TensorBoard discard the events of the previous run from that step on
-        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=initial_step + 1 if resumed else None)
+        try:
+            self._tb = SummaryWriter(str(workdir / "tb"), purge_step=initial_step + 1 if resumed else None)
+        except OSError as e:  # it writes its first event at once
+            raise OSError(f"{workdir / 'tb'}: cannot start the TensorBoard writer ({one_line(e)})") from None
         self._tb_thread = BackgroundWriter(os.fspath(workdir / "tb"), "TensorBoard writer")
         if progress_bar:
             from tqdm import tqdm
