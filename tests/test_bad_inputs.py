@@ -253,9 +253,10 @@ CASES += [
     ("generate-top-p-above-one", "generate", ["--model", "{root}/hf", "--prompt-ids", "1", "--top-p", "1.5"], "top_p"),
     ("generate-negative-top-k", "generate", ["--model", "{root}/hf", "--prompt-ids", "1", "--top-k", "-2"], "top_k"),
     ("generate-zero-new-tokens", "generate", ["--model", "{root}/hf", "--prompt-ids", "1", "--max-new-tokens", "0"],
-     "max_new_tokens"),
+     "--max-new-tokens must be an integer >= 1"),
     ("generate-beyond-positions", "generate", ["--model", "{root}/hf", "--prompt-ids", "1", "--max-new-tokens",
-                                               "1000"], "max_position_embeddings (512)"),
+                                               "1000"], "prompt + --max-new-tokens (1001) exceeds the model's "
+                                                        "max_position_embeddings (512)"),
     ("generate-draft-deeper-than-depth", "generate", ["--model", "{root}/hf", "--prompt-ids", "1", "--draft-tokens",
                                                       "2", "--draft-depth", "9"], "draft_depth"),
     ("generate-bad-dtype", "generate", ["--model", "{root}/hf", "--prompt-ids", "1", "--dtype", "int8"], "--dtype"),

@@ -127,6 +127,8 @@ def _generate(args, cfg, params) -> GenerationResult:
     else:
         stop_ids = []
 
+    validate.positive("--max-new-tokens", args.max_new_tokens)  # before the one-token run below compiles
+    validate.positions("prompt + --max-new-tokens", len(ids) + args.max_new_tokens, cfg.max_position_embeddings)
     stream = _TextStream(tokenizer, stop_ids) if not args.no_stream else None
     options = dict(policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold, exit_mode=args.exit_mode,
                    draft_tokens=args.draft_tokens, draft_depth=args.draft_depth,
