@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from ouro_jax import validate
-from ouro_jax.errors import ConfigError
+from ouro_jax.errors import CheckpointError, ConfigError
 from ouro_jax.paths import as_path
 
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
@@ -41,6 +41,17 @@ _HF_FIELDS = {
     "max_position_embeddings": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
     "early_exit_threshold": "early_exit_threshold",
 }
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `config.json` dict of an HF directory (CheckpointError when missing or not JSON): its one reader."""
+    path = as_path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no config.json; not an HF Ouro directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def _check_types(obj) -> None:
@@ -165,9 +176,7 @@ class OuroConfig:
         """Builds a config from an HF `config.json` (a dict, the file, or its directory)."""
         if not isinstance(hf, dict):
             path = as_path(hf)
-            if path.is_dir():
-                path = path / "config.json"
-            hf = json.loads(path.read_text())
+            hf = read_hf_config(path.parent if path.name == "config.json" else path)
         unknown = sorted(set(hf) - _HF_IGNORED - set(_HF_FIELDS))
         if unknown:
             raise ConfigError(f"unknown field(s) in HF config: {unknown}")

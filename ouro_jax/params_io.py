@@ -21,7 +21,7 @@ from ouro_jax.checksums import fingerprint, path_name
 from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import CheckpointError, ConfigError
 from ouro_jax.hf.export import export_hf, has_tokenizer
-from ouro_jax.hf.load import load_hf, read_hf_config
+from ouro_jax.hf.load import load_hf
 from ouro_jax.model import abstract_params
 from ouro_jax.paths import (
     Path,
@@ -152,7 +152,7 @@ def load_model_config(path: str | os.PathLike) -> OuroConfig:
     path = as_path(path)
     if _is_ours(path):
         return _read_config(path)
-    return OuroConfig.from_hf_config(read_hf_config(path))
+    return OuroConfig.from_hf_config(path)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> str:

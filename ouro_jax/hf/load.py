@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ouro_jax.config import Execution, OuroConfig
+from ouro_jax.config import Execution, OuroConfig, read_hf_config
 from ouro_jax.errors import CheckpointError
 from ouro_jax.hf.keys import (
     CHECKSUMS_FILE,
@@ -63,17 +63,6 @@ def _open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
         raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}")
     file = SafetensorsFile(single)
     return {key: file for key in file.keys()}
-
-
-def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The `config.json` dict of an HF directory (CheckpointError when missing or not JSON)."""
-    path = as_path(directory) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: no config.json; not an HF Ouro directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
