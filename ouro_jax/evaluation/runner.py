@@ -55,6 +55,15 @@ def load_checkpoint(spec: str, dtype: str | None = None) -> tuple[str, OuroConfi
     return path, cfg, params
 
 
+def _check_sizes(cfg: OuroConfig, seq_len: int, batch_size: int, num_steps: int | None) -> None:
+    """Rows the model's positions cover, and a batch whose per-step logits fit the device."""
+    validate.positions("seq_len", seq_len, cfg.max_position_embeddings)
+    validate.positive("batch_size", batch_size)
+    depth = num_steps or cfg.total_ut_steps  # one float32 [B, S, V] logits block and hidden state per step, at least
+    validate.fits_memory(f"evaluating batch {batch_size} x {seq_len}",
+                         4 * batch_size * seq_len * (cfg.vocab_size + cfg.hidden_size) * depth)
+
+
 def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = None, gate_from: str | None = None,
                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS, num_steps: int | None = None, seq_len: int = 512,
                    batch_size: int = 8, max_tokens: int | None = 65536, num_examples: int = 512,
@@ -72,11 +81,7 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
     if output_dir is not None:
         check_bucket(output_dir)
     path, cfg, params = load_checkpoint(model, dtype)
-    validate.positions("seq_len", seq_len, cfg.max_position_embeddings)
-    validate.positive("batch_size", batch_size)
-    depth = num_steps or cfg.total_ut_steps  # one float32 [B, S, V] logits block and hidden state per step, at least
-    validate.fits_memory(f"evaluating batch {batch_size} x {seq_len}",
-                         4 * batch_size * seq_len * (cfg.vocab_size + cfg.hidden_size) * depth)
+    _check_sizes(cfg, seq_len, batch_size, num_steps)
     gates = {}
     if gate_from is not None:
         _, gate_cfg, gate_params = load_checkpoint(gate_from)

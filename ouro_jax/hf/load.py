@@ -65,27 +65,9 @@ def _open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
     return {key: file for key in file.keys()}
 
 
-def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
-            execution: Execution | None = None) -> tuple[OuroConfig, dict[str, Any]]:
-    """Loads an HF Ouro directory -> (config, params in our stacked layout).
-
-    Tensors are read one at a time from memory-mapped files; each parameter is assembled on the
-    host once and then placed on device, with `shardings` (a tree like the params) if given.
-    param_dtype ('float32' / 'bfloat16') defaults to the checkpoint's dtype; the returned config
-    carries `execution` (default settings if None) with that param_dtype.
-    """
-    directory = as_path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
-    hf_config = read_hf_config(directory)
-    if param_dtype is None:
-        param_dtype = "bfloat16" if hf_config.get("dtype", hf_config.get("torch_dtype")) == "bfloat16" else "float32"
-    cfg = OuroConfig.from_hf_config(hf_config, execution).with_execution(param_dtype=param_dtype)
-    _verify_checksums(directory)
-    located = _open_tensors(directory)
-    table = key_table(cfg)
-    shapes = param_shapes(cfg)
-
+def _check_tensors(directory: Path, cfg: OuroConfig, located: dict[str, SafetensorsFile]) -> None:
+    """Refuses missing or unexpected keys, wrong shapes and weights that are not floating point."""
+    table, shapes = key_table(cfg), param_shapes(cfg)
     problems = []
     expected = {m.hf_key for m in table}
     allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
@@ -107,6 +89,27 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, sha
     if problems:
         raise CheckpointError(f"{directory}: checkpoint does not fit the config: " + "; ".join(problems))
 
+
+def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
+            execution: Execution | None = None) -> tuple[OuroConfig, dict[str, Any]]:
+    """Loads an HF Ouro directory -> (config, params in our stacked layout).
+
+    Tensors are read one at a time from memory-mapped files; each parameter is assembled on the
+    host once and then placed on device, with `shardings` (a tree like the params) if given.
+    param_dtype ('float32' / 'bfloat16') defaults to the checkpoint's dtype; the returned config
+    carries `execution` (default settings if None) with that param_dtype.
+    """
+    directory = as_path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    hf_config = read_hf_config(directory)
+    if param_dtype is None:
+        param_dtype = "bfloat16" if hf_config.get("dtype", hf_config.get("torch_dtype")) == "bfloat16" else "float32"
+    cfg = OuroConfig.from_hf_config(hf_config, execution).with_execution(param_dtype=param_dtype)
+    _verify_checksums(directory)
+    located = _open_tensors(directory)
+    _check_tensors(directory, cfg, located)
+    table, shapes = key_table(cfg), param_shapes(cfg)
     dtype = np.dtype(cfg.weight_dtype)
     by_path: dict[tuple[str, ...], list[TensorMapping]] = {}
     for m in table:
