@@ -13,7 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ouro_jax.errors import ConfigError
+from ouro_jax import validate
+from ouro_jax.errors import CheckpointError, ConfigError
 from ouro_jax.paths import as_path
 
 REMAT_POLICIES = ("none", "full", "dots", "save_proj")
@@ -41,6 +42,17 @@ _HF_FIELDS = {
     "max_position_embeddings": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
     "early_exit_threshold": "early_exit_threshold",
 }
+
+
+def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `config.json` dict of an HF directory (CheckpointError when missing or not JSON): its one reader."""
+    path = as_path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no config.json; not an HF Ouro directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def _check_types(obj) -> None:
@@ -124,8 +136,8 @@ class OuroConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.early_exit_threshold is not None and not 0.0 <= self.early_exit_threshold <= 1.0:
-            raise ConfigError(f"early_exit_threshold must lie in [0, 1], got {self.early_exit_threshold}")
+        if self.early_exit_threshold is not None:
+            validate.exit_threshold(self.early_exit_threshold, "early_exit_threshold")
 
     @property
     def compute_dtype(self):
@@ -168,9 +180,7 @@ class OuroConfig:
         """Builds a config from an HF `config.json` (a dict, the file, or its directory)."""
         if not isinstance(hf, dict):
             path = as_path(hf)
-            if path.is_dir():
-                path = path / "config.json"
-            hf = json.loads(path.read_text())
+            hf = read_hf_config(path.parent if path.name == "config.json" else path)
         unknown = sorted(set(hf) - _HF_IGNORED - set(_HF_FIELDS))
         if unknown:
             raise ConfigError(f"unknown field(s) in HF config: {unknown}")

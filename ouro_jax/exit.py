@@ -6,8 +6,12 @@ float32. p(t) = lambda_t * prod_{j<t} (1 - lambda_j) for t < T, and the last ste
 
 from __future__ import annotations
 
+from numbers import Real
+
 import jax
 import jax.numpy as jnp
+
+from ouro_jax import validate
 
 
 def exit_log_pdf(gate_logits: jax.Array) -> jax.Array:
@@ -39,7 +43,10 @@ def exit_entropy(gate_logits: jax.Array) -> jax.Array:
 
 
 def q_exit_step(gate_logits: jax.Array, threshold: float) -> jax.Array:
-    """0-based step of the Q-exit rule: the first t with CDF(t) >= q (the last step if none)."""
+    """0-based step of the Q-exit rule: the first t with CDF(t) >= q (the last step if none).
+    A concrete q outside [0, 1] (or NaN) raises ConfigError; a traced q is the caller's to check."""
+    if isinstance(threshold, Real):
+        threshold = validate.exit_threshold(threshold)
     reached = exit_cdf(gate_logits) >= threshold
     return jnp.argmax(reached, axis=0).astype(jnp.int32)  # the last CDF is 1, so some step is reached
 
@@ -54,9 +61,7 @@ def select_logits(step_logits: jax.Array, gate_logits: jax.Array, *, exit_at_ste
     """
     num_steps = step_logits.shape[0]
     if exit_at_step is not None:
-        if not 0 <= exit_at_step < num_steps:
-            raise ValueError(f"exit_at_step must lie in [0, {num_steps}), got {exit_at_step}")
-        return step_logits[exit_at_step]
+        return step_logits[validate.exit_step(exit_at_step, num_steps)]
     if exit_threshold is not None:
         step = q_exit_step(gate_logits, exit_threshold)
         return jnp.take_along_axis(step_logits, step[None, ..., None], axis=0)[0]

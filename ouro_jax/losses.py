@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ouro_jax import validate
 from ouro_jax.exit import exit_log_pdf
 
 # ---- Stage I: entropy-regularized expected cross-entropy (SPEC 3) -------------------------------
@@ -76,7 +77,7 @@ def stage2_loss(step_ce: jax.Array, gate_logits: jax.Array, loss_mask: jax.Array
 
 # ---- the choice of objective (`config.loss.objective`) ------------------------------------------
 
-OBJECTIVES = ("stage1", "last_step", "stage2")
+OBJECTIVES = validate.OBJECTIVES
 
 
 def objective_token_loss(objective: str, step_ce: jax.Array, gate_logits: jax.Array, *, beta: float | jax.Array,
@@ -89,4 +90,4 @@ def objective_token_loss(objective: str, step_ce: jax.Array, gate_logits: jax.Ar
         return last_step_token_loss(step_ce)
     if objective == "stage2":
         return stage2_token_loss(step_ce, gate_logits, gate_k, gate_gamma)
-    raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {objective!r}")
+    raise validate.objective(objective)  # an unknown objective raises ConfigError here

@@ -14,30 +14,53 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ouro_jax.checksums import fingerprint, path_name
 from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import CheckpointError, ConfigError
 from ouro_jax.hf.export import export_hf, has_tokenizer
-from ouro_jax.hf.load import load_hf, read_hf_config
+from ouro_jax.hf.load import load_hf
 from ouro_jax.model import abstract_params
-from ouro_jax.paths import Path, as_path, check_bucket
+from ouro_jax.paths import (
+    Path,
+    as_path,
+    check_bucket,
+    check_output,
+    is_local,
+    make_temp_dir,
+    remove_leftovers,
+    replace_tree,
+)
 
 CONFIG_FILE = "ouro_config.json"
 PARAMS_DIR = "params"
+CHECKSUM_FILE = "fingerprint.json"  # checksums.fingerprint of the saved params (checkpoints before it have none)
 # Execution settings, which checkpoints written before the config split stored beside the model fields.
 _EXECUTION_FIELDS = frozenset(f.name for f in dataclasses.fields(Execution))
 
 
 def save_params(directory: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any]) -> None:
-    """Writes a params-only checkpoint for inference or export."""
+    """Writes a params-only checkpoint for inference or export, atomically: the new one is complete in a
+    temporary directory beside `directory` before it replaces an old one."""
     directory = as_path(directory)
     check_bucket(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / PARAMS_DIR, nn.unbox(params), force=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(directory, CONFIG_FILE, "params export")
+    tmp = make_temp_dir(directory.parent, f".{directory.name}.tmp-")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / PARAMS_DIR, nn.unbox(params), force=True)
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(fingerprint(params), indent=1))
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))  # last: marks it complete
+        if is_local(tmp):
+            os.chmod(tmp, 0o755)
+        replace_tree(tmp, directory, CONFIG_FILE)
+    except BaseException:  # a kill or a full disk: the previous params stay as they were
+        tmp.rmtree(missing_ok=True)
+        raise
 
 
 def _read_config(directory: Path, execution: Execution | None = None) -> OuroConfig:
@@ -71,18 +94,36 @@ def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None,
     params_dir = directory / PARAMS_DIR
     cfg = _read_config(directory, execution)
     try:
-        cfg = cfg.with_execution(param_dtype=param_dtype or _stored_dtype(params_dir))
+        stored_dtype = _stored_dtype(params_dir)
+        cfg = cfg.with_execution(param_dtype=param_dtype or stored_dtype)
         target = nn.unbox(abstract_params(cfg))
         if shardings is None:
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
         target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
         with ocp.StandardCheckpointer() as checkpointer:
-            return cfg, checkpointer.restore(params_dir, target)
+            params = checkpointer.restore(params_dir, target)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 -- orbax/TensorStore raise many types for missing or corrupt files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0]
         raise CheckpointError(f"{directory}: cannot restore params ({type(e).__name__}: {first_line})") from None
+    _verify(directory, params, sums=cfg.execution.param_dtype == stored_dtype)
+    return cfg, params
+
+
+def _verify(directory: Path, params: dict[str, Any], sums: bool) -> None:
+    """Refuses params that hold NaN / Inf or (`sums`: read in their stored dtype) differ from the checksums
+    saved with them (flipped bytes)."""
+    stored = directory / CHECKSUM_FILE
+    if sums and stored.exists():
+        expected, actual = json.loads(stored.read_text()), fingerprint(params)
+        bad = [k for k in expected if actual.get(k) != expected[k]]
+        if bad:
+            raise CheckpointError(f"{directory}: params {bad[:3]} do not match their saved checksums (corrupt)")
+    finite = jax.tree.map(lambda x: bool(jnp.isfinite(x).all()), params)
+    bad = [path_name(k) for k, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
+    if bad:
+        raise CheckpointError(f"{directory}: params {bad[:3]} hold NaN or infinite values")
 
 
 def _is_ours(path: Path) -> bool:
@@ -112,7 +153,7 @@ def load_model_config(path: str | os.PathLike) -> OuroConfig:
     path = as_path(path)
     if _is_ours(path):
         return _read_config(path)
-    return OuroConfig.from_hf_config(read_hf_config(path))
+    return OuroConfig.from_hf_config(path)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> str:
@@ -122,7 +163,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     and the correct special ids; the tokenizer files of the source directory are copied unless
     `tokenizer=` names others.
     """
+    check_output(out_dir, kind="an HF export", marker="config.json", sources=(checkpoint,),
+                 overwrite=bool(kwargs.get("overwrite")))
     cfg, params = load_model(checkpoint)
+    kwargs["sources"] = (checkpoint,)
     if kwargs.get("tokenizer") is None and has_tokenizer(checkpoint):
         kwargs["tokenizer"] = os.fspath(checkpoint)  # an HF source directory's tokenizer travels with it
     return export_hf(out_dir, cfg, params, **kwargs)

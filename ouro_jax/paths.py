@@ -10,6 +10,8 @@ the guarantees of the local code on them:
   directory complete) copied last and deleted first, so at every moment the source or the target is complete.
 - `replace_tree` / `remove_leftovers`: publish a finished temporary directory over an old one, and clean
   up what a killed publish left; a leftover is removed only when it is incomplete or the target is complete.
+- `check_output`: what an output may be: never the current directory, a source or a folder above one,
+  a training workdir, or (replaced) anything but a previous output of the same kind.
 - `local_copy`: a verified copy of a remote file in a local cache, for readers that need a local file.
 """
 
@@ -144,6 +146,57 @@ def replace_tree(new: PathLike, target: PathLike, commit: str) -> None:
             old.rmtree(missing_ok=True)
 
 
+def _holds(outer: str, inner: str) -> bool:
+    """Whether the path `outer` is `inner` or a folder above it (real paths locally, URIs as written)."""
+    outer, inner = outer.rstrip("/"), inner.rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def _canonical(path: PathLike) -> str:
+    path = as_path(path)
+    return os.path.realpath(path) if is_local(path) else os.fspath(path)
+
+
+def check_output(target: PathLike, *, kind: str, marker: str, sources: tuple[PathLike, ...] = (),
+                 overwrite: bool = False, other_files: bool = False) -> None:
+    """Refuses an output directory that writing `kind` there could destroy: the current directory or a folder
+    above it, a source or a folder above one, a training workdir, a file, an existing `kind` (its `marker`
+    file present) without `overwrite`, and a non-empty directory of another kind (unless `other_files`: the
+    writer keeps the files it does not own)."""
+    target = as_path(target)
+    where = _canonical(target)
+    if is_local(target) and _holds(where, os.path.realpath(os.getcwd())):
+        raise FileExistsError(f"{target}: is the current directory or holds it; refusing to write {kind} there")
+    for source in sources:
+        if _holds(where, _canonical(source)):
+            raise FileExistsError(f"{target}: is the source {source} or holds it; refusing to write {kind} there")
+    if not exists(target):
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if (target / "checkpoints").is_dir():
+        raise FileExistsError(f"{target}: a training workdir (it holds checkpoints/); refusing to write {kind} there")
+    if (target / marker).exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} already holds {kind}; pass --overwrite to replace it")
+    elif not other_files and any(target.iterdir()):
+        raise FileExistsError(f"{target} is not empty and not {kind} (no {marker}); --overwrite replaces only "
+                              f"a previous {kind}: choose a new or empty directory")
+
+
+def check_writable(directory: PathLike) -> None:
+    """Creates `directory` if needed and writes and removes a small file there: a read-only or full
+    filesystem fails here at once, naming the directory, instead of in a writer's retries much later."""
+    directory = as_path(directory)
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"{directory}: not writable ({e.strerror or e})") from None
+
+
 def _complete(path: epath.Path, commit: str) -> bool:
     return (path / commit).exists()
 
@@ -174,6 +227,14 @@ def remove_leftovers(target: PathLike, commit: str, what: str) -> list[epath.Pat
 def cache_dir() -> epath.Path:
     """Where remote files are cached locally: $OURO_JAX_CACHE_DIR, else ~/.cache/ouro_jax."""
     return as_path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ouro_jax"))
+
+
+def sha256_file(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with as_path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def local_copy(path: PathLike, sha256: str, suffix: str = "") -> str:

@@ -14,17 +14,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ouro_jax import validate
 from ouro_jax.config import OuroConfig
-from ouro_jax.errors import CheckpointError
 from ouro_jax.params_io import CONFIG_FILE, load_model, save_params
-from ouro_jax.paths import as_path
+from ouro_jax.paths import check_output
 
 
 def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) -> tuple[OuroConfig, dict[str, Any]]:
     """(config, params) with the layer stack repeated `repeats` times: layer i of the result is
     layer i mod N of the source."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    repeats = validate.positive("repeats", repeats)
     layers = params["decoder"]["layers"]
     repeated = {k: v for k, v in params.items() if k != "decoder"}
     repeated["decoder"] = {"layers": jax.tree.map(lambda x: jnp.concatenate([x] * repeats, axis=0), layers)}
@@ -34,8 +33,7 @@ def upcycle_params(cfg: OuroConfig, params: dict[str, Any], repeats: int = 2) ->
 def upcycle_checkpoint(source: str, destination: str, repeats: int = 2, *, overwrite: bool = False) -> OuroConfig:
     """Reads a checkpoint (ours or HF), writes the upcycled params checkpoint; returns its config.
     An existing params checkpoint at `destination` is refused unless `overwrite`."""
-    if (as_path(destination) / CONFIG_FILE).exists() and not overwrite:
-        raise CheckpointError(f"{destination} already holds a params checkpoint; pass --overwrite to replace it")
+    check_output(destination, kind="a params checkpoint", marker=CONFIG_FILE, sources=(source,), overwrite=overwrite)
     cfg, params = load_model(source)
     cfg, params = upcycle_params(cfg, params, repeats)
     save_params(destination, cfg, params)

@@ -51,7 +51,7 @@ def test_export_files_config_and_special_ids(model, tmp_path):
     cfg, params = model
     out = export_hf(tmp_path / "hf", cfg, params)
     assert sorted(os.listdir(out)) == ["config.json", "configuration_ouro.py", "generation_config.json",
-                                       "model.safetensors", "modeling_ouro.py"]
+                                       "model.safetensors", "modeling_ouro.py", "ouro_checksums.json"]
     with open(os.path.join(out, "config.json")) as f:
         hf = json.load(f)
     assert hf["model_type"] == "ouro" and hf["architectures"] == ["OuroForCausalLM"]
@@ -120,7 +120,7 @@ def test_existing_directory_is_refused_unless_overwrite(model, tmp_path):
     target.mkdir()
     export_hf(target, cfg, params)  # an empty directory is fine
     (target / "stale-00001-of-00009.safetensors").write_bytes(b"old")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="already holds an HF export; pass --overwrite"):
         export_hf(target, cfg, params)
     assert (target / "stale-00001-of-00009.safetensors").exists()
     export_hf(target, cfg, params, overwrite=True)  # replaces the whole directory: no stale shards remain
@@ -217,7 +217,7 @@ def test_cli_exports_a_params_checkpoint(model, tmp_path, capsys):
     assert os.path.exists(out / INDEX_FILE)
     with pytest.raises(SystemExit, match="1"):  # refuses the non-empty target
         export_main([str(tmp_path / "ckpt"), str(out)])
-    assert "not empty" in capsys.readouterr().err
+    assert "already holds an HF export" in capsys.readouterr().err
     assert export_main([str(tmp_path / "ckpt"), str(out), "--overwrite"]) == 0
     with pytest.raises(SystemExit, match="1"):
         export_main([str(tmp_path / "missing"), str(tmp_path / "x")])

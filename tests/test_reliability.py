@@ -19,11 +19,11 @@ from ouro_jax.data import prepare as prepare_lib
 from ouro_jax.errors import ShardCorruptError
 from ouro_jax.hf.export import export_hf
 from ouro_jax.train import loop
-from ouro_jax.train.checkpointer import CheckpointMismatchError, TrainCheckpointer
+from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.metrics import MetricsWriter
 from ouro_jax.train.optim import OptimConfigError, make_optimizer
 from ouro_jax.train.step import build_train_program, place_params
-from ouro_jax.train.workdir import WorkdirBusyError, WorkdirLock
+from ouro_jax.train.workdir import ResumeConfigError, WorkdirBusyError, WorkdirLock
 
 
 def _run_config(steps=10, intermediate_size=64):
@@ -64,7 +64,8 @@ def _copy(run, tmp_path):
 def test_mismatched_config_stops_the_run_and_keeps_the_old_one(finished_run, tmp_path, capsys):
     workdir = _copy(finished_run, tmp_path)
     before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != ".lock"}
-    with pytest.raises(CheckpointMismatchError, match=r"step 10 .*does not fit the config: .*64.*96"):
+    with pytest.raises(ResumeConfigError, match=r"changed config: model.intermediate_size 64 -> 96; pass "
+                                                  r"--config.train.allow_changes=model.intermediate_size"):
         loop.train(_run_config(intermediate_size=96), str(workdir))
     assert all(p.read_bytes() == data for p, data in before.items()), "the old run was changed"
     assert _steps(workdir) == [5, 10]

@@ -165,7 +165,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_without_a_checkpoint(tmp_path)
     config = tiny_train_config()
     model_cfg = model_config(config)
     params = jax.tree.map(np.array, init_params(model_cfg, jax.random.key(0)))
-    params["lm_head"][:, 0] = np.nan
+    params["lm_head"][:, 0] = 3e38  # finite weights (NaN ones are refused on load) whose logits overflow
     save_params(tmp_path / "bad_params", model_cfg, params)
     config.init_from = str(tmp_path / "bad_params")
     config.train.update(max_consecutive_nonfinite=3, checkpoint_every=100, compiler_options=FAST_COMPILE)

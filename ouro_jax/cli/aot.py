@@ -11,6 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ouro_jax.cli import flags_parser
 from ouro_jax.errors import cli_errors
 from ouro_jax.train.aot import DoesNotFit, compile_train_step, max_batch_per_chip
 
@@ -42,7 +43,8 @@ def run() -> None:
     flags.DEFINE_bool("find_max_batch", False, "search the largest per-chip batch that fits")
     flags.mark_flags_as_required(["config"])
     f = flags.FLAGS
-    app.run(lambda argv: sys.exit(main(f.config, f.topology, f.batch_per_chip, f.find_max_batch)))
+    app.run(lambda argv: sys.exit(main(f.config, f.topology, f.batch_per_chip, f.find_max_batch)),
+            flags_parser=flags_parser(PROG))
 
 
 if __name__ == "__main__":

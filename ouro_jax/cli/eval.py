@@ -13,7 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ouro_jax.errors import OneLineParser, cli_errors, fail
+from ouro_jax import validate
+from ouro_jax.errors import ConfigError, OneLineParser, cli_errors, fail
 from ouro_jax.evaluation.runner import evaluate_model
 from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS
 
@@ -25,10 +26,10 @@ def _thresholds(text: str) -> list[float]:
         qs = [float(x) for x in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"thresholds must be numbers, got {text!r}") from None
-    bad = [q for q in qs if not 0.0 <= q <= 1.0]
-    if bad or not qs:
-        raise argparse.ArgumentTypeError(f"Q-exit thresholds must lie in [0, 1], got {bad or text!r}")
-    return qs
+    try:
+        return validate.thresholds(qs, "Q-exit thresholds")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-examples", type=int, default=512, help="held-out task examples")
     p.add_argument("--tokenizer", help="tokenizer.json or 'byte' for .jsonl/.txt (default: the model's, else byte)")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=validate.COMPUTE_DTYPES, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--output", help="directory for results.json and the sweep plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ouro_jax import validate
 from ouro_jax.config import Execution
 from ouro_jax.data.chatml import encode_chat
 from ouro_jax.data.tokenizer import load_tokenizer
@@ -87,7 +88,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-ids", help="stop token ids (default: <|im_end|> with --chat, none otherwise)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
+    p.add_argument("--dtype", choices=validate.COMPUTE_DTYPES, help="compute dtype (default: the checkpoint's config)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of token by token")
     return p
 
@@ -95,8 +96,8 @@ def build_parser() -> OneLineParser:
 def main(argv: Sequence[str] | None = None) -> GenerationResult:
     args = build_parser().parse_args(argv)
 
-    if args.policy not in POLICIES:
-        fail(PROG, f"unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
+    with cli_errors(PROG):
+        validate.kv_policy(args.policy, "--policy")
     try:
         cfg, params = load_model(args.model, execution=Execution(dtype=args.dtype) if args.dtype else None)
     except (ValueError, OSError) as e:
@@ -126,6 +127,8 @@ def _generate(args, cfg, params) -> GenerationResult:
     else:
         stop_ids = []
 
+    validate.positive("--max-new-tokens", args.max_new_tokens)  # before the one-token run below compiles
+    validate.positions("prompt + --max-new-tokens", len(ids) + args.max_new_tokens, cfg.max_position_embeddings)
     stream = _TextStream(tokenizer, stop_ids) if not args.no_stream else None
     options = dict(policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold, exit_mode=args.exit_mode,
                    draft_tokens=args.draft_tokens, draft_depth=args.draft_depth,

@@ -13,7 +13,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ouro_jax.errors import cli_errors, fail
+from ouro_jax.cli import flags_parser
+from ouro_jax.errors import cli_errors
 from ouro_jax.train.loop import TrainingInterrupted, report, train
 
 PROG = "ouro-train"
@@ -55,17 +56,6 @@ def _initialize_distributed() -> None:
                                process_id=f.process_id if f.process_id >= 0 else None)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with a one-line error (e.g. an unknown --config.key) instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 -- config_flags raises AttributeError/KeyError/TypeError/ValueError
-        message = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-        if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
-            message = message[1:-1]
-        fail(PROG, f"bad command line ({type(e).__name__}): {message}", code=2)
-
-
 def run() -> None:
     """Console-script entry point."""
     config_flags.DEFINE_config_file("config", None, "training config file (configs/<name>.py)", lock_config=True)
@@ -75,7 +65,7 @@ def run() -> None:
     flags.DEFINE_integer("num_processes", 0, "with --config.distributed: number of processes (0 = detect)")
     flags.DEFINE_integer("process_id", -1, "with --config.distributed: this process's index (-1 = detect)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(_main, flags_parser=_parse_flags)
+    app.run(_main, flags_parser=flags_parser(PROG))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 from ouro_jax import paths
 from ouro_jax.data import shards as shards_lib
 from ouro_jax.data.tokenizer import load_tokenizer
-from ouro_jax.errors import OuroError
+from ouro_jax.errors import OuroError, one_line
 from ouro_jax.paths import Path, as_path, is_local
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -194,10 +194,13 @@ def _ours(path: Path) -> bool:
     return path.name == shards_lib.MANIFEST or path.suffix == ".array_record"
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def _check_output(output: Path, overwrite: bool, sources: Sequence[Path]) -> None:
     """Refuses an output that is a file, or holds shards without --overwrite; removes leftovers of killed runs."""
     if output.exists() and not output.is_dir():
         raise PrepareError(f"output {output} exists and is not a directory")
+    # the old shards are replaced below; files of other kinds are kept
+    paths.check_output(output, kind="prepared shards", marker=shards_lib.MANIFEST, sources=sources, overwrite=True,
+                       other_files=True)
     paths.remove_leftovers(output, shards_lib.MANIFEST, "prepare")
     ours = [p for p in output.iterdir() if _ours(p)] if output.is_dir() else []
     if ours and not overwrite:
@@ -237,12 +240,15 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
     output = as_path(output)
     paths.check_bucket(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    _check_output(output, overwrite)
+    _check_output(output, overwrite, files)
     # ArrayRecord writes local files: beside a local output, in a local temporary directory for a remote one
     tmp = paths.make_temp_dir(output.parent if is_local(output) else tempfile.gettempdir(), f".{output.name}.tmp-")
     try:
-        manifest = _tokenize(sources, tok, tmp, text_split, text_field, append_eos, max_shard_tokens, batch_docs,
-                             progress)
+        try:
+            manifest = _tokenize(sources, tok, tmp, text_split, text_field, append_eos, max_shard_tokens, batch_docs,
+                                 progress)
+        except RuntimeError as e:  # ArrayRecord reports failed writes (a full disk) as RuntimeError
+            raise OSError(f"{output}: writing the shards failed ({one_line(e).split('; ')[0]})") from None
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _publish(tmp, output)
     except BaseException:  # KeyboardInterrupt too: the old output stays as it was

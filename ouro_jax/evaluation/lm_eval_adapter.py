@@ -22,10 +22,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from ouro_jax import validate
 from ouro_jax.data.tokenizer import HFTokenizer
 from ouro_jax.evaluation.runner import load_checkpoint
 from ouro_jax.exit import select_logits
-from ouro_jax.inference import POLICIES, generate, prompt_bucket
+from ouro_jax.inference import generate, prompt_bucket
 from ouro_jax.model import Ouro
 
 
@@ -45,17 +46,13 @@ class OuroJaxLM(TemplateLM):
         if kwargs:
             raise ValueError(f"unknown ouro_jax model args: {sorted(kwargs)}")
         path, self.cfg, self.params = load_checkpoint(pretrained, **({"dtype": str(dtype)} if dtype else {}))
-        self.depth = _optional(depth, int) or self.cfg.total_ut_steps
-        self.exit_at_step = _optional(exit_at_step, int)
+        depth = _optional(depth, float)
+        self.depth = self.cfg.total_ut_steps if depth is None else validate.num_steps(depth, "depth")
+        exit_at_step = _optional(exit_at_step, float)
+        self.exit_at_step = None if exit_at_step is None else validate.exit_step(exit_at_step, self.depth)
         threshold = _optional(exit_threshold, float)
-        self.exit_threshold = self.cfg.early_exit_threshold if threshold is None else threshold
-        if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
-            raise ValueError(f"exit_threshold must lie in [0, 1], got {self.exit_threshold}")
-        if self.exit_at_step is not None and not 0 <= self.exit_at_step < self.depth:
-            raise ValueError(f"exit_at_step must lie in [0, depth={self.depth}), got {self.exit_at_step}")
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-        self.policy = policy
+        self.exit_threshold = self.cfg.early_exit_threshold if threshold is None else validate.exit_threshold(threshold)
+        self.policy = validate.kv_policy(policy, "policy")
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.tokenizer = HFTokenizer(tokenizer or path)
         self._max_length = _optional(max_length, int) or self.cfg.max_position_embeddings

@@ -13,7 +13,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ouro_jax.config import OuroConfig
+from ouro_jax import validate
+from ouro_jax.config import ARCHITECTURE_FIELDS, Execution, OuroConfig
 from ouro_jax.evaluation.forward import StepForward
 from ouro_jax.evaluation.plot import plot_sweep
 from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS, ce_quality, check_thresholds, sweep
@@ -43,14 +44,24 @@ def resolve_model(spec: str) -> str:
         raise EvalInputError(f"{spec}: no such local directory, and the hub download failed ({reason})") from None
 
 
-def load_checkpoint(spec: str, **overrides) -> tuple[str, OuroConfig, Any]:
+def load_checkpoint(spec: str, dtype: str | None = None) -> tuple[str, OuroConfig, Any]:
     """(directory, config, params) of a local directory or hub id; bad input raises EvalInputError."""
     path = resolve_model(spec)
     try:
-        cfg, params = load_model(path, **overrides)
+        execution = None if dtype is None else Execution(dtype=validate.compute_dtype(dtype, "--dtype"))
+        cfg, params = load_model(path, execution=execution)
     except (OSError, ValueError, KeyError) as e:
         raise EvalInputError(f"{spec}: cannot load the model ({str(e).splitlines()[0] if str(e) else e!r})") from None
     return path, cfg, params
+
+
+def _check_sizes(cfg: OuroConfig, seq_len: int, batch_size: int, num_steps: int | None) -> None:
+    """Rows the model's positions cover, and a batch whose per-step logits fit the device."""
+    validate.positions("seq_len", seq_len, cfg.max_position_embeddings)
+    validate.positive("batch_size", batch_size)
+    depth = num_steps or cfg.total_ut_steps  # one float32 [B, S, V] logits block and hidden state per step, at least
+    validate.fits_memory(f"evaluating batch {batch_size} x {seq_len}",
+                         4 * batch_size * seq_len * (cfg.vocab_size + cfg.hidden_size) * depth)
 
 
 def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = None, gate_from: str | None = None,
@@ -63,17 +74,21 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
     thresholds = check_thresholds(thresholds)
     if not text and task is None:
         raise EvalInputError("nothing to evaluate: give text inputs and/or a task")
-    if num_steps is not None and num_steps < 1:
-        raise EvalInputError(f"num_steps must be >= 1, got {num_steps}")
+    if num_steps is not None:
+        validate.num_steps(num_steps)
+    if max_tokens is not None:
+        validate.positive("max_tokens", max_tokens)
     if output_dir is not None:
         check_bucket(output_dir)
-    path, cfg, params = load_checkpoint(model, **({"dtype": dtype} if dtype else {}))
+    path, cfg, params = load_checkpoint(model, dtype)
+    _check_sizes(cfg, seq_len, batch_size, num_steps)
     gates = {}
     if gate_from is not None:
         _, gate_cfg, gate_params = load_checkpoint(gate_from)
-        if gate_cfg.hidden_size != cfg.hidden_size:
-            raise EvalInputError(f"{gate_from}: hidden size {gate_cfg.hidden_size} differs from the model's "
-                                 f"{cfg.hidden_size}; its gate cannot read this model's states")
+        differ = [f"{k} {getattr(gate_cfg, k)} (model: {getattr(cfg, k)})" for k in ARCHITECTURE_FIELDS
+                  if getattr(gate_cfg, k) != getattr(cfg, k)]
+        if differ:
+            raise EvalInputError(f"{gate_from}: not a gate trained on this model ({', '.join(differ)})")
         gates["trained"] = gate_params["exit_gate"]
     sources = [(p, text_source(p, cfg.vocab_size, tokenizer=tokenizer, model_dir=path, text_field=text_field))
                for p in text]

@@ -12,17 +12,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ouro_jax import validate
 from ouro_jax.exit import q_exit_step
 
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
-def check_thresholds(thresholds: Sequence[float]) -> list[float]:
-    qs = [float(q) for q in thresholds]
-    bad = [q for q in qs if not 0.0 <= q <= 1.0]
-    if bad or not qs:
-        raise ValueError(f"Q-exit thresholds must lie in [0, 1], got {bad or 'none'}")
-    return qs
+check_thresholds = validate.thresholds
 
 
 def _point(setting: float | int, steps: np.ndarray, quality: Callable[[np.ndarray], float], num_layers: int) -> dict:

@@ -30,9 +30,19 @@ from flax import traverse_util
 
 from ouro_jax.config import OuroConfig
 from ouro_jax.errors import CheckpointError
-from ouro_jax.hf.keys import INDEX_FILE, SINGLE_FILE, hf_tensors, key_table, param_shapes
+from ouro_jax.hf.keys import CHECKSUMS_FILE, INDEX_FILE, SINGLE_FILE, hf_tensors, key_table, param_shapes
 from ouro_jax.hf.safetensors_io import write_safetensors
-from ouro_jax.paths import Path, as_path, check_bucket, exists, is_local, make_temp_dir, remove_leftovers, replace_tree
+from ouro_jax.paths import (
+    Path,
+    as_path,
+    check_bucket,
+    check_output,
+    is_local,
+    make_temp_dir,
+    remove_leftovers,
+    replace_tree,
+    sha256_file,
+)
 
 REMOTE_CODE_FILES = ("configuration_ouro.py", "modeling_ouro.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -154,6 +164,7 @@ def _write_export(tmp: Path, cfg: OuroConfig, params: dict[str, Any], dtype_name
             weight_map.update({t.key: name for t in shard})
         _write_json(tmp / INDEX_FILE,
                     {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map})
+    _write_json(tmp / CHECKSUMS_FILE, {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))})
     _write_json(tmp / "generation_config.json", generation_config(cfg, generation))
     for name in REMOTE_CODE_FILES:
         (tmp / name).write_bytes((as_path(REMOTE_CODE_DIR) / name).read_bytes())
@@ -172,14 +183,16 @@ def has_tokenizer(directory: str | os.PathLike) -> bool:
 def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any], *, dtype: str | None = None,
               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
               tokenizer: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
-              generation: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+              generation: dict[str, Any] | None = None, overwrite: bool = False,
+              sources: tuple[str | os.PathLike, ...] = ()) -> str:
     """Writes params (on device or host) as an HF Ouro directory.
 
     dtype: 'float32' or 'bfloat16' (default: bfloat16 when every parameter is bfloat16, else float32).
     max_shard_size: bytes or e.g. '5GB'; above it the weights are split into shards with an index.
     tokenizer: a directory (its tokenizer files are copied) or a list of files.
-    generation: extra `generation_config.json` fields. An existing non-empty out_dir is refused unless
-    overwrite=True. Returns the absolute path (or URI) of out_dir.
+    generation: extra `generation_config.json` fields. `paths.check_output` decides what out_dir may be
+    (an earlier export is replaced only with overwrite=True; never one of `sources`, the data it was read
+    from). Returns the absolute path (or URI) of out_dir.
     """
     out_dir = as_path(out_dir)
     check_bucket(out_dir)
@@ -188,11 +201,7 @@ def export_hf(out_dir: str | os.PathLike, cfg: OuroConfig, params: dict[str, Any
     if dtype_name not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     max_bytes = parse_size(max_shard_size)
-    if exists(out_dir):
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_output(out_dir, kind="an HF export", marker=COMMIT_FILE, sources=sources, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer_files = _tokenizer_sources(tokenizer) if tokenizer is not None else []
     remove_leftovers(out_dir, COMMIT_FILE, "export")

@@ -19,6 +19,7 @@ from ouro_jax.model import abstract_params
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+CHECKSUMS_FILE = "ouro_checksums.json"  # SHA-256 of each weights file of an export of ours, checked on load
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 

@@ -7,14 +7,37 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ouro_jax.config import Execution, OuroConfig
+from ouro_jax.config import Execution, OuroConfig, read_hf_config
 from ouro_jax.errors import CheckpointError
-from ouro_jax.hf.keys import IGNORED_SUFFIXES, INDEX_FILE, SINGLE_FILE, TensorMapping, key_table, param_shapes
+from ouro_jax.hf.keys import (
+    CHECKSUMS_FILE,
+    IGNORED_SUFFIXES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TensorMapping,
+    key_table,
+    param_shapes,
+)
 from ouro_jax.hf.safetensors_io import SafetensorsFile
-from ouro_jax.paths import Path, as_path
+from ouro_jax.paths import Path, as_path, sha256_file
+
+
+def _verify_checksums(directory: Path) -> None:
+    """Checks the weights files against the SHA-256 an export of ours stored beside them (if it did)."""
+    path = directory / CHECKSUMS_FILE
+    if not path.exists():
+        return
+    try:
+        expected = dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    for name, digest in expected.items():
+        if (directory / name).exists() and sha256_file(directory / name) != digest:
+            raise CheckpointError(f"{directory / name}: does not match its SHA-256 in {CHECKSUMS_FILE} (corrupt)")
 
 
 def _open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
@@ -42,15 +65,29 @@ def _open_tensors(directory: Path) -> dict[str, SafetensorsFile]:
     return {key: file for key in file.keys()}
 
 
-def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The `config.json` dict of an HF directory (CheckpointError when missing or not JSON)."""
-    path = as_path(directory) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: no config.json; not an HF Ouro directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+def _check_tensors(directory: Path, cfg: OuroConfig, located: dict[str, SafetensorsFile]) -> None:
+    """Refuses missing or unexpected keys, wrong shapes and weights that are not floating point."""
+    table, shapes = key_table(cfg), param_shapes(cfg)
+    problems = []
+    expected = {m.hf_key for m in table}
+    allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unexpected = sorted(k for k in located if k not in expected | allowed_extra and not k.endswith(IGNORED_SUFFIXES))
+    missing = sorted(expected - set(located))
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    for m in table:
+        if m.hf_key in located:
+            our_shape = shapes[m.path][1:] if m.layer is not None else shapes[m.path]
+            got, want = located[m.hf_key].shape(m.hf_key), m.hf_shape(our_shape)
+            if got != want:
+                problems.append(f"{m.hf_key}: shape {got}, expected {want}")
+            stored = located[m.hf_key].dtype(m.hf_key)
+            if not jnp.issubdtype(stored, jnp.floating):
+                problems.append(f"{m.hf_key}: stored as {stored}, expected floating-point weights")
+    if problems:
+        raise CheckpointError(f"{directory}: checkpoint does not fit the config: " + "; ".join(problems))
 
 
 def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
@@ -69,28 +106,10 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, sha
     if param_dtype is None:
         param_dtype = "bfloat16" if hf_config.get("dtype", hf_config.get("torch_dtype")) == "bfloat16" else "float32"
     cfg = OuroConfig.from_hf_config(hf_config, execution).with_execution(param_dtype=param_dtype)
+    _verify_checksums(directory)
     located = _open_tensors(directory)
-    table = key_table(cfg)
-    shapes = param_shapes(cfg)
-
-    problems = []
-    expected = {m.hf_key for m in table}
-    allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(k for k in located if k not in expected | allowed_extra and not k.endswith(IGNORED_SUFFIXES))
-    missing = sorted(expected - set(located))
-    if missing:
-        problems.append(f"missing keys: {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
-    for m in table:
-        if m.hf_key in located:
-            our_shape = shapes[m.path][1:] if m.layer is not None else shapes[m.path]
-            got, want = located[m.hf_key].shape(m.hf_key), m.hf_shape(our_shape)
-            if got != want:
-                problems.append(f"{m.hf_key}: shape {got}, expected {want}")
-    if problems:
-        raise CheckpointError(f"{directory}: checkpoint does not fit the config:\n  " + "\n  ".join(problems))
-
+    _check_tensors(directory, cfg, located)
+    table, shapes = key_table(cfg), param_shapes(cfg)
     dtype = np.dtype(cfg.weight_dtype)
     by_path: dict[tuple[str, ...], list[TensorMapping]] = {}
     for m in table:
@@ -106,6 +125,8 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str | None = None, sha
                 host[...] = piece
             else:
                 host[m.layer] = piece
+        if not np.isfinite(host).all():
+            raise CheckpointError(f"{directory}: weights {'.'.join(path)} hold NaN or infinite values")
         flat[path] = jax.device_put(host, flat_shardings.get(path))
         del host
     params = traverse_util.unflatten_dict(flat)

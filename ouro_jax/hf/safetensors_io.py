@@ -101,8 +101,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.n
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with as_path(path).open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, array in tensors:
-            f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    try:
+        with as_path(path).open("wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for _, array in tensors:
+                f.write(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    except OSError as e:  # a full disk: name the file
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from None

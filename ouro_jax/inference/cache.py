@@ -21,9 +21,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ouro_jax import validate
 from ouro_jax.config import OuroConfig
 
-POLICIES = ("full", "last", "first", "average")
+POLICIES = validate.KV_POLICIES
 
 
 class KVCache(NamedTuple):
@@ -32,8 +33,7 @@ class KVCache(NamedTuple):
 
 
 def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise ValueError(f"unknown KV-cache policy {policy!r}; choose from {POLICIES}")
+    validate.kv_policy(policy)
     return policy
 
 

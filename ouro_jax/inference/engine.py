@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from ouro_jax import validate
 from ouro_jax.config import OuroConfig
 from ouro_jax.exit import exit_cdf, q_exit_step
 from ouro_jax.inference.cache import (
@@ -91,10 +92,7 @@ def default_cache_length(longest_prompt: int, max_new_tokens: int, min_bucket: i
 def resolve_exit_threshold(cfg: OuroConfig, exit_threshold: float | None) -> float:
     """The Q-exit q of a run: the given one, else the config's; no threshold (None) means 1 (full depth)."""
     q = cfg.early_exit_threshold if exit_threshold is None else exit_threshold
-    q = 1.0 if q is None else float(q)
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"exit_threshold must lie in [0, 1], got {q}")
-    return q
+    return 1.0 if q is None else validate.exit_threshold(q)
 
 
 def check_speculative(policy: str, exit_mode: str, q: float, depth: int, draft_tokens: int, draft_depth: int) -> None:
@@ -429,17 +427,10 @@ def _validate_prompts(cfg: OuroConfig, prompts) -> list[list[int]]:
     for b, row in enumerate(rows):
         if not row:
             raise ValueError(f"prompt {b} is empty: generation needs at least one prompt token")
-        bad = [t for t in row if not (isinstance(t, (int, np.integer)) and 0 <= t < cfg.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt {b} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+        validate.token_ids(f"prompt {b}", row, cfg.vocab_size)
     return [[int(t) for t in row] for row in rows]
 
 
-def _check_integer(name: str, value, low: int, high: int | None = None, what: str = "") -> int:
-    if int(value) != value or value < low or (high is not None and value >= high):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bound}{what}, got {value}")
-    return int(value)
 
 
 def _make_inputs(cfg: OuroConfig, rows: list[list[int]], bucket: int, max_new_tokens: int, seed: int,
@@ -456,6 +447,14 @@ def _make_inputs(cfg: OuroConfig, rows: list[list[int]], bucket: int, max_new_to
     chex.assert_type([inputs.prompt_ids, inputs.prompt_lengths, inputs.stop_ids], jnp.int32)
     chex.assert_rank([inputs.max_new_tokens, inputs.seed, inputs.exit_threshold, *sampling], 0)
     return inputs
+
+
+def _check_fits(cfg: OuroConfig, params, policy: str, depth: int, batch: int, cache_length: int, bucket: int) -> None:
+    """Refuses a generation whose weights + KV cache + prefill activations exceed one device's memory."""
+    weights = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+    prefill = 4 * batch * bucket * (cfg.vocab_size + 4 * cfg.intermediate_size)  # float32 logits and MLP activations
+    validate.fits_memory(f"generating {batch} x {cache_length} positions",
+                         weights + cache_bytes(cfg, policy, depth, batch, cache_length) + prefill)
 
 
 def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence[int]] | np.ndarray, *,
@@ -478,16 +477,14 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
     """
     rows = _validate_prompts(cfg, prompts)
     check_policy(policy)
-    depth = _check_integer("depth", cfg.total_ut_steps if depth is None else depth, 1)
+    depth = validate.num_steps(cfg.total_ut_steps if depth is None else depth, "depth")
     q = resolve_exit_threshold(cfg, exit_threshold)
     if exit_mode not in EXIT_MODES:
         raise ValueError(f"unknown exit_mode {exit_mode!r}; choose from {EXIT_MODES}")
     check_speculative(policy, exit_mode, q, depth, draft_tokens, draft_depth)
-    max_new_tokens = _check_integer("max_new_tokens", max_new_tokens, 1)
-    seed = _check_integer("seed", seed, 0, 2**32)
-    bad_stops = [t for t in stop_token_ids if not 0 <= t < cfg.vocab_size]
-    if bad_stops:
-        raise ValueError(f"stop token ids outside the vocabulary [0, {cfg.vocab_size}): {bad_stops}")
+    max_new_tokens = validate.positive("max_new_tokens", max_new_tokens)
+    seed = validate.integer("seed", seed, 0, 2**32)
+    validate.token_ids("stop_token_ids", stop_token_ids, cfg.vocab_size)
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -501,6 +498,7 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
         raise ValueError(f"prompt (bucketed to {bucket} tokens) + max_new_tokens ({max_new_tokens}){chunk} needs "
                          f"{needed} cache positions, beyond cache_length ({cache_length})")
 
+    _check_fits(cfg, params, policy, depth, len(rows), int(cache_length), bucket)
     setup = Setup(cfg, policy, depth, int(cache_length), exit_mode if q < 1.0 else "early", int(draft_tokens),
                   int(draft_depth) if draft_tokens else 1, return_logits, return_cache, stream is not None)
     stream_id = next(_stream_ids)

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ouro_jax import validate
+
 
 class SamplingParams(NamedTuple):
     """temperature 0 = greedy (argmax); top_k 0 = off; top_p 1 = off. Scalars or [] arrays."""
@@ -17,12 +19,7 @@ class SamplingParams(NamedTuple):
 
     @classmethod
     def make(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> SamplingParams:
-        if not temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if int(top_k) != top_k or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {top_p}")
+        temperature, top_k, top_p = validate.sampling(temperature, top_k, top_p)
         return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from ouro_jax import paths
+from ouro_jax.checksums import fingerprint, path_name
 from ouro_jax.errors import CheckpointError, OuroError
 from ouro_jax.train.step import all_finite
 
@@ -51,35 +51,8 @@ class _IteratorSnapshot:
         return self._state
 
 
-def _leaf_fingerprint(x: jax.Array) -> jax.Array:
-    """sum(bits_i * (2 i + 1)) mod 2^32 over the flat index i: any single flipped bit changes it.
-    The index comes from iotas, so a sharded array is never gathered."""
-    x = jnp.asarray(x)
-    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[
-        x.dtype.itemsize]).astype(jnp.uint32)
-    index = jnp.zeros(bits.shape, jnp.uint32)
-    for axis, size in enumerate(bits.shape):
-        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
-    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
-
-
-_fingerprints = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
-
-
-def _path_name(path) -> str:
-    parts = [str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path]
-    return "/".join(parts)
-
-
-def fingerprint(tree: Any) -> dict[str, int]:
-    """{array path: uint32 fingerprint} of every array in `tree` (one small device program)."""
-    keys, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
-    values = jax.device_get(_fingerprints(list(leaves)))
-    return {_path_name(k): int(v) for k, v in zip(keys, values)}
-
-
 def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {_path_name(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+    return {path_name(p): (tuple(x.shape), str(np.dtype(x.dtype)))
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -150,8 +123,8 @@ class TrainCheckpointer:
         if problem:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} does not fit the config: {problem}. Fix the config "
-                "(see WORKDIR/config.json for the one it was trained with), or pass --config.train.restart=True "
-                "to start over (the old run is moved aside, not deleted)")
+                "(see WORKDIR/config.json for the one it was trained with), or pass "
+                "--config.train.restart_incompatible=True to start over (the old run is moved aside, not deleted)")
 
     def _restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -188,7 +161,7 @@ class TrainCheckpointer:
         if len(failed) > len([e for _, e in failed if isinstance(e, CorruptCheckpointError)]):
             raise CheckpointError(
                 f"no checkpoint in {self.directory} restores (step {failed[0][0]}: {_first_line(failed[0][1])}); "
-                "pass --config.train.restart=True to start over (the old run is moved aside, not deleted)")
+                "pass --config.train.restart_incompatible=True to start over (the old run is moved aside, not deleted)")
         return None
 
     def _move_aside(self, steps: list[int]) -> None:

@@ -21,9 +21,13 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import jax
 import ml_collections
 
+from ouro_jax import validate
 from ouro_jax.config import Execution, OuroConfig
+from ouro_jax.errors import ConfigError
+from ouro_jax.model import abstract_params
 
 
 def model_fields(cfg: OuroConfig) -> ml_collections.ConfigDict:
@@ -39,6 +43,44 @@ def execution_fields(execution: Execution) -> ml_collections.ConfigDict:
 def model_config(config) -> OuroConfig:
     """The OuroConfig of a training config (unknown or mistyped fields raise ConfigError)."""
     return OuroConfig.from_dict(dict(config.model), Execution.from_dict(dict(config.execution)))
+
+
+def check_training(config) -> str:
+    """Refuses out-of-range run settings (one validator per value, ouro_jax.validate); returns the objective."""
+    objective = validate.objective(config.loss.objective)
+    validate.loss_beta(config.loss.beta)
+    validate.loss_beta(config.loss.beta_final, "loss.beta_final")
+    max_positions = int(config.model.max_position_embeddings)
+    validate.positions("data.seq_len", config.data.seq_len, max_positions)
+    for name in ("data.batch_size", "train.grad_accum", "train.ce_chunk_size", "train.steps"):
+        section, key = name.split(".")
+        validate.positive(name, config[section][key])
+    return objective
+
+
+def training_memory_bytes(config, devices: int) -> float:
+    """A lower bound of one device's memory in a training step: the train state (params, gradients and two
+    float32 AdamW moments) fully sharded over `devices`, and one saved hidden state per layer application
+    for this device's share of a micro-batch (what even full rematerialization keeps)."""
+    cfg = model_config(config)
+    count = sum(leaf.size for leaf in jax.tree.leaves(abstract_params(cfg)))
+    state = count * (2 * cfg.weight_dtype.itemsize + 8)
+    tokens = int(config.data.batch_size) // max(1, int(config.train.grad_accum)) * int(config.data.seq_len)
+    saved = tokens * cfg.hidden_size * cfg.num_hidden_layers * cfg.total_ut_steps * cfg.compute_dtype.itemsize
+    return (state + saved) / devices
+
+
+def check_fits(config) -> None:
+    """Refuses, before any data is read or anything compiles, a run whose step cannot fit the devices."""
+    batch, seq_len = int(config.data.batch_size), int(config.data.seq_len)
+    validate.fits_memory(f"training batch {batch} x {seq_len}", training_memory_bytes(config, jax.device_count()))
+
+
+def check_starting_point(config) -> None:
+    """Stage II trains only the exit gate of a trained model: it needs `init_from`."""
+    if config.loss.objective == "stage2" and not config.init_from:
+        raise ConfigError("loss.objective='stage2' trains only the exit gate of a trained model: set init_from "
+                          "to the Stage I checkpoint")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -84,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         async_checkpointing=True,
         restart_incompatible=False,  # checkpoints that do not fit / restore: move the old run aside, start over
+        allow_changes="",         # resume despite these config changes, e.g. "data.batch_size,model.total_ut_steps"
         max_consecutive_nonfinite=5,
         export_params=True,       # params-only export to WORKDIR/params at the end
         compiler_options=ml_collections.ConfigDict(),  # XLA options, e.g. xla_backend_optimization_level

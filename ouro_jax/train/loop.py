@@ -37,9 +37,10 @@ from ouro_jax.errors import CheckpointError, ConfigError, OuroError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
 from ouro_jax.params_io import load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
+from ouro_jax.train.config import check_fits, check_starting_point, check_training
 from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
-from ouro_jax.train.workdir import WorkdirLock, move_run_aside
+from ouro_jax.train.workdir import WorkdirLock, check_resume_config, move_run_aside
 
 # Fault injection: `OURO_JAX_FAULT_KILL_AFTER_STEP=N` kills the run (SIGKILL) right after step N, once every
 # checkpoint requested so far is finalized: a deterministic crash for the resume tests.
@@ -231,10 +232,13 @@ class _Trainer:
     def _start(self) -> bool:
         """Opens the checkpoints and sets data, step and state; returns whether a checkpoint was restored."""
         config = self.config
+        paths.check_writable(self.checkpoint_dir)
         self.data = make_train_iterator(config, self.sources)
         self.checkpointer = TrainCheckpointer(self.checkpoint_dir, save_every=int(config.train.checkpoint_every),
                                               keep=int(config.train.keep_checkpoints) or None,
                                               async_save=bool(config.train.async_checkpointing))
+        if self.checkpointer.all_steps():
+            check_resume_config(config, self.workdir)
         self.step, self.state, resumed = _initial_state(config, self.program, self.checkpointer, self.data)
         return resumed
 
@@ -347,6 +351,9 @@ def train(config, workdir: paths.PathLike, explicit_model_fields: Collection[str
     the config.model fields set on the command line (see `adopt_checkpoint_shape`)."""
     workdir = paths.as_path(workdir)
     paths.check_bucket(workdir)
+    check_training(config)
+    check_starting_point(config)
+    check_fits(config)
     if config.init_from:
         adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
     if jax.process_index() != 0:

@@ -23,6 +23,8 @@ import numpy as np
 
 from ouro_jax import paths
 from ouro_jax.config import OuroConfig
+from ouro_jax.errors import one_line
+from ouro_jax.train.background import BackgroundWriter
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind` (first match wins).
 PEAK_FLOPS_PER_CHIP = (
@@ -158,7 +160,11 @@ class MetricsWriter:
             register_writer_factory(os.fspath(workdir).split("://", 1)[0], _ObjectStoreEvents())
 
         # purge_step makes TensorBoard discard the events of the previous run from that step on
-        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=initial_step + 1 if resumed else None)
+        try:
+            self._tb = SummaryWriter(str(workdir / "tb"), purge_step=initial_step + 1 if resumed else None)
+        except OSError as e:  # it writes its first event at once
+            raise OSError(f"{workdir / 'tb'}: cannot start the TensorBoard writer ({one_line(e)})") from None
+        self._tb_thread = BackgroundWriter(os.fspath(workdir / "tb"), "TensorBoard writer")
         if progress_bar:
             from tqdm import tqdm
 
@@ -171,8 +177,7 @@ class MetricsWriter:
         flat = flatten_metrics(metrics)
         self._jsonl.write(json.dumps({"step": step, "kind": kind, **flat}) + "\n")
         self._jsonl.flush()
-        for name, value in flat.items():
-            self._tb.add_scalar(f"{kind}/{name}", value, step)
+        self._tb_thread.submit(_add_scalars, self._tb, kind, flat, step)
         if kind == "train" and self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{flat['loss']:.4f}", refresh=False)
@@ -195,10 +200,30 @@ class MetricsWriter:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        try:
+            if self._tb is not None:
+                self._tb_thread.close(self._tb.close)
+        except OSError:
+            _abandon(self._tb)
+            raise
+        finally:
+            if self._jsonl is not None:
+                self._jsonl.close()
+
+
+def _abandon(tb) -> None:
+    """Lets the process exit past a tensorboardX writer whose thread died or hangs: its atexit close and
+    its queue's exit-time join would otherwise wait forever."""
+    events = getattr(getattr(tb, "file_writer", None), "event_writer", None)
+    if events is not None:
+        events._closed = True  # add_event / flush / close (its atexit hook) become no-ops
+        if getattr(events, "_event_queue", None) is not None:
+            events._event_queue.cancel_join_thread()
+
+
+def _add_scalars(tb, kind: str, flat: dict[str, float], step: int) -> None:
+    for name, value in flat.items():
+        tb.add_scalar(f"{kind}/{name}", value, step)
 
 
 def drop_rows_after(path: paths.PathLike, step: int) -> int:

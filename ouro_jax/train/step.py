@@ -27,11 +27,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ouro_jax import sharding as shd
+from ouro_jax import validate
 from ouro_jax.config import OuroConfig
 from ouro_jax.exit import exit_entropy, exit_pdf
-from ouro_jax.losses import OBJECTIVES, objective_token_loss
+from ouro_jax.losses import objective_token_loss
 from ouro_jax.model import Ouro, init_boxed_params, init_params
-from ouro_jax.train.config import model_config
+from ouro_jax.train.config import check_training, model_config
 from ouro_jax.train.optim import beta_schedule, lr_schedule, make_optimizer
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -65,9 +66,7 @@ class TrainProgram(NamedTuple):
 
 def split_trainable(params: dict[str, Any], objective: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainable, frozen) top-level groups of `params` for a training objective."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {objective!r}")
-    trains = OBJECTIVE_TRAINS[objective]
+    trains = OBJECTIVE_TRAINS[validate.objective(objective)]
     return {k: v for k, v in params.items() if trains(k)}, {k: v for k, v in params.items() if not trains(k)}
 
 
@@ -226,9 +225,7 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
 
     `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU).
     """
-    model_cfg, objective = model_config(config), str(config.loss.objective)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {objective!r}")
+    model_cfg, objective = model_config(config), check_training(config)
     accum, batch_size, seq_len = int(config.train.grad_accum), int(config.data.batch_size), int(config.data.seq_len)
     if accum < 1 or batch_size % accum:
         raise ValueError(f"data.batch_size ({batch_size}) must be divisible by train.grad_accum ({accum})")

@@ -1,4 +1,5 @@
-"""The training workdir: one run at a time (a lock), and moving an incompatible old run aside.
+"""The training workdir: one run at a time (a lock), the run's config checked on resume, and moving an
+incompatible old run aside.
 
 The lock is `fcntl.flock` on WORKDIR/.lock: the kernel drops it when its process dies, so a killed
 run never blocks the next one. Filesystems without flock (some network mounts) and object stores
@@ -9,15 +10,62 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import time
 
 from ouro_jax import paths
-from ouro_jax.errors import OuroError
+from ouro_jax.errors import CheckpointError, OuroError
 from ouro_jax.train.checkpointer import ORBAX_COMMIT_FILE
 
 LOCK_FILE = ".lock"
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tb", "config.json", "params")
+RUN_CONFIG = "config.json"
+# What a resumed run must share with its checkpoints: the model, what one step sees, the data, the objective.
+RESUME_FIELDS = ("model", "data.batch_size", "data.seq_len", "data.sources", "data.weights", "data.seed",
+                 "loss.objective", "train.grad_accum")
+
+
+class ResumeConfigError(CheckpointError):
+    """A resumed run's config differs from the one its checkpoints were trained with."""
+
+
+def _field(tree: dict, name: str):
+    for key in name.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    found = []
+    for name in RESUME_FIELDS:
+        a, b = _field(old, name), _field(new, name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += [f"{name}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            found.append(name)
+    return found
+
+
+def check_resume_config(config, workdir: paths.PathLike) -> None:
+    """Refuses to resume the run in `workdir` with a config that differs from its stored one in
+    RESUME_FIELDS, naming the differences, unless `train.allow_changes` (comma-separated) lists each."""
+    path = paths.as_path(workdir) / RUN_CONFIG
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResumeConfigError(f"{path}: not readable JSON ({e})") from None
+    new = json.loads(config.to_json())
+    allowed = {a.strip() for a in str(config.train.get("allow_changes", "")).split(",") if a.strip()}
+    changed = [k for k in _differences(old, new) if k not in allowed and k.split(".")[0] not in allowed]
+    if changed:
+        shown = ", ".join(f"{k} {_field(old, k)!r} -> {_field(new, k)!r}" for k in changed)
+        raise ResumeConfigError(
+            f"resuming {workdir} with a changed config: {shown}; pass --config.train.allow_changes="
+            f"{','.join(changed)} to accept, or --config.train.restart_incompatible=True to start over "
+            "(the old run is moved aside)")
 
 
 class WorkdirBusyError(OuroError):
