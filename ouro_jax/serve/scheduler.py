@@ -152,6 +152,10 @@ class Scheduler:
             self._wake.notify()
         return handle
 
+    @property
+    def running(self) -> bool:
+        return self._running
+
     def load(self) -> dict[str, int]:
         with self._wake:
             busy = sum(h is not None for h in self.handles)
