@@ -5,20 +5,20 @@ import concurrent.futures
 import json
 import threading
 
-import requests
 import numpy as np
 import openai
 import pytest
+import requests
 from helpers import golden_with_tokenizer
 
 from ouro_jax.data.chatml import encode_chat
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.inference import generate
 from ouro_jax.inference.slot_decode import decode_step
-from ouro_jax.inference.slots import commit_prefill, prefill_chunk, slot_setup
+from ouro_jax.inference.slots import commit_prefill, prefill_chunk
 from ouro_jax.params_io import load_model
 from ouro_jax.serve.request import Request
-from ouro_jax.serve.scheduler import Finished, QueueFull, Scheduler, Token
+from ouro_jax.serve.scheduler import QueueFull, Scheduler, Token
 from ouro_jax.serve.server import Running, build_server
 
 SLOTS, MAX_LEN, CHUNK, MAX_QUEUE = 4, 120, 8, 8
@@ -45,11 +45,17 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def _expected(model, ids, max_tokens, stops, **kw) -> str:
-    """The text `generate` gives for ids (its tokens up to a stop id, decoded)."""
+def _expected_all(model, prompts, max_tokens, stops, **kw) -> list[str]:
+    """The texts `generate` gives for a batch of id lists (tokens up to a stop id or max_tokens[i], decoded)."""
     _, cfg, params, tokenizer = model
-    row = generate(cfg, params, [list(ids)], max_new_tokens=max_tokens, stop_token_ids=stops, **kw).rows()[0]
-    return tokenizer.decode([t for t in row if t not in stops])
+    lengths = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else max_tokens
+    result = generate(cfg, params, [list(p) for p in prompts], max_new_tokens=max(lengths), stop_token_ids=stops,
+                      cache_length=2 * MAX_LEN, **kw)
+    return [tokenizer.decode([t for t in row[:n] if t not in stops]) for row, n in zip(result.rows(), lengths)]
+
+
+def _expected(model, ids, max_tokens, stops, **kw) -> str:
+    return _expected_all(model, [ids], max_tokens, stops, **kw)[0]
 
 
 def test_completions_equal_generate_greedy(model, client):
@@ -103,3 +109,149 @@ def test_chat_and_streaming(model, client):
     assert len(text) >= 9 and "".join(c.choices[0].text for c in text) == _expected(
         model, tokenizer.encode("Say hi:"), 9, [tokenizer.eos_id])
     assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_concurrent_requests_join_and_leave_slots_without_compiling(model, server, client):
+    tokenizer = model[3]
+    sizes = decode_step._cache_size(), prefill_chunk._cache_size(), commit_prefill._cache_size()
+    stats = server.server.scheduler.stats
+    steps, tokens = stats.decode_steps, stats.decode_tokens
+    prompts = [("Count: 1 2 3" * (1 + i % 4))[:5 + 9 * i] for i in range(10)]   # 5..86 tokens: 1..11 chunks
+    lengths = [3 + 4 * (i % 5) for i in range(10)]                               # they leave at different steps
+
+    def ask(i):
+        return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                         extra_body={"exit_threshold": 0.5, "ignore_eos": True}).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        texts = list(pool.map(ask, range(10)))
+    assert texts == _expected_all(model, [tokenizer.encode(p) for p in prompts], lengths, [], exit_threshold=0.5)
+    assert stats.decode_tokens - tokens > 1.5 * (stats.decode_steps - steps)     # rows decoded side by side
+    assert (decode_step._cache_size(), prefill_chunk._cache_size(), commit_prefill._cache_size()) == sizes
+
+
+class _Collect:
+    def __init__(self):
+        self.tokens, self.done = [], None
+
+    def __call__(self, event):
+        if isinstance(event, Token):
+            self.tokens.append(event.id)
+        else:
+            self.done = event
+
+
+def test_per_row_exit_saves_layer_applications(model, server):
+    """Four requests decoded together at q = 0.5: rows that exited do no more layer work, against the
+    batch-level exit of `generate` (a batch stops only when every row has exited), token for token."""
+    _, cfg, params, _ = model
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 128, n).tolist() for n in (5, 7, 3, 8)]
+    scheduler = Scheduler(params, server.server.scheduler.setup, prefill_chunk=CHUNK)   # its compiled programs
+    sinks = [_Collect() for _ in prompts]
+    for prompt, sink in zip(prompts, sinks):
+        scheduler.submit(Request(tuple(prompt), max_tokens=24, exit_threshold=0.5), sink)
+    while not all(s.done for s in sinks):
+        scheduler.iterate()
+    batch = generate(cfg, params, prompts, max_new_tokens=24, exit_threshold=0.5, cache_length=2 * MAX_LEN)
+    assert [s.tokens for s in sinks] == batch.rows()
+    stats, layers = scheduler.stats, cfg.num_hidden_layers
+    per_token = stats.layer_applications_per_token(layers)
+    batch_level = batch.decode_layer_applications * len(prompts) / (len(prompts) * 23)
+    assert per_token["exact"] <= per_token["per_row_exit"] < per_token["batch_exit"]
+    assert per_token["per_row_exit"] < 0.9 * batch_level
+    assert per_token["exact"] == pytest.approx(layers * (batch.depths[:, 1:].mean()))   # each row its own depth
+
+
+BAD_BODIES = [
+    ("{not json", "not valid JSON"),
+    ({"prompt": "abc", "temperature": -1}, "temperature"),
+    ({"prompt": "abc", "top_p": 0}, "top_p"),
+    ({"prompt": "abc", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "abc", "max_tokens": "five"}, "max_tokens"),
+    ({"max_tokens": 3}, "prompt is required"),
+    ({"prompt": [5, 999]}, "outside the vocabulary"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "abc", "depth": 9}, "depth"),
+    ({"prompt": "abc", "exit_threshold": 1.5}, "exit_threshold"),
+    ({"prompt": "abc", "kv_policy": "last"}, "kv_policy"),
+    ({"prompt": "abc", "n": 2}, "n must be 1"),
+    ({"prompt": "abc", "echo": True}, "echo"),
+    ({"prompt": "abc", "logprobs": 9}, "logprobs"),
+    ({"prompt": "abc", "stop": [1]}, "stop"),
+    ({"prompt": "x" * 100, "max_tokens": 50}, "context"),
+]
+
+
+@pytest.mark.parametrize("body, needle", BAD_BODIES, ids=[n for _, n in BAD_BODIES])
+def test_bad_requests_get_400_with_one_line(server, body, needle):
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = requests.post(server.url + "/v1/completions", data=data, timeout=60)
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and needle in message and "\n" not in message, message
+
+
+def test_bad_chat_requests_and_the_server_keeps_serving(server, client):
+    for messages in ([], [{"role": "wizard", "content": "hi"}], [{"role": "user", "content": 3}], "hi"):
+        response = requests.post(server.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
+        assert response.status_code == 400, response.text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=-2)
+    assert client.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=0).usage.completion_tokens
+    assert requests.get(server.url + "/health", timeout=60).json()["status"] == "ok"
+
+
+def test_full_queue_gets_429_and_drains(server, client):
+    """The loop is held inside a sink: requests pile up in the queue; past its bound, 429 with a message."""
+    scheduler = server.server.scheduler
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking(event):
+        entered.set()
+        release.wait(timeout=60)
+
+    scheduler.submit(Request((5, 6, 7), max_tokens=2), blocking)
+    assert entered.wait(timeout=60)
+    waiting = [_Collect() for _ in range(MAX_QUEUE)]
+    for sink in waiting:
+        scheduler.submit(Request((5, 6, 7), max_tokens=2), sink)
+    with pytest.raises(QueueFull):
+        scheduler.submit(Request((5, 6, 7), max_tokens=2), _Collect())
+    response = requests.post(server.url + "/v1/completions", json={"prompt": "abc", "max_tokens": 2}, timeout=60)
+    assert response.status_code == 429 and "busy" in response.json()["error"]["message"]
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model="tiny", prompt="abc", max_tokens=2)
+    release.set()
+    for sink in waiting:
+        while sink.done is None:
+            threading.Event().wait(0.05)
+    assert all(s.done.reason == "length" and len(s.tokens) == 2 for s in waiting)
+
+
+def test_disconnect_and_timeout_free_the_slot(server):
+    scheduler = server.server.scheduler
+    finished = scheduler.stats.finished.copy()
+    body = {"prompt": "abc", "max_tokens": 110, "temperature": 0, "ignore_eos": True, "stream": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as response:
+        first = next(response.iter_lines())
+        assert first.startswith(b"data: ")
+    for _ in range(400):      # the slot frees when the loop sees the cancellation
+        if scheduler.stats.finished["cancelled"] > finished["cancelled"]:
+            break
+        threading.Event().wait(0.05)
+    assert scheduler.stats.finished["cancelled"] == finished["cancelled"] + 1
+    response = requests.post(server.url + "/v1/completions", json={**body, "stream": False, "timeout": 1e-6},
+                             timeout=60)
+    assert response.status_code == 504 and "timed out" in response.json()["error"]["message"]
+    assert scheduler.stats.finished["timeout"] == finished["timeout"] + 1
+    assert scheduler.load()["busy_slots"] == 0
+
+
+def test_stopped_scheduler_answers_503(server):
+    scheduler = server.server.scheduler
+    scheduler.stop()
+    try:
+        response = requests.post(server.url + "/v1/completions", json={"prompt": "abc"}, timeout=60)
+        assert response.status_code == 503 and "retry" in response.json()["error"]["message"]
+    finally:
+        scheduler.start()
