@@ -3,14 +3,22 @@ raw HTTP and lm-eval's API backends; continuous batching and per-row early exit 
 
 import concurrent.futures
 import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 import threading
 
+import lm_eval
 import numpy as np
 import openai
 import pytest
 import requests
 from helpers import golden_with_tokenizer
+from lm_eval.tasks import TaskManager
 
+from ouro_jax.cli import serve as cli
 from ouro_jax.data.chatml import encode_chat
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.inference import generate
@@ -22,6 +30,7 @@ from ouro_jax.serve.scheduler import QueueFull, Scheduler, Token
 from ouro_jax.serve.server import Running, build_server
 
 SLOTS, MAX_LEN, CHUNK, MAX_QUEUE = 4, 120, 8, 8
+TASK_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_task"
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +264,79 @@ def test_stopped_scheduler_answers_503(server):
         assert response.status_code == 503 and "retry" in response.json()["error"]["message"]
     finally:
         scheduler.start()
+
+
+@pytest.fixture
+def lm_eval_offline(monkeypatch, tmp_path):
+    monkeypatch.chdir(TASK_DIR)  # the task YAMLs name their JSONL files relative to it
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    return TaskManager(include_path=str(TASK_DIR))
+
+
+def _api_args(server, path: str) -> str:
+    return f"base_url={server.url}{path},model=tiny,tokenizer_backend=None,tokenized_requests=False,max_retries=1"
+
+
+def test_lm_eval_local_completions_equals_the_ouro_jax_backend(model, server, lm_eval_offline):
+    directory = model[0]
+    served = lm_eval.simple_evaluate(model="local-completions", model_args=_api_args(server, "/v1/completions")
+                                     + ",num_concurrent=3", tasks=["ouro_tiny_gen"], task_manager=lm_eval_offline,
+                                     log_samples=True)
+    ours = lm_eval.simple_evaluate(model="ouro_jax", model_args=f"pretrained={directory},batch_size=4",
+                                   tasks=["ouro_tiny_gen"], task_manager=lm_eval_offline, log_samples=True)
+    resps = lambda out: [s["resps"] for s in out["samples"]["ouro_tiny_gen"]]
+    assert resps(served) == resps(ours) and any(r[0][0] for r in resps(ours))
+    assert served["results"]["ouro_tiny_gen"] == ours["results"]["ouro_tiny_gen"]
+
+
+def test_lm_eval_local_chat_completions_equals_generate(model, server, lm_eval_offline):
+    tokenizer = model[3]
+    served = lm_eval.simple_evaluate(model="local-chat-completions",
+                                     model_args=_api_args(server, "/v1/chat/completions"), tasks=["ouro_tiny_gen"],
+                                     task_manager=lm_eval_offline, log_samples=True, apply_chat_template=True)
+    samples = served["samples"]["ouro_tiny_gen"]
+    chats = [json.loads(s["arguments"][0][0][0]) for s in samples]   # [((messages JSON,), gen_kwargs)]
+    stops = [tokenizer.im_end_id, tokenizer.eos_id]
+    want = _expected_all(model, [encode_chat(tokenizer, m, add_generation_prompt=True)[0] for m in chats], 6, stops)
+    assert [s["resps"][0][0] for s in samples] == [text.split("\n")[0] for text in want] and any(want)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serves_until_stopped(model, server):
+    """`ouro-serve` in-process with the module server's shapes (its compiled programs), on a free port."""
+    port, ready, stop = _free_port(), threading.Event(), threading.Event()
+    args = ["--model", str(model[0]), "--port", str(port), "--slots", str(SLOTS), "--max-len", str(MAX_LEN),
+            "--prefill-chunk", str(CHUNK), "--model-name", "cli"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        status = pool.submit(cli.main, args, ready, stop)
+        assert ready.wait(timeout=120)
+        try:
+            models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()
+            assert models["data"][0]["id"] == "cli"
+            out = requests.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "abc", "max_tokens": 2},
+                                timeout=60).json()
+            assert out["usage"]["completion_tokens"] == 2
+        finally:
+            stop.set()
+        assert status.result(timeout=60) == 0
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("args, needle", [(["--model", "/nonexistent/model"], "cannot load --model"),
+                                           (["--slots", "0"], "slots must be an integer >= 1"),
+                                           (["--policy", "most"], "unknown --policy"),
+                                           (["--max-len", "100000"], "max_position_embeddings")])
+def test_cli_bad_input_is_one_line(model, args, needle):
+    argv = args if args[0] == "--model" else ["--model", str(model[0]), *args]
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ouro-serve"), *argv], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
