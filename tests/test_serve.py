@@ -16,6 +16,7 @@ import openai
 import pytest
 import requests
 from helpers import golden_with_tokenizer
+from jax.sharding import PartitionSpec
 from lm_eval.tasks import TaskManager
 
 from ouro_jax.cli import serve as cli
@@ -27,7 +28,8 @@ from ouro_jax.inference.slots import commit_prefill, prefill_chunk
 from ouro_jax.params_io import load_model
 from ouro_jax.serve.request import Request
 from ouro_jax.serve.scheduler import QueueFull, Scheduler, Token
-from ouro_jax.serve.server import Running, build_server
+from ouro_jax.serve.server import Running, build_server, parse_mesh
+from ouro_jax.sharding import make_mesh
 
 SLOTS, MAX_LEN, CHUNK, MAX_QUEUE = 4, 120, 8, 8
 TASK_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_task"
@@ -340,3 +342,25 @@ def test_cli_bad_input_is_one_line(model, args, needle):
                           text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_sharded_over_8_devices_decodes_like_generate(model):
+    """Weights and KV cache over a (data=2, tensor=4) mesh of 8 fake CPU devices: same tokens as `generate`."""
+    _, cfg, params, tokenizer = model
+    mesh = make_mesh(parse_mesh("data=2,tensor=4"))
+    server = build_server(cfg, params, tokenizer, model_name="tiny", slots=SLOTS, max_len=56, prefill_chunk=CHUNK,
+                          mesh=mesh)
+    scheduler = server.scheduler
+    keys = scheduler.cache.keys
+    assert keys.sharding.spec == PartitionSpec(None, None, ("data", "fsdp"), None, "tensor", None)
+    assert keys.addressable_shards[0].data.shape == (4, 2, SLOTS // 2, 64, 1, 16)
+    assert len({s.device for s in scheduler.params["decoder"]["layers"]["self_attn"]["q_proj"].addressable_shards}) == 8
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 128, n).tolist() for n in (5, 11, 3)]
+    sinks = [_Collect() for _ in prompts]
+    for prompt, sink in zip(prompts, sinks):
+        scheduler.submit(Request(tuple(prompt), max_tokens=6, exit_threshold=0.5), sink)
+    while not all(s.done for s in sinks):
+        scheduler.iterate()
+    want = generate(cfg, params, prompts, max_new_tokens=6, exit_threshold=0.5, cache_length=2 * MAX_LEN).rows()
+    assert [s.tokens for s in sinks] == want

@@ -16,7 +16,8 @@ from ouro_jax.config import Execution
 from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import POLICIES
 from ouro_jax.params_io import load_model
-from ouro_jax.serve.server import Running, build_server
+from ouro_jax.serve.server import Running, build_server, parse_mesh
+from ouro_jax.sharding import make_mesh
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -40,6 +41,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     p.add_argument("--no-compact", action="store_true",
                    help="run every slot until all have exited (batch-level exit) instead of compacting live rows")
+    p.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=2,tensor=4' (default: one device)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
     return p
 
@@ -55,10 +57,12 @@ def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None
     except (ValueError, OSError) as e:
         fail(PROG, f"cannot load --model {args.model}: {e}")
     with cli_errors(PROG):
+        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
         server = build_server(cfg, params, _tokenizer(args.model, args.tokenizer), model_name=args.model_name or
                               args.model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                               policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold,
-                              timeout=args.timeout, max_queue=args.max_queue, compact=not args.no_compact)
+                              timeout=args.timeout, max_queue=args.max_queue, compact=not args.no_compact,
+                              mesh=mesh)
         running = Running(server, args.host, args.port)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from ouro_jax.inference.cache import KVCache, step_view, write_rows
 from ouro_jax.inference.settings import apply_model, exit_reached
-from ouro_jax.inference.slots import RowSettings, Sampled, SlotSetup, sample_row
+from ouro_jax.inference.slots import RowSettings, Sampled, SlotSetup, constrain, sample_row
 from ouro_jax.model import Ouro
 
 
@@ -84,4 +84,4 @@ def decode_step(params, cache: KVCache, batch: SlotBatch, rows: RowSettings, *,
     t, h, _, exit_step, _, cache, row_steps, live_steps = jax.lax.while_loop(
         lambda s: (s[0] < setup.depth) & jnp.any(~s[2]), one_step, init)
     logits = apply_model(cfg, params, h[:, 0], method=Ouro.logits)
-    return cache, jax.vmap(sample_row)(logits, rows, exit_step), Work(t, row_steps, live_steps)
+    return constrain(setup, cache), jax.vmap(sample_row)(logits, rows, exit_step), Work(t, row_steps, live_steps)

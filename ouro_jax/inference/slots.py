@@ -26,7 +26,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
 
+from ouro_jax import sharding as shd
 from ouro_jax.config import OuroConfig
 from ouro_jax.inference.cache import KVCache, cache_shape, init_cache, step_view, write_chunk
 from ouro_jax.inference.sampling import SamplingParams, sample_tokens
@@ -46,6 +48,7 @@ class SlotSetup:
     slots: int           # decode rows
     cache_length: int    # positions per row; the last is reserved, so a sequence holds cache_length - 1
     compact: bool = True
+    mesh: Mesh | None = None  # slots over ('data', 'fsdp'), KV heads over 'tensor' (where they divide)
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -54,8 +57,24 @@ class SlotSetup:
 
 
 def slot_setup(cfg: OuroConfig, policy: str, depth: int, slots: int, cache_length: int,
-               compact: bool = True) -> SlotSetup:
-    return SlotSetup(cfg.with_execution(attention_impl="xla"), policy, depth, slots, cache_length, compact)
+               compact: bool = True, mesh: Mesh | None = None) -> SlotSetup:
+    return SlotSetup(cfg.with_execution(attention_impl="xla"), policy, depth, slots, cache_length, compact, mesh)
+
+
+CACHE_AXES = (None, "layers", "activation_batch", "activation_length", "kv_heads", "head_dim")
+
+
+def cache_sharding(setup: SlotSetup, shape: tuple[int, ...]) -> NamedSharding | None:
+    """Where a cache of `shape` ([slots, N, B, L, KVH, hd]) lives on the setup's mesh (None: no mesh)."""
+    if setup.mesh is None:
+        return None
+    return NamedSharding(setup.mesh, shd.logical_spec(CACHE_AXES, shape, setup.mesh))
+
+
+def constrain(setup: SlotSetup, cache: KVCache) -> KVCache:
+    """`cache` pinned to its sharding inside a program (a no-op without a mesh)."""
+    sharding = cache_sharding(setup, cache.keys.shape)
+    return cache if sharding is None else KVCache(*(jax.lax.with_sharding_constraint(c, sharding) for c in cache))
 
 
 class RowSettings(NamedTuple):
@@ -80,13 +99,18 @@ class Sampled(NamedTuple):
     top_logprobs: jax.Array  # [TOP_LOGPROBS] float32
 
 
+def _placed(setup: SlotSetup, cache: KVCache) -> KVCache:
+    sharding = cache_sharding(setup, cache.keys.shape)
+    return cache if sharding is None else jax.device_put(cache, sharding)
+
+
 def empty_cache(setup: SlotSetup) -> KVCache:
-    return init_cache(setup.cfg, setup.policy, setup.depth, setup.slots, setup.cache_length)
+    return _placed(setup, init_cache(setup.cfg, setup.policy, setup.depth, setup.slots, setup.cache_length))
 
 
 def empty_scratch(setup: SlotSetup) -> KVCache:
     """The one-row cache of a prefilling request: one slot per recurrent step."""
-    return init_cache(setup.cfg, "full", setup.depth, 1, setup.cache_length)
+    return _placed(setup, init_cache(setup.cfg, "full", setup.depth, 1, setup.cache_length))
 
 
 def sample_row(logits: jax.Array, row: RowSettings, exit_step: jax.Array) -> Sampled:
@@ -130,7 +154,7 @@ def prefill_chunk(params, scratch: KVCache, ids: jax.Array, start: jax.Array, co
             scratch)
     _, _, h_out, _, exit_step, _, scratch = jax.lax.while_loop(lambda c: c[0] < row.depth, one_step, init)
     logits = apply_model(cfg, params, h_out[None], method=Ouro.logits)[0]
-    return scratch, sample_row(logits, row, exit_step)
+    return constrain(setup, scratch), sample_row(logits, row, exit_step)
 
 
 def _reduce_scratch(policy: str, x: jax.Array, depth: jax.Array) -> jax.Array:
@@ -150,9 +174,9 @@ def commit_prefill(cache: KVCache, scratch: KVCache, slot: jax.Array, depth: jax
                    setup: SlotSetup) -> KVCache:
     """Stores a prefilled request's K/V (reduced by the policy over its `depth` steps) in row `slot`."""
     zero = jnp.int32(0)
-    return KVCache(*(jax.lax.dynamic_update_slice(c, _reduce_scratch(setup.policy, x, depth).astype(c.dtype),
-                                                  (zero, zero, slot, zero, zero, zero))
-                     for c, x in zip(cache, scratch)))
+    return constrain(setup, KVCache(*(jax.lax.dynamic_update_slice(
+        c, _reduce_scratch(setup.policy, x, depth).astype(c.dtype), (zero, zero, slot, zero, zero, zero))
+        for c, x in zip(cache, scratch))))
 
 
 def cache_rows_shape(setup: SlotSetup) -> tuple[int, ...]:

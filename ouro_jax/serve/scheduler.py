@@ -118,14 +118,12 @@ def _token(sampled: Sampled, b: int | None, request: Request) -> Token:
 class Scheduler:
     """Runs requests on `setup.slots` decode slots; `prefill_chunk` prompt tokens are prefilled per iteration."""
 
-    def __init__(self, params, setup: SlotSetup, *, prefill_chunk: int = 64, max_queue: int = 64,
-                 shard_cache: Callable | None = None):
+    def __init__(self, params, setup: SlotSetup, *, prefill_chunk: int = 64, max_queue: int = 64):
         if setup.cache_length % prefill_chunk:
             raise ValueError(f"the cache length ({setup.cache_length}) must be a multiple of the prefill chunk "
                              f"({prefill_chunk})")
         self.params, self.setup, self.chunk, self.max_queue = params, setup, prefill_chunk, max_queue
-        self._shard = shard_cache or (lambda cache: cache)
-        self.cache = self._shard(empty_cache(setup))
+        self.cache = empty_cache(setup)
         n = setup.slots
         self.handles: list[Handle | None] = [None] * n
         self.tokens, self.positions = np.zeros(n, np.int32), np.zeros(n, np.int32)
@@ -301,7 +299,7 @@ class Scheduler:
 
     def _fail_all(self, message: str) -> None:
         self.prefilling = None
-        self.cache = self._shard(empty_cache(self.setup))   # a failed call may have consumed the donated cache
+        self.cache = empty_cache(self.setup)   # a failed call may have consumed the donated cache
         for slot, handle in enumerate(self.handles):
             if handle is not None:
                 self._free(slot)

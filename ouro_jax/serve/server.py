@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 
+import jax
 import uvicorn
+from jax.sharding import Mesh
 
+from ouro_jax import sharding as shd
 from ouro_jax.config import OuroConfig
 from ouro_jax.inference.cache import check_policy
 from ouro_jax.inference.settings import resolve_exit_threshold
 from ouro_jax.inference.slots import slot_setup
+from ouro_jax.model import abstract_params
 from ouro_jax.serve.app import Server, create_app
 from ouro_jax.serve.scheduler import Scheduler
 
@@ -17,9 +21,11 @@ from ouro_jax.serve.scheduler import Scheduler
 def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: int = 8, max_len: int = 2048,
                  prefill_chunk: int = 64, policy: str = "full", depth: int | None = None,
                  exit_threshold: float | None = None, timeout: float = 600.0, max_queue: int = 64,
-                 compact: bool = True) -> Server:
+                 compact: bool = True, mesh: Mesh | None = None) -> Server:
     """A server (not yet started) for `slots` sequences of up to `max_len` tokens each (prompt and
-    generated); a request's depth may be at most `depth` (default T), its KV policy is `policy`."""
+    generated); a request's depth may be at most `depth` (default T), its KV policy is `policy`.
+    On a `mesh` the weights are sharded by the model's logical axes and the cache's slots over
+    ('data', 'fsdp'), its KV heads over 'tensor'."""
     check_policy(policy)
     depth = cfg.total_ut_steps if depth is None else depth
     if int(depth) != depth or depth < 1:
@@ -35,11 +41,27 @@ def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: 
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     length = -(-(max_len + 1) // prefill_chunk) * prefill_chunk   # + the reserved position, whole chunks
-    setup = slot_setup(cfg, policy, int(depth), int(slots), length, compact)
+    setup = slot_setup(cfg, policy, int(depth), int(slots), length, compact, mesh)
+    if mesh is not None:
+        params = jax.device_put(params, shd.tree_shardings(abstract_params(cfg), mesh))
     scheduler = Scheduler(params, setup, prefill_chunk=int(prefill_chunk), max_queue=int(max_queue))
     defaults = dict(policy=policy, exit_threshold=resolve_exit_threshold(cfg, exit_threshold), timeout=float(timeout),
                     context=max_len)
     return Server(scheduler, tokenizer, model_name, defaults)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,tensor=4' (unnamed axes are 1) or '2,1,4' ('data', 'fsdp', 'tensor') -> axis sizes."""
+    try:
+        if "=" not in text:
+            return dict(zip(shd.MESH_AXES, (int(v) for v in text.split(",")), strict=True))
+        sizes = {name.strip(): int(size) for name, size in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"mesh must look like 'data=2,tensor=4' or '2,1,4', got {text!r}") from None
+    unknown = set(sizes) - set(shd.MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {shd.MESH_AXES}")
+    return {axis: sizes.get(axis, 1) for axis in shd.MESH_AXES}
 
 
 class Running:
