@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ouro_jax.errors import one_line
 from ouro_jax.serve.protocol import Call, envelope, parse_chat, parse_completion
 from ouro_jax.serve.scheduler import Finished, QueueFull, Scheduler, Token
-from ouro_jax.serve.text import TextStream
+from ouro_jax.serve.text import TextStream, decode
 
 
 @dataclasses.dataclass
@@ -92,13 +92,13 @@ def _mean_depth(tokens: list[Token]) -> float:
 
 
 def _logprobs(server: Server, tokens: list[Token], chat: bool) -> dict | None:
-    decode = lambda i: server.tokenizer.decode([i])
+    text = lambda i: decode(server.tokenizer, [i])
     if chat:
-        return {"content": [{"token": decode(t.id), "logprob": t.logprob,
-                             "top_logprobs": [{"token": decode(i), "logprob": p} for i, p in t.top]}
+        return {"content": [{"token": text(t.id), "logprob": t.logprob,
+                             "top_logprobs": [{"token": text(i), "logprob": p} for i, p in t.top]}
                             for t in tokens]}
-    return {"tokens": [decode(t.id) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{decode(i): p for i, p in t.top} for t in tokens]}
+    return {"tokens": [text(t.id) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{text(i): p for i, p in t.top} for t in tokens]}
 
 
 def _choice(server: Server, call: Call, index: int, text: str, tokens: list[Token], finish, key: str) -> dict:
@@ -150,6 +150,9 @@ async def _stream(server: Server, call: Call, runs: list[Run], kind: str) -> Asy
             yield _sse(envelope(kind, server.model_name, [_choice(server, call, index, "", [], run.finish, key)]))
     except ApiError as e:
         yield _sse({"error": {"message": str(e), "type": e.kind, "code": e.status}})
+    except Exception as e:  # the response has started: the error goes into the stream
+        yield _sse({"error": {"message": f"internal error: {type(e).__name__}: {one_line(e)}",
+                              "type": "server_error", "code": 500}})
     finally:
         for run in runs:
             run.handle.cancel()

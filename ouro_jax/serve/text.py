@@ -6,6 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    """The text of `ids`; ids beyond the tokenizer's vocabulary (a model's padded rows) decode to nothing."""
+    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
+
+
 class TextStream:
     """Feed ids one at a time; `push` returns the text that is now final (`stopped` once a stop string
     appeared: the text ends before it). `finish` flushes what was held back."""
@@ -21,7 +26,7 @@ class TextStream:
         if self.stopped or token in self.skip:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = decode(self.tokenizer, self.ids)
         if text.endswith("\ufffd"):          # a character split across tokens: wait for the rest
             return ""
         self.text = text
