@@ -5,6 +5,9 @@ same prompts (and, with --torch, transformers `generate()` on our export).
     python benchmarks/bench_serve.py                          # demo size: d=64, 1 layer, T=4
     python benchmarks/bench_serve.py --hidden 512 --layers 4  # a d=512 model
 
+The server is `ouro-serve` in its own process (our HF export of the random model, byte tokenizer),
+so the load generator's threads do not share its interpreter.
+
 Each client sends `--requests` requests one after another (streamed over SSE, greedy, `--new-tokens`
 tokens each, random prompts of `--prompt-len` tokens). Throughput = generated tokens / wall time
 of the whole load; time to first token (TTFT) and per-token latency (the mean gap between a
@@ -20,7 +23,10 @@ import argparse
 import concurrent.futures
 import json
 import os
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,9 +36,8 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from bench_decode import TorchDecoder, load, table  # noqa: E402
 
-from ouro_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from ouro_jax.hf.export import export_hf  # noqa: E402
 from ouro_jax.inference import generate  # noqa: E402
-from ouro_jax.serve.server import Running, build_server  # noqa: E402
 
 
 def stream_one(url: str, prompt: list[int], new_tokens: int, q: float) -> tuple[float, list[float], int]:
@@ -77,11 +82,36 @@ def static_rate(cfg, params, prompts, batch: int, new_tokens: int, q: float) -> 
     return batch * len(batches) * new_tokens / seconds, first.decode_layer_applications / (new_tokens - 1)
 
 
-def work_since(stats, before: tuple[int, ...], layers: int) -> tuple[float, float]:
+def counters(url: str) -> dict[str, int]:
+    return requests.get(url + "/health", timeout=60).json()["counters"]
+
+
+def work_since(url: str, before: dict[str, int], layers: int) -> tuple[float, float]:
     """Layer applications per decode token since `before`: (per-row exit, batch-level exit)."""
-    tokens, row_steps, batch_steps = (a - b for a, b in zip(
-        (stats.decode_tokens, stats.row_steps, stats.batch_steps), before))
+    now = counters(url)
+    tokens, row_steps, batch_steps = (now[k] - before[k] for k in ("decode_tokens", "row_steps", "batch_steps"))
     return layers * row_steps / max(tokens, 1), layers * batch_steps / max(tokens, 1)
+
+
+def start_server(cfg, params, tmp: str, slots: int, max_len: int, queue: int) -> tuple[subprocess.Popen, str]:
+    """`ouro-serve` on our HF export of the weights, in its own process; (process, url) once it answers."""
+    export_hf(os.path.join(tmp, "model"), cfg, params, dtype="float32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ouro_jax.cli.serve", "--model", os.path.join(tmp, "model"),
+                             "--tokenizer", "byte", "--port", str(port), "--slots", str(slots), "--max-len",
+                             str(max_len), "--prefill-chunk", "32", "--max-queue", str(queue)])
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            requests.get(url + "/health", timeout=5)
+            return proc, url
+        except requests.ConnectionError:
+            if proc.poll() is not None:
+                raise SystemExit("ouro-serve did not start") from None
+            time.sleep(0.5)
+    raise SystemExit("ouro-serve did not answer in 10 minutes")
 
 
 def main(argv=None) -> None:
@@ -104,18 +134,17 @@ def main(argv=None) -> None:
     N, T, G = cfg.num_hidden_layers, cfg.total_ut_steps, args.new_tokens
     print(f"model: random d={cfg.hidden_size}, N={N} x T={T}, vocab {cfg.vocab_size}; prompt {args.prompt_len}, "
           f"{G} new tokens, greedy, float32; {len(prompts)} requests per level; {os.cpu_count()} CPU cores")
-    server = build_server(cfg, params, load_tokenizer("byte"), model_name="bench", slots=max(levels),
-                          max_len=args.prompt_len + G + 1, prefill_chunk=32, max_queue=len(prompts))
-    running = Running(server)
-    stats, torch = server.scheduler.stats, TorchDecoder(cfg, params) if args.torch else None
+    torch = TorchDecoder(cfg, params) if args.torch else None
+    tmp = tempfile.TemporaryDirectory()
+    proc, url = start_server(cfg, params, tmp.name, max(levels), args.prompt_len + G + 1, len(prompts))
     try:
         for q in map(float, args.thresholds.split(",")):
-            stream_one(running.url, prompts[0], G, q)                # warm-up
+            stream_one(url, prompts[0], G, q)                # warm-up
             rows = []
             for clients in levels:
-                before = (stats.decode_tokens, stats.row_steps, stats.batch_steps)
-                served = load_test(running.url, prompts, clients, G, q)
-                per_row, batch_exit = work_since(stats, before, N)
+                before = counters(url)
+                served = load_test(url, prompts, clients, G, q)
+                per_row, batch_exit = work_since(url, before, N)
                 static, static_work = static_rate(cfg, params, prompts, clients, G, q)
                 theirs = torch.rate(prompts[:clients], G, 1)[0] if torch and q == 1.0 else float("nan")
                 rows.append((str(clients), served["tok/s"], static, served["tok/s"] / static, theirs,
@@ -126,7 +155,9 @@ def main(argv=None) -> None:
                    ("TTFT p50 ms", 13), ("p99", 8), ("tok ms p50", 12), ("p99", 8), ("layers/tok", 12),
                    ("batch-exit", 12), ("generate", 10)], rows)
     finally:
-        running.close()
+        proc.terminate()
+        proc.wait(timeout=60)
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -268,14 +268,19 @@ def test_stopped_scheduler_answers_503(server):
         scheduler.start()
 
 
+@pytest.fixture(scope="module")
+def task_manager():
+    return TaskManager(include_path=str(TASK_DIR))   # indexing lm-eval's tasks takes long: once per module
+
+
 @pytest.fixture
-def lm_eval_offline(monkeypatch, tmp_path):
+def lm_eval_offline(monkeypatch, tmp_path, task_manager):
     monkeypatch.chdir(TASK_DIR)  # the task YAMLs name their JSONL files relative to it
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
-    return TaskManager(include_path=str(TASK_DIR))
+    return task_manager
 
 
 def _api_args(server, path: str) -> str:

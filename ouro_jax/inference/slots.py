@@ -52,8 +52,10 @@ class SlotSetup:
 
     @property
     def buckets(self) -> tuple[int, ...]:
-        """Row counts the decode step compacts live rows into: powers of two below `slots`, then `slots`."""
-        return tuple(sorted({min(1 << k, self.slots) for k in range(self.slots.bit_length() + 1)}))
+        """Row counts the decode step compacts live rows into: 1, 2, 3, 4, 6, 8, 12, ... (powers of two and
+        their halfway points, so a bucket pads at most a third), then `slots`."""
+        sizes = {min(size, self.slots) for k in range(self.slots.bit_length() + 1) for size in (1 << k, 3 << k >> 1)}
+        return tuple(sorted(sizes - {0}))
 
 
 def slot_setup(cfg: OuroConfig, policy: str, depth: int, slots: int, cache_length: int,

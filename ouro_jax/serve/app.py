@@ -214,8 +214,9 @@ def create_app(server: Server) -> FastAPI:
     async def health():
         scheduler = server.scheduler
         layers = scheduler.setup.cfg.num_hidden_layers
+        stats = scheduler.stats
         return {"status": "ok" if scheduler.running else "stopped", **scheduler.load(),
-                "tokens": scheduler.stats.tokens,
-                "layer_applications_per_token": scheduler.stats.layer_applications_per_token(layers)}
+                "counters": {**dataclasses.asdict(stats), "finished": dict(stats.finished)},
+                "layer_applications_per_token": stats.layer_applications_per_token(layers)}
 
     return app
