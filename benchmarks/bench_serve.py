@@ -125,10 +125,14 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=32, help="requests per load level (spread over the clients)")
     p.add_argument("--thresholds", default="1.0,0.5", help="Q-exit q of the requests (1 = full depth)")
     p.add_argument("--gate-bias", type=float, default=-0.5, help="exit-gate bias of the random model")
+    p.add_argument("--gate-scale", type=float, default=30.0,
+                   help="exit-gate weights x this, so that tokens of the random model exit at different steps")
     p.add_argument("--torch", action="store_true", help="also transformers generate() on our export")
     args = p.parse_args(argv)
     args.params, args.task = None, ""
     cfg, params, prompts_of, _ = load(args)
+    gate = params["exit_gate"]
+    params = {**params, "exit_gate": {**gate, "kernel": gate["kernel"] * args.gate_scale}}
     levels = [int(c) for c in args.clients.split(",")]
     prompts = prompts_of(max(args.requests, max(levels)))
     N, T, G = cfg.num_hidden_layers, cfg.total_ut_steps, args.new_tokens

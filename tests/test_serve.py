@@ -26,8 +26,9 @@ from ouro_jax.inference import generate
 from ouro_jax.inference.slot_decode import decode_step
 from ouro_jax.inference.slots import commit_prefill, prefill_chunk
 from ouro_jax.params_io import load_model
+from ouro_jax.serve.events import QueueFull, Token
 from ouro_jax.serve.request import Request
-from ouro_jax.serve.scheduler import QueueFull, Scheduler, Token
+from ouro_jax.serve.scheduler import Scheduler
 from ouro_jax.serve.server import Running, build_server, parse_mesh
 from ouro_jax.sharding import make_mesh
 

@@ -18,8 +18,9 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ouro_jax.errors import one_line
+from ouro_jax.serve.events import Finished, QueueFull, Token
 from ouro_jax.serve.protocol import Call, envelope, parse_chat, parse_completion
-from ouro_jax.serve.scheduler import Finished, QueueFull, Scheduler, Token
+from ouro_jax.serve.scheduler import Scheduler
 from ouro_jax.serve.text import TextStream, decode
 
 
