@@ -34,19 +34,26 @@ def _layer_step(setup: SlotSetup, params, cache: KVCache, h, mask, positions, ac
     """Recurrent step `t` for the rows in `active` [B] -> (cache, h [B, 1, d], gate [B], rows computed).
 
     Compacting: the active rows are gathered (first, in slot order) into the smallest bucket that
-    holds them; the bucket's other rows are computed but neither written nor kept."""
+    holds them; the bucket's other rows are computed but neither written nor kept. The largest bucket
+    (all slots) runs the rows in place, without gathering a copy of the cache."""
     count = jnp.sum(active).astype(jnp.int32)
     order = jnp.argsort(~active, stable=True).astype(jnp.int32)
 
     def run(size):
+        every = size == setup.slots or not setup.compact   # all rows: no gather, no copy of the cache
+
         def apply(cache, h):
-            rows = order[:size] if setup.compact else jnp.arange(setup.slots, dtype=jnp.int32)
-            valid = jnp.arange(size) < count if setup.compact else active
-            view = tuple(jnp.take(x, rows, axis=1) for x in step_view(cache, setup.policy, t))
-            h_rows, gate, kv = apply_model(setup.cfg, params, h[rows], positions[rows][:, None], mask[rows],
+            rows = jnp.arange(size, dtype=jnp.int32) if every else order[:size]
+            valid = active if every else jnp.arange(size) < count
+            view = step_view(cache, setup.policy, t)
+            if not every:
+                view = tuple(jnp.take(x, rows, axis=1) for x in view)
+            pick = (lambda x: x) if every else (lambda x: x[rows])
+            h_rows, gate, kv = apply_model(setup.cfg, params, pick(h), pick(positions)[:, None], pick(mask),
                                            kv_cache=view, cache_index=setup.cache_length - 1, method=Ouro.step)
-            cache = write_rows(cache, setup.policy, kv, rows, positions[rows], t, valid)
-            h = h.at[rows].set(jnp.where(valid[:, None, None], h_rows, h[rows]))
+            cache = write_rows(cache, setup.policy, kv, rows, pick(positions), t, valid)
+            h = jnp.where(valid[:, None, None], h_rows, h) if every else h.at[rows].set(
+                jnp.where(valid[:, None, None], h_rows, h[rows]))
             return cache, h, jnp.zeros((setup.slots,), jnp.float32).at[rows].set(gate[:, 0])
         return apply
 
