@@ -74,12 +74,11 @@ def static_rate(cfg, params, prompts, batch: int, new_tokens: int, q: float) -> 
     """(tokens/s of generate() on static batches of `batch`, its layer applications per decode token)."""
     run = lambda rows: generate(cfg, params, rows, max_new_tokens=new_tokens, exit_threshold=q)  # one shape
     batches = [prompts[i:i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
-    first = run(batches[0])                                  # compiles
+    run(batches[0])                                          # compiles
     start = time.perf_counter()
-    for rows in batches:
-        run(rows)
+    work = sum(run(rows).decode_layer_applications for rows in batches)
     seconds = time.perf_counter() - start
-    return batch * len(batches) * new_tokens / seconds, first.decode_layer_applications / (new_tokens - 1)
+    return batch * len(batches) * new_tokens / seconds, work / (len(batches) * (new_tokens - 1))
 
 
 def counters(url: str) -> dict[str, int]:
