@@ -10,7 +10,8 @@ import pytest
 from ouro_jax import config
 from ouro_jax.cli import generate as cli
 from ouro_jax.inference import SamplingParams, filter_logits, generate, resolve_exit_threshold, sample_tokens
-from ouro_jax.inference.engine import _generate_program, cache_positions, default_cache_length, prompt_bucket
+from ouro_jax.inference.loop import generate_program
+from ouro_jax.inference.settings import cache_positions, default_cache_length, prompt_bucket
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +84,14 @@ def test_streaming_callback_sees_every_token_in_order(golden_model, prompt):
 def test_one_compilation_serves_other_prompts_lengths_and_settings(golden_model, golden, prompt):
     cfg, params = golden_model
     generate(cfg, params, [prompt], max_new_tokens=10, return_logits=True)
-    compiled = _generate_program._cache_size()
+    compiled = generate_program._cache_size()
     shorter = golden["input_ids"][1, 3:].tolist()            # 9 tokens: the same bucket of 16
     for kw in (dict(max_new_tokens=3), dict(max_new_tokens=16, cache_length=32), dict(temperature=0.9, top_k=5, seed=9),
                dict(top_p=0.5, temperature=1.0), dict(exit_threshold=0.3), dict(stop_token_ids=[5, 6, 7])):
         kw = {"max_new_tokens": 10, **kw}
         result = generate(cfg, params, [shorter], return_logits=True, **kw)
         assert result.tokens.shape == (1, kw["max_new_tokens"]) and result.cache_length == 32
-    assert _generate_program._cache_size() == compiled
+    assert generate_program._cache_size() == compiled
 
 
 @pytest.mark.parametrize("draft_tokens", [0, 3])

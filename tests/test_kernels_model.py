@@ -7,8 +7,8 @@ import pytest
 from helpers import random_batch, tiny_train_config
 
 from ouro_jax import sharding as shd
+from ouro_jax.inference.api import generate
 from ouro_jax.inference.cache import POLICIES
-from ouro_jax.inference.engine import generate
 from ouro_jax.model import Ouro
 from ouro_jax.train.step import build_train_program
 

@@ -82,6 +82,22 @@ def step_view(cache: KVCache, policy: str, step: jax.Array) -> tuple[jax.Array, 
     return tuple(jax.lax.dynamic_index_in_dim(c, slot, axis=0, keepdims=False) for c in cache)
 
 
+def _merge(policy: str, column: jax.Array, new: jax.Array, step: jax.Array, rows: jax.Array) -> jax.Array:
+    """A cache column [slots, N, ...] with a token's step-`step` K/V `new` [1, N, ...] merged in by the
+    policy, for the rows where the mask `rows` (broadcast against the column) is True."""
+    new = new.astype(column.dtype)
+    if policy == "full":
+        slots = jnp.arange(column.shape[0]).reshape((-1,) + (1,) * (column.ndim - 1))
+        return jnp.where(rows & (slots >= step), new, column)
+    if policy == "last":
+        return jnp.where(rows, new, column)
+    if policy == "first":
+        return jnp.where(rows & (step == 0), new, column)
+    col32 = column.astype(jnp.float32)  # average: running mean over the executed steps (exact copy at step 0)
+    mean = col32 + (new.astype(jnp.float32) - col32) / (step + 1).astype(jnp.float32)
+    return jnp.where(rows, jnp.where(step == 0, new, mean.astype(column.dtype)), column)
+
+
 def write_step(cache: KVCache, policy: str, new_kv: tuple[jax.Array, jax.Array], index: jax.Array,
                step: jax.Array, active: jax.Array) -> KVCache:
     """Merges the current token's step-`step` K/V (`new_kv`, each `[N, B, 1, KVH, hd]` from
@@ -94,20 +110,20 @@ def write_step(cache: KVCache, policy: str, new_kv: tuple[jax.Array, jax.Array],
     out = []
     for c, new in zip(cache, new_kv):
         column = jax.lax.dynamic_index_in_dim(c, index, axis=3, keepdims=True)   # [slots, N, B, 1, KVH, hd]
-        new = new[None].astype(c.dtype)
-        rows = active[None, None, :, None, None, None]
-        if policy == "full":
-            slots = jnp.arange(c.shape[0])[:, None, None, None, None, None]
-            column = jnp.where(rows & (slots >= step), new, column)
-        elif policy == "last":
-            column = jnp.where(rows, new, column)
-        elif policy == "first":
-            column = jnp.where(rows & (step == 0), new, column)
-        else:  # average: running mean over the executed steps (exact copy at step 0)
-            col32 = column.astype(jnp.float32)
-            mean = col32 + (new.astype(jnp.float32) - col32) / (step + 1).astype(jnp.float32)
-            column = jnp.where(rows, jnp.where(step == 0, new, mean.astype(c.dtype)), column)
+        column = _merge(policy, column, new[None], step, active[None, None, :, None, None, None])
         out.append(jax.lax.dynamic_update_slice_in_dim(c, column, index, axis=3))
+    return KVCache(*out)
+
+
+def write_rows(cache: KVCache, policy: str, new_kv: tuple[jax.Array, jax.Array], rows: jax.Array,
+               index: jax.Array, step: jax.Array, active: jax.Array) -> KVCache:
+    """`write_step` for cache rows `rows` [m] (distinct), each at its own position `index` [m]:
+    `new_kv` each `[N, m, 1, KVH, hd]`; rows with `active` [m] False are left as they are."""
+    out = []
+    for c, new in zip(cache, new_kv):
+        column = c[:, :, rows, index]                                           # [slots, N, m, KVH, hd]
+        column = _merge(policy, column, new[None, :, :, 0], step, active[None, None, :, None, None])
+        out.append(c.at[:, :, rows, index].set(column))
     return KVCache(*out)
 
 

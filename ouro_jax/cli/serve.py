@@ -1,0 +1,86 @@
+"""`ouro-serve --model DIR` (= `python -m ouro_jax.cli.serve`): an OpenAI-compatible HTTP server.
+
+The library is `ouro_jax.serve` (continuous batching over `--slots` decode slots, per-request early
+exit); this module only parses arguments, loads the model and serves until interrupted.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from ouro_jax.cli.generate import _tokenizer
+from ouro_jax.config import Execution
+from ouro_jax.errors import OneLineParser, cli_errors, fail
+from ouro_jax.inference import POLICIES
+from ouro_jax.params_io import load_model
+from ouro_jax.serve.server import Running, build_server, parse_mesh
+from ouro_jax.sharding import make_mesh
+
+__all__ = ["build_parser", "main", "run"]
+
+PROG = "ouro-serve"
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="HF Ouro directory or ouro_jax params checkpoint")
+    p.add_argument("--model-name", help="the model id clients name (default: --model)")
+    p.add_argument("--tokenizer", help="tokenizer.json, a directory holding one, or 'byte' (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (one compiled decode step)")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens per sequence, prompt and generated")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens prefilled between decode steps")
+    p.add_argument("--policy", default="full", help=f"KV-cache policy: {', '.join(POLICIES)}")
+    p.add_argument("--depth", type=int, help="the most recurrent steps a request may ask for (default: T)")
+    p.add_argument("--exit-threshold", type=float, help="default Q-exit q of a request (default: the config's)")
+    p.add_argument("--timeout", type=float, default=600.0, help="default request timeout in seconds")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--no-compact", action="store_true",
+                   help="run every slot until all have exited (batch-level exit) instead of compacting live rows")
+    p.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=2,tensor=4' (default: one device)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None,
+         stop: threading.Event | None = None) -> int:
+    """Serves until SIGINT/SIGTERM (or `stop` is set); `ready` is set once it listens."""
+    args = build_parser().parse_args(argv)
+    if args.policy not in POLICIES:
+        fail(PROG, f"unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
+    try:
+        cfg, params = load_model(args.model, execution=Execution(dtype=args.dtype) if args.dtype else None)
+    except (ValueError, OSError) as e:
+        fail(PROG, f"cannot load --model {args.model}: {e}")
+    with cli_errors(PROG):
+        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        server = build_server(cfg, params, _tokenizer(args.model, args.tokenizer), model_name=args.model_name or
+                              args.model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+                              policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold,
+                              timeout=args.timeout, max_queue=args.max_queue, compact=not args.no_compact,
+                              mesh=mesh)
+        running = Running(server, args.host, args.port)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    print(f"{PROG}: serving {server.model_name} on {running.url} ({args.slots} slots x {args.max_len} tokens)",
+          flush=True)
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    running.close()
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The `ouro-serve` console script."""
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,91 @@
+"""Ahead-of-time compilation of the serving programs for TPU topologies (libtpu, no TPU needed): the
+memory each chip needs for the decode step, a prefill chunk and the commit, with the weights and
+the KV cache of `slots` sequences sharded over the mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ouro_jax import sharding as shd
+from ouro_jax.config import OuroConfig
+from ouro_jax.inference.cache import KVCache, cache_shape
+from ouro_jax.inference.slot_decode import SlotBatch, decode_step
+from ouro_jax.inference.slots import RowSettings, SlotSetup, cache_sharding, commit_prefill, prefill_chunk, slot_setup
+from ouro_jax.model import abstract_params
+from ouro_jax.train.aot import HBM_BYTES, DoesNotFit, topology_devices
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeReport:
+    program: str
+    topology: str
+    mesh: dict[str, int]
+    slots: int
+    cache_length: int
+    policy: str
+    bytes_per_chip: int   # arguments + outputs - donated aliases + temporaries
+    hbm_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_per_chip <= self.hbm_bytes
+
+    def __str__(self) -> str:
+        return (f"{self.program} on {self.topology} {self.mesh}: {self.slots} slots x {self.cache_length} "
+                f"({self.policy}): {self.bytes_per_chip / 2**30:.2f} GiB per chip of {self.hbm_bytes / 2**30:.0f} "
+                f"-> {'fits' if self.fits else 'DOES NOT FIT'}")
+
+
+def _abstract(shape, dtype, sharding=None):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _abstract_cache(setup: SlotSetup, policy: str, rows: int) -> KVCache:
+    shape = cache_shape(setup.cfg, policy, setup.depth, rows, setup.cache_length)
+    return KVCache(*(_abstract(shape, setup.cfg.compute_dtype, cache_sharding(setup, shape)),) * 2)
+
+
+def _programs(setup: SlotSetup, chunk: int):
+    """(name, lowered program) of the decode step, a prefill chunk and the commit, on abstract inputs."""
+    boxed = abstract_params(setup.cfg)
+    params = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), nn.unbox(boxed),
+                          shd.tree_shardings(boxed, setup.mesh))
+    rows = lambda *shape: RowSettings(*(_abstract(shape, dtype) for dtype in (
+        jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
+    n = setup.slots
+    cache, scratch = _abstract_cache(setup, setup.policy, n), _abstract_cache(setup, "full", 1)
+    scalar = _abstract((), jnp.int32)
+    return [("decode_step", decode_step.lower(params, cache, SlotBatch(_abstract((n,), jnp.int32),
+                                                                       _abstract((n,), jnp.int32),
+                                                                       _abstract((n,), jnp.bool_)),
+                                              rows(n), setup=setup)),
+            (f"prefill_chunk({chunk})", prefill_chunk.lower(params, scratch, _abstract((chunk,), jnp.int32), scalar,
+                                                            scalar, rows(), setup=setup)),
+            ("commit_prefill", commit_prefill.lower(cache, scratch, scalar, scalar, setup=setup))]
+
+
+def compile_serve_programs(cfg: OuroConfig, topology: str, mesh_shape: dict[str, int], *, slots: int,
+                           cache_length: int, policy: str = "full", prefill_chunk_size: int = 512,
+                           depth: int | None = None) -> list[ServeReport]:
+    """Compiles the serving programs for `topology`; raises DoesNotFit when the compiler runs out of memory."""
+    devices = topology_devices(topology)
+    mesh = shd.make_mesh(mesh_shape, devices)
+    setup = slot_setup(cfg, policy, depth or cfg.total_ut_steps, slots, cache_length, mesh=mesh)
+    reports = []
+    for name, lowered in _programs(setup, prefill_chunk_size):
+        try:
+            memory = lowered.compile().memory_analysis()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            raise DoesNotFit(f"{name} on {topology}: {slots} slots x {cache_length} ({policy}) does not fit: "
+                             f"{str(e).strip().splitlines()[0][:200]}") from None
+        per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                    + memory.temp_size_in_bytes)
+        reports.append(ServeReport(name, topology, dict(mesh.shape), slots, cache_length, policy, int(per_chip),
+                                   HBM_BYTES[topology.split(":")[0]]))
+    return reports
