@@ -1,9 +1,9 @@
 """Text generation: `ouro-generate --model DIR --prompt "..."` (or `python -m ouro_jax.cli.generate`).
 
 The command line only: the engine and the library `generate` live in `ouro_jax.inference`. The
-model directory is an HF Ouro directory or a params checkpoint of ours; text is tokenized with the
-directory's `tokenizer.json` when present, else with the byte-level tokenizer (or `--prompt-ids`
-gives the ids directly).
+model is any spec of `ouro_jax.model_source` (an HF Ouro directory, a params checkpoint, a training
+workdir or step, a hub id; local or gs://); text is tokenized with the model's `tokenizer.json` when
+present, else with the byte-level tokenizer (or `--prompt-ids` gives the ids directly).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 from ouro_jax.config import Execution
 from ouro_jax.data.chatml import encode_chat
 from ouro_jax.data.tokenizer import load_tokenizer
-from ouro_jax.errors import OneLineParser, cli_errors, fail
+from ouro_jax.errors import OneLineParser, cli_errors, fail, one_line
 from ouro_jax.inference import EXIT_MODES, POLICIES, GenerationResult, default_cache_length, generate
+from ouro_jax.model_source import ModelSource, resolve_model
 from ouro_jax.params_io import load_model
-from ouro_jax.paths import as_path
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -34,12 +34,10 @@ def _parse_ids(text: str, what: str) -> list[int]:
         fail(PROG, f"{what} must be integers separated by commas or spaces, got {text!r}")
 
 
-def _tokenizer(model_dir: str, spec: str | None):
+def _tokenizer(source: ModelSource, spec: str | None):
     if spec is not None:
         return load_tokenizer(spec)
-    if (as_path(model_dir) / "tokenizer.json").is_file():
-        return load_tokenizer(model_dir)
-    return load_tokenizer("byte")
+    return load_tokenizer(source.tokenizer_dir or "byte")
 
 
 class _TextStream:
@@ -64,7 +62,8 @@ class _TextStream:
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="HF Ouro directory or ouro_jax params checkpoint")
+    p.add_argument("--model", required=True,
+                   help="HF Ouro directory, params checkpoint, training workdir or step, or hub id")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. '1,5,9' (no tokenizer involved)")
@@ -98,21 +97,22 @@ def main(argv: Sequence[str] | None = None) -> GenerationResult:
     if args.policy not in POLICIES:
         fail(PROG, f"unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
     try:
-        cfg, params = load_model(args.model, execution=Execution(dtype=args.dtype) if args.dtype else None)
+        source = resolve_model(args.model)
+        cfg, params = load_model(source, execution=Execution(dtype=args.dtype) if args.dtype else None)
     except (ValueError, OSError) as e:
-        fail(PROG, f"cannot load --model {args.model}: {e}")
+        fail(PROG, f"cannot load --model {args.model}: {one_line(e)}")
     with cli_errors(PROG):  # a bad tokenizer, prompt or decoding setting
-        return _generate(args, cfg, params)
+        return _generate(args, source, cfg, params)
 
 
-def _generate(args, cfg, params) -> GenerationResult:
+def _generate(args, source, cfg, params) -> GenerationResult:
     tokenizer = None
     if args.prompt_ids is not None:
         if args.chat:
             fail(PROG, "--chat needs --prompt text, not --prompt-ids")
         ids = _parse_ids(args.prompt_ids, "--prompt-ids")
     else:
-        tokenizer = _tokenizer(args.model, args.tokenizer)
+        tokenizer = _tokenizer(source, args.tokenizer)
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": args.prompt})

@@ -13,44 +13,27 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ouro_jax.config import OuroConfig
+from ouro_jax.config import Execution, OuroConfig
+from ouro_jax.errors import one_line
 from ouro_jax.evaluation.forward import StepForward
 from ouro_jax.evaluation.plot import plot_sweep
 from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS, ce_quality, check_thresholds, sweep
 from ouro_jax.evaluation.tasks import make_eval_task, score_task
 from ouro_jax.evaluation.text import EvalInputError, score_text, text_source
+from ouro_jax.model_source import ModelSource, resolve_model
 from ouro_jax.params_io import load_model
 from ouro_jax.paths import as_path, check_bucket
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-
-def resolve_model(spec: str) -> str:
-    """A model directory (local or `gs://...`), or a hub id ("org/name") downloaded with huggingface_hub."""
-    if as_path(spec).is_dir():
-        return spec
-    if as_path(spec).exists():
-        raise EvalInputError(
-            f"{spec}: not a directory (expected an HF Ouro directory or an ouro_jax params checkpoint)")
-    if not _HUB_ID.fullmatch(spec) or spec.startswith("."):
-        raise EvalInputError(f"{spec}: no such model directory")
-    from huggingface_hub import snapshot_download
-
+def load_checkpoint(spec: str, *, dtype: str | None = None) -> tuple[ModelSource, OuroConfig, Any]:
+    """(source, config, params) of any model spec (`ouro_jax.model_source`); `dtype` sets the compute dtype.
+    Bad input raises EvalInputError."""
     try:
-        return snapshot_download(spec, etag_timeout=10)
-    except Exception as e:  # noqa: BLE001 -- offline, unknown repo, auth: all end in one line
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EvalInputError(f"{spec}: no such local directory, and the hub download failed ({reason})") from None
-
-
-def load_checkpoint(spec: str, **overrides) -> tuple[str, OuroConfig, Any]:
-    """(directory, config, params) of a local directory or hub id; bad input raises EvalInputError."""
-    path = resolve_model(spec)
-    try:
-        cfg, params = load_model(path, **overrides)
+        source = resolve_model(spec)
+        cfg, params = load_model(source, execution=Execution(dtype=dtype) if dtype else None)
     except (OSError, ValueError, KeyError) as e:
-        raise EvalInputError(f"{spec}: cannot load the model ({str(e).splitlines()[0] if str(e) else e!r})") from None
-    return path, cfg, params
+        raise EvalInputError(f"{spec}: cannot load the model ({one_line(e)})") from None
+    return source, cfg, params
 
 
 def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = None, gate_from: str | None = None,
@@ -67,7 +50,7 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
         raise EvalInputError(f"num_steps must be >= 1, got {num_steps}")
     if output_dir is not None:
         check_bucket(output_dir)
-    path, cfg, params = load_checkpoint(model, **({"dtype": dtype} if dtype else {}))
+    source, cfg, params = load_checkpoint(model, dtype=dtype)
     gates = {}
     if gate_from is not None:
         _, gate_cfg, gate_params = load_checkpoint(gate_from)
@@ -75,8 +58,8 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
             raise EvalInputError(f"{gate_from}: hidden size {gate_cfg.hidden_size} differs from the model's "
                                  f"{cfg.hidden_size}; its gate cannot read this model's states")
         gates["trained"] = gate_params["exit_gate"]
-    sources = [(p, text_source(p, cfg.vocab_size, tokenizer=tokenizer, model_dir=path, text_field=text_field))
-               for p in text]
+    sources = [(p, text_source(p, cfg.vocab_size, tokenizer=tokenizer, model_dir=source.tokenizer_dir,
+                               text_field=text_field)) for p in text]
     eval_task = make_eval_task(task, cfg.vocab_size) if task is not None else None
 
     result: dict[str, Any] = {"model": model, "gate_from": gate_from, "num_layers": cfg.num_hidden_layers,
