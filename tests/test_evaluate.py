@@ -184,7 +184,7 @@ def _exit_code(argv) -> int:
 
 @pytest.mark.subprocess
 def test_python_m_evaluate_bad_directory_exits_nonzero():
-    proc = subprocess.run([sys.executable, "-m", "ouro_jax.evaluate", "/no/such/model", "--task", "mano"],
+    proc = subprocess.run([sys.executable, "-m", "ouro_jax.cli.eval", "/no/such/model", "--task", "mano"],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["ouro-eval: error: /no/such/model: no such model directory"]

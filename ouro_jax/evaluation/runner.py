@@ -27,9 +27,9 @@ from ouro_jax.paths import as_path, check_bucket
 
 def load_checkpoint(spec: str, *, dtype: str | None = None) -> tuple[ModelSource, OuroConfig, Any]:
     """(source, config, params) of any model spec (`ouro_jax.model_source`); `dtype` sets the compute dtype.
-    Bad input raises EvalInputError."""
+    A model that does not load raises EvalInputError."""
+    source = resolve_model(spec)  # CheckpointError: one line naming what `spec` is not
     try:
-        source = resolve_model(spec)
         cfg, params = load_model(source, execution=Execution(dtype=dtype) if dtype else None)
     except (OSError, ValueError, KeyError) as e:
         raise EvalInputError(f"{spec}: cannot load the model ({one_line(e)})") from None
