@@ -5,26 +5,13 @@ import json
 import os
 
 import pytest
-from helpers import write_char_tokenizer
+from helpers import THINKING_TEMPLATE, write_char_tokenizer
 
 from ouro_jax.cli import generate as cli
 from ouro_jax.data.chat_template import encode_chat_prompt, load_chat_template, render_chat, stop_token_ids
 from ouro_jax.data.chatml import render_chatml
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.inference import generate as real_generate
-
-# A thinking template in the style of the Ouro-Thinking / Qwen3 ones: past assistant turns lose their thinking,
-# `enable_thinking=false` pre-fills an empty think block.
-THINKING_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% set content = m['content'] %}"
-    "{% if m['role'] == 'assistant' and '</think>' in content %}"
-    "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
-    "{{ '<|im_start|>' + m['role'] + '\\n' + content + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
-    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}")
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
         {"role": "assistant", "content": "<think>\nadd</think>\n2"}, {"role": "user", "content": "2+2?"}]

@@ -28,6 +28,8 @@ backend by name through the import hook the package installs (`lm_eval_hook.py`)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import lm_eval.models  # noqa: F401 -- lm_eval registers its own backends only while its registry is empty
@@ -62,6 +64,19 @@ def _flag(value) -> bool | None:
     return _optional(value, lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes"))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "depth", "exit_at_step", "exit_threshold"))
+def token_scores(params, ids, targets, segments, *, cfg, depth, exit_at_step, exit_threshold):
+    """log p(target) and whether it is the argmax, [B, S], under the selected exit mode (one compiled
+    program per shape and setting, shared by every backend instance)."""
+    model = Ouro(cfg)
+    out = model.apply({"params": params}, ids, segment_ids=segments, num_steps=depth)
+    step_logits = model.apply({"params": params}, out.hidden_states, method=Ouro.logits)
+    logits = select_logits(step_logits, out.gate_logits, exit_at_step=exit_at_step, exit_threshold=exit_threshold)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
+
+
 @register_model("ouro_jax")
 class OuroJaxLM(TemplateLM):
     """lm-eval `LM` over an Ouro checkpoint, with run-time depth and exit settings."""
@@ -82,10 +97,10 @@ class OuroJaxLM(TemplateLM):
         self.auto_batch = str(batch_size).startswith("auto")
         self.max_batch_size = _optional(max_batch_size, int) or None
         self.batch_size = self._round_to_devices(8 if self.auto_batch else int(batch_size))
+        self.last_batch_size = self.batch_size  # what the last scoring / generation pass used (auto: chosen)
         self.enable_thinking, self.think_end_token = _flag(enable_thinking), _optional(think_end_token, str)
         self.generator = UntilGenerator(self.cfg, self.parallel, int(seed), int(stop_check_tokens), self.policy,
                                         self.think_end_token)
-        self._scores = jax.jit(self._token_scores)
 
     def _set_exit(self, depth, exit_threshold, exit_at_step, policy) -> None:
         # validate.py (one validator per concept) takes over these range checks: the single call site
@@ -147,17 +162,6 @@ class OuroJaxLM(TemplateLM):
 
     # ---- scoring ---------------------------------------------------------------------------------
 
-    def _token_scores(self, params, ids, targets, segments):
-        """log p(target) and whether it is the argmax, [B, S], under the selected exit mode."""
-        model = Ouro(self.cfg)
-        out = model.apply({"params": params}, ids, segment_ids=segments, num_steps=self.depth)
-        step_logits = model.apply({"params": params}, out.hidden_states, method=Ouro.logits)
-        logits = select_logits(step_logits, out.gate_logits, exit_at_step=self.exit_at_step,
-                               exit_threshold=self.exit_threshold)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        return picked, jnp.argmax(logits, axis=-1) == targets
-
     def _score_batch(self, rows: list[tuple[list[int], list[int]]], batch: int | None = None
                      ) -> list[tuple[float, bool]]:
         """(sum log p, greedy) of each continuation after its context; rows are (input tokens, continuation)."""
@@ -170,7 +174,9 @@ class OuroJaxLM(TemplateLM):
             segments[b, :n] = 1
             targets[b, n - len(cont):n] = cont
         sharded = self.parallel.shard_rows(ids, targets, segments)
-        picked, greedy = jax.device_get(self._scores(self.parallel.replicated, *sharded))
+        picked, greedy = jax.device_get(token_scores(self.parallel.replicated, *sharded, cfg=self.cfg, depth=self.depth,
+                                                     exit_at_step=self.exit_at_step,
+                                                     exit_threshold=self.exit_threshold))
         out = []
         for b, (inp, cont) in enumerate(rows):
             span = slice(len(inp) - len(cont), len(inp))
@@ -183,6 +189,7 @@ class OuroJaxLM(TemplateLM):
         if self.auto_batch and rows:
             longest = prompt_bucket(len(rows[order[0]][0]))
             batch = self._auto(scoring_row_bytes(self.cfg, longest, self.depth))
+        self.last_batch_size = batch
         results: list = [None] * len(rows)
         for start in tqdm(range(0, len(order), batch), desc=desc, disable=disable):
             chunk = order[start:start + batch]
@@ -246,6 +253,7 @@ class OuroJaxLM(TemplateLM):
             if self.auto_batch:
                 longest = max(map(len, prompts)) + max_new
                 batch = self._auto(generation_row_bytes(self.cfg, self.policy, depth, longest))
+            self.last_batch_size = batch
             texts = self.generator.run(prompts, self.tokenizer, until=until, max_new_tokens=max_new, batch=batch,
                                        depth=depth, exit_threshold=q, stop_ids=[self.eot_token_id],
                                        sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k),
