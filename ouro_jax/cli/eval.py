@@ -67,6 +67,8 @@ def _print_report(result: dict) -> None:
         _print_sweep(task["sweep"])
     for stem, png in result.get("plots", {}).items():
         print(f"plot {stem}: {png}")
+    if "plots_skipped" in result:
+        print(result["plots_skipped"], file=sys.stderr)
 
 
 def _print_sweep(result: dict) -> None:

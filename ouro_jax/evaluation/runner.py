@@ -2,7 +2,8 @@
 
     result = evaluate_model("runs/demo/params", task="mano:max_len=2,modulus=5", output_dir="eval_out")
 
-writes `results.json` and one `sweep_<name>.png` per evaluated input into output_dir (when given).
+writes `results.json` and one `sweep_<name>.png` per evaluated input into output_dir (when given; the
+plots need matplotlib, the `eval` extra: without it results.json says so and the numbers are all there).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from typing import Any
 from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import one_line
 from ouro_jax.evaluation.forward import StepForward
-from ouro_jax.evaluation.plot import plot_sweep
+from ouro_jax.evaluation.plot import PLOTS_NEED_EXTRA, plot_sweep, plotting_available
 from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS, ce_quality, check_thresholds, sweep
 from ouro_jax.evaluation.tasks import make_eval_task, score_task
 from ouro_jax.evaluation.text import EvalInputError, score_text, text_source
 from ouro_jax.model_source import ModelSource, resolve_model
 from ouro_jax.params_io import load_model
-from ouro_jax.paths import as_path, check_bucket
+from ouro_jax.paths import as_path, check_bucket, write_atomic
 
 
 def load_checkpoint(spec: str, *, dtype: str | None = None) -> tuple[ModelSource, OuroConfig, Any]:
@@ -84,15 +85,27 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
                                          num_layers=cfg.num_hidden_layers, thresholds=thresholds)}
         plots[f"task_{eval_task.name}"] = (result["task"]["sweep"], f"{task}: accuracy vs depth")
     if output_dir is not None:
-        output = as_path(output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        result["plots"] = {}
-        for stem, (curves, title) in plots.items():
-            png = output / f"sweep_{stem}.png"
-            plot_sweep(curves, png, title=title)
-            result["plots"][stem] = os.fspath(png)
-        (output / "results.json").write_text(json.dumps(result, indent=2))
+        write_outputs(as_path(output_dir), result, plots)
     return result
+
+
+def write_outputs(output, result: dict[str, Any], plots: dict[str, tuple[dict, str]]) -> None:
+    """results.json first (the numbers never wait on plotting), then one PNG per entry of `plots` when
+    matplotlib is installed (the `eval` extra); results.json then names the PNGs, or why there are none."""
+    output.mkdir(parents=True, exist_ok=True)
+    result["plots"] = {}
+    write_atomic(output / "results.json", json.dumps(result, indent=2))
+    if not plots:
+        return
+    if not plotting_available():
+        result["plots_skipped"] = PLOTS_NEED_EXTRA
+        write_atomic(output / "results.json", json.dumps(result, indent=2))
+        return
+    for stem, (curves, title) in plots.items():
+        png = output / f"sweep_{stem}.png"
+        plot_sweep(curves, png, title=title)
+        result["plots"][stem] = os.fspath(png)
+    write_atomic(output / "results.json", json.dumps(result, indent=2))
 
 
 def _slug(name: str) -> str:
