@@ -104,10 +104,36 @@ def test_bad_specs_are_one_line_errors(workdir, tmp_path):
         load_model(torn)
 
 
+@pytest.fixture
+def offline_hub(golden_dir, tmp_path, monkeypatch):
+    """An offline huggingface_hub whose cache holds HUB_ID (the golden model with a tokenizer)."""
+    from huggingface_hub import constants
+
+    hub_cache(tmp_path / "hf_home", HUB_ID, golden_with_tokenizer(golden_dir, tmp_path / "golden"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "golden"
+
+
+def test_hub_id_from_the_offline_cache(offline_hub, golden_loaded, workdir, capsys):
+    source = resolve_model(HUB_ID)
+    assert source.kind == "hf" and (source.tokenizer_dir / "tokenizer.json").is_file()
+    _same(load_model(HUB_ID)[1], golden_loaded[1])
+    with pytest.raises(CheckpointError) as e:
+        resolve_model("ouro-test/not-cached")
+    assert "not in the Hugging Face cache" in str(e.value) and "HF_HUB_OFFLINE" in str(e.value)
+    from ouro_jax.cli import generate as generate_cli
+
+    result = generate_cli.main(["--model", str(workdir[0] / "checkpoints" / "10"), "--prompt-ids", "1,5,9",
+                                "--max-new-tokens", "2", "--no-stream"])
+    assert result.tokens.shape == (1, 2) and "2 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # six CLI processes (~1 min alone); the fast tests above cover the same resolver in-process
 @pytest.mark.subprocess
 def test_every_tool_reads_a_training_step_and_a_cached_hub_id(golden_dir, workdir, tmp_path):
-    """ouro-generate, ouro-export and ouro-upcycle on a step and on an offline-cached hub id; an uncached
-    id offline is one line."""
+    """ouro-generate, ouro-eval, ouro-export and ouro-upcycle on a training run or step and on an offline-cached
+    hub id; an uncached id offline is one line."""
     directory, _ = workdir
     hf_home = tmp_path / "hf_home"
     hub_cache(hf_home, HUB_ID, golden_with_tokenizer(golden_dir, tmp_path / "golden"))
@@ -121,6 +147,8 @@ def test_every_tool_reads_a_training_step_and_a_cached_hub_id(golden_dir, workdi
     for model in (directory / "checkpoints" / "10", HUB_ID):
         proc = run("ouro-generate", "--model", model, "--prompt-ids", "1,5,9", "--max-new-tokens", "2")
         assert proc.returncode == 0 and "2 tokens" in proc.stdout, proc.stderr[-1500:]
+    proc = run("ouro-eval", directory, "--task", "mano:max_len=2,modulus=5", "--num-examples", "8", "--no-progress")
+    assert proc.returncode == 0 and "step 1: accuracy" in proc.stdout, proc.stderr[-1500:]
     proc = run("ouro-export", directory, tmp_path / "export", "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert resolve_model(tmp_path / "export").kind == "hf"
