@@ -106,10 +106,10 @@ def _hub_source(spec: str) -> ModelSource:
         directory = huggingface_hub.snapshot_download(spec, allow_patterns=HUB_FILES, etag_timeout=10)
     except Exception as e:  # noqa: BLE001 -- offline, unknown repo, auth, network: all end in one line
         if offline:
-            raise CheckpointError(f"{spec}: no such local directory, and not in the Hugging Face cache "
+            raise CheckpointError(f"{spec}: no such directory, and not in the Hugging Face cache "
                                   f"({hub_constants.HF_HUB_CACHE}) while offline (HF_HUB_OFFLINE=1)") from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{spec}: no such local directory, and the hub download failed ({reason})") from None
+        raise CheckpointError(f"{spec}: no such directory, and the hub download failed ({reason})") from None
     return _local_source(spec, as_path(directory))
 
 
@@ -121,7 +121,7 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
         return _local_source(text, path)
     if is_local(text) and _HUB_ID.fullmatch(text) and not text.startswith("."):
         return _hub_source(text)
-    raise CheckpointError(f"{text}: no such model directory" + ("" if is_local(text) else " (object store)"))
+    raise CheckpointError(f"{text}: no such directory")
 
 
 def training_model_fields(workdir: PathLike) -> dict:

@@ -94,7 +94,7 @@ def test_bad_specs_are_one_line_errors(workdir, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     for spec, message in [(tmp_path / "empty", "neither an HF Ouro directory"), (tmp_path / "file", "not a directory"),
-                          ("./no/such", "no such model directory")]:
+                          ("./no/such", "no such directory")]:
         with pytest.raises(CheckpointError, match=message):
             resolve_model(spec)
     torn = tmp_path / "torn"
