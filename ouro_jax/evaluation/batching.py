@@ -60,6 +60,10 @@ def tree_bytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def _shard_on(array: jax.Array, device: jax.Device) -> jax.Array:
+    return next(shard.data for shard in array.addressable_shards if shard.device == device)
+
+
 class DataParallel:
     """One replica of `params` per device of `devices`."""
 
@@ -67,7 +71,8 @@ class DataParallel:
         self.devices = list(devices)
         self.mesh = Mesh(np.asarray(self.devices), ("data",))
         self.replicated = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-        self.replicas = [jax.device_put(params, d) for d in self.devices] if len(self.devices) > 1 else [params]
+        # each device's replica as a plain single-device tree: views of the replicated buffers, no second copy
+        self.replicas = [jax.tree.map(lambda x, d=d: _shard_on(x, d), self.replicated) for d in self.devices]
 
     def shard_rows(self, *arrays: np.ndarray) -> list[jax.Array]:
         """Host arrays [B, ...] split over the devices along B (B a multiple of the device count)."""
