@@ -1,8 +1,9 @@
-"""Params-only checkpoints of ours, and loading a model from either format (ours or HF).
+"""Params-only checkpoints of ours, and loading a model from wherever it is (`load_model`).
 
 A params directory holds `ouro_config.json` (`OuroConfig.to_dict()`: the fields that define the
 checkpoint) and `params/` (an orbax StandardCheckpointer tree in our stacked layout). `load_model`
-also accepts an HF Ouro directory.
+accepts every spec `ouro_jax.model_source.resolve_model` does: an HF Ouro directory, a params
+checkpoint, a training workdir or one of its steps, a hub id; local or gs://.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ouro_jax.errors import CheckpointError, ConfigError
 from ouro_jax.hf.export import export_hf, has_tokenizer
 from ouro_jax.hf.load import load_hf
 from ouro_jax.model import abstract_params
+from ouro_jax.model_source import CONFIG_FILE, PARAMS_DIR, STATE_ITEM, ModelSource, resolve_model, training_model_fields
 from ouro_jax.paths import (
     Path,
     as_path,
@@ -35,8 +37,8 @@ from ouro_jax.paths import (
     replace_tree,
 )
 
-CONFIG_FILE = "ouro_config.json"
-PARAMS_DIR = "params"
+__all__ = ["CONFIG_FILE", "PARAMS_DIR", "export_checkpoint", "load_model", "load_model_config", "load_params",
+           "save_params"]
 CHECKSUM_FILE = "fingerprint.json"  # checksums.fingerprint of the saved params (checkpoints before it have none)
 # Execution settings, which checkpoints written before the config split stored beside the model fields.
 _EXECUTION_FIELDS = frozenset(f.name for f in dataclasses.fields(Execution))
@@ -75,11 +77,26 @@ def _read_config(directory: Path, execution: Execution | None = None) -> OuroCon
         raise CheckpointError(f"{path}: not a valid ouro_jax config ({e})") from None
 
 
-def _stored_dtype(params_dir: Path) -> str:
+def _stored_dtype(tree_dir: Path, prefix: tuple[str, ...] = ()) -> str:
     """The dtype the weights were saved in (read from the orbax metadata, no array data)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(params_dir).item_metadata.tree
+        tree = checkpointer.metadata(tree_dir).item_metadata.tree
+    for key in prefix:
+        tree = tree[key]
     return str(np.dtype(tree["embed_tokens"].dtype))
+
+
+def _placed(cfg: OuroConfig, shardings: Any) -> Any:
+    """The abstract params of `cfg`, each with its sharding (default: this process's first device)."""
+    target = nn.unbox(abstract_params(cfg))
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
+    return jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
+
+
+def _restore_error(where: Any, e: Exception) -> CheckpointError:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointError(f"{where}: cannot restore params ({type(e).__name__}: {first_line})")
 
 
 def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
@@ -96,17 +113,12 @@ def load_params(directory: str | os.PathLike, *, param_dtype: str | None = None,
     try:
         stored_dtype = _stored_dtype(params_dir)
         cfg = cfg.with_execution(param_dtype=param_dtype or stored_dtype)
-        target = nn.unbox(abstract_params(cfg))
-        if shardings is None:
-            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
-        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
         with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(params_dir, target)
+            params = checkpointer.restore(params_dir, _placed(cfg, shardings))
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 -- orbax/TensorStore raise many types for missing or corrupt files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0]
-        raise CheckpointError(f"{directory}: cannot restore params ({type(e).__name__}: {first_line})") from None
+        raise _restore_error(directory, e) from None
     _verify(directory, params, sums=cfg.execution.param_dtype == stored_dtype)
     return cfg, params
 
@@ -126,38 +138,55 @@ def _verify(directory: Path, params: dict[str, Any], sums: bool) -> None:
         raise CheckpointError(f"{directory}: params {bad[:3]} hold NaN or infinite values")
 
 
-def _is_ours(path: Path) -> bool:
-    """True for a params checkpoint of ours, False for an HF Ouro directory; raises for neither."""
-    if (path / CONFIG_FILE).exists():
-        return True
-    if (path / "config.json").exists():
-        return False
-    hint = ""
-    if (path / PARAMS_DIR).is_dir() and (path / "checkpoints").is_dir():
-        hint = f" (a training workdir? its params are in {path / PARAMS_DIR})"
-    what = "no such directory" if not path.is_dir() else "neither an HF Ouro directory (config.json) " \
-        f"nor an ouro_jax params checkpoint ({CONFIG_FILE})"
-    raise CheckpointError(f"{path}: {what}{hint}")
+def load_train_step(source: ModelSource, *, param_dtype: str | None = None, shardings: Any = None,
+                    execution: Execution | None = None) -> tuple[OuroConfig, dict[str, Any]]:
+    """The params of one training step (WORKDIR/checkpoints/STEP), without its optimizer state; the
+    model fields come from WORKDIR/config.json (the run's config)."""
+    fields = training_model_fields(source.workdir)
+    try:
+        cfg = OuroConfig.from_dict(fields["model"], execution or Execution.from_dict(fields["execution"]))
+    except ConfigError as e:
+        raise CheckpointError(f"{source.workdir}/config.json: {e}") from None
+    state_dir = source.path / STATE_ITEM
+    try:
+        cfg = cfg.with_execution(param_dtype=param_dtype or _stored_dtype(state_dir, ("params",)))
+        target = _placed(cfg, shardings)
+        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
+        args = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
+                                      partial_restore=True)
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return cfg, checkpointer.restore(state_dir, args=args)["params"]
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- as load_params
+        raise _restore_error(source.describe(), e) from None
 
 
-def load_model(path: str | os.PathLike, *, param_dtype: str | None = None, shardings: Any = None,
+_LOADERS = {"params": lambda s, **kw: load_params(s.path, **kw), "hf": lambda s, **kw: load_hf(s.path, **kw),
+            "train_step": load_train_step}
+
+
+def load_model(path: str | os.PathLike | ModelSource, *, param_dtype: str | None = None, shardings: Any = None,
                execution: Execution | None = None) -> tuple[OuroConfig, dict[str, Any]]:
-    """Loads an HF Ouro directory or a params checkpoint of ours, whichever `path` is."""
-    path = as_path(path)
-    load = load_params if _is_ours(path) else load_hf
-    return load(path, param_dtype=param_dtype, shardings=shardings, execution=execution)
+    """Loads the model `path` names (any spec of `resolve_model`, or a resolved ModelSource)."""
+    source = path if isinstance(path, ModelSource) else resolve_model(path)
+    return _LOADERS[source.kind](source, param_dtype=param_dtype, shardings=shardings, execution=execution)
 
 
-def load_model_config(path: str | os.PathLike) -> OuroConfig:
-    """The OuroConfig of an HF Ouro directory or a params checkpoint of ours, without reading weights."""
-    path = as_path(path)
-    if _is_ours(path):
-        return _read_config(path)
-    return OuroConfig.from_hf_config(path)
+def load_model_config(path: str | os.PathLike | ModelSource) -> OuroConfig:
+    """The OuroConfig of any model spec, without reading weights."""
+    source = path if isinstance(path, ModelSource) else resolve_model(path)
+    if source.kind == "params":
+        return _read_config(source.path)
+    if source.kind == "hf":
+        return OuroConfig.from_hf_config(source.path)
+    fields = training_model_fields(source.workdir)
+    return OuroConfig.from_dict(fields["model"], Execution.from_dict(fields["execution"]))
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> str:
-    """Exports an ouro_jax params checkpoint (or re-exports an HF Ouro directory) to out_dir.
+    """Exports any model spec of `load_model` (a params checkpoint, a training step, or an HF Ouro
+    directory to re-export) to out_dir.
 
     kwargs are those of `export_hf`. Re-exporting a released checkpoint gives it our remote code
     and the correct special ids; the tokenizer files of the source directory are copied unless
@@ -165,8 +194,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     """
     check_output(out_dir, kind="an HF export", marker="config.json", sources=(checkpoint,),
                  overwrite=bool(kwargs.get("overwrite")))
-    cfg, params = load_model(checkpoint)
+    source = resolve_model(checkpoint)
+    cfg, params = load_model(source)
     kwargs["sources"] = (checkpoint,)
-    if kwargs.get("tokenizer") is None and has_tokenizer(checkpoint):
-        kwargs["tokenizer"] = os.fspath(checkpoint)  # an HF source directory's tokenizer travels with it
+    if kwargs.get("tokenizer") is None and has_tokenizer(source.path):
+        kwargs["tokenizer"] = os.fspath(source.path)  # an HF source directory's tokenizer travels with it
     return export_hf(out_dir, cfg, params, **kwargs)

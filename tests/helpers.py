@@ -80,6 +80,19 @@ def reference_run(steps=5):
                 params=jax.tree.map(np.array, jax.device_get(state.params)))
 
 
+# A thinking template in the style of the Ouro-Thinking / Qwen3 ones: past assistant turns lose their thinking,
+# `enable_thinking=false` pre-fills an empty think block.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% set content = m['content'] %}"
+    "{% if m['role'] == 'assistant' and '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}")
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)] + [chr(c) for c in range(0xC0, 0xC0 + 28)]  # ids 3..126
 VOCAB_SIZE = len(SPECIALS) + len(CHARS) + 1  # with <unk>: 128, the golden model's vocabulary
@@ -108,3 +121,12 @@ def golden_with_tokenizer(golden_dir: pathlib.Path, target: pathlib.Path) -> pat
     shutil.copytree(golden_dir, target)
     write_char_tokenizer(target)
     return target
+
+
+def with_chat_template(directory: pathlib.Path, eos_ids=(2, 0)) -> pathlib.Path:
+    """Adds THINKING_TEMPLATE to a tokenizer directory's tokenizer_config.json, and a generation_config.json."""
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = THINKING_TEMPLATE
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(eos_ids)}))
+    return directory

@@ -61,6 +61,7 @@ def env(tmp_path_factory, golden_dir):
     workdir = root / "workdir"
     shutil.copytree(root / "params", workdir / "params")
     (workdir / "checkpoints").mkdir()
+    (root / "emptyrun" / "checkpoints").mkdir(parents=True)  # a run that has not saved a step yet
     (root / "text.txt").write_text("hello world\n\nsecond document\n" * 20)
     (root / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
     (root / "empty").mkdir()
@@ -136,7 +137,7 @@ def _gcs_bucket(request, case):
 CASES = [
     ("generate-missing-model", "generate", ["--model", "{root}/nope", "--prompt-ids", "1"], "no such directory"),
     ("generate-empty-dir", "generate", ["--model", "{root}/empty", "--prompt-ids", "1"], "neither an HF Ouro"),
-    ("generate-workdir", "generate", ["--model", "{root}/workdir", "--prompt-ids", "1"], "workdir/params"),
+    ("generate-workdir", "generate", ["--model", "{root}/emptyrun", "--prompt-ids", "1"], "without a finalized step"),
     ("generate-str-hidden-size", "generate", ["--model", "{root}/hf_str_hidden", "--prompt-ids", "1"], "hidden_size"),
     ("generate-bad-config-json", "generate", ["--model", "{root}/hf_bad_json", "--prompt-ids", "1"], "config.json"),
     ("generate-truncated-safetensors", "generate", ["--model", "{root}/hf_truncated", "--prompt-ids", "1"],
@@ -294,7 +295,7 @@ TRAIN_CASES = [
     ("train-empty-data-dir", dict(data__sources="{root}/empty"), "manifest.json"),
     ("train-truncated-shard", dict(data__sources="{root}/data_truncated"), "shard-00000.array_record"),
     ("train-bad-init-from", dict(init_from="{root}/nope"), "no such directory"),
-    ("train-init-from-workdir", dict(init_from="{root}/workdir"), "workdir/params"),
+    ("train-init-from-workdir", dict(init_from="{root}/emptyrun"), "without a finalized step"),
     ("train-workdir-is-file", dict(workdir="{root}/a_file"), "a_file"),
     ("train-vocab-mismatch", dict(data__sources="{root}/data"), "vocab_size"),
     ("train-nan-lr", dict(optim__peak_lr=float("nan")), "optim.peak_lr must be finite"),

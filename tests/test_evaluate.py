@@ -158,7 +158,7 @@ def test_cli_prints_steps_and_writes_outputs(model_dir, text_file, tmp_path, cap
 
 
 @pytest.mark.parametrize("args, message", [
-    (["/no/such/dir", "--task", "mano"], "no such model directory"),
+    (["/no/such/dir", "--task", "mano"], "no such directory"),
     (["{golden}", "--task", "sudoku"], "unknown task 'sudoku'"),
     (["{golden}", "--task", "mano", "--thresholds", "0.5,1.5"], "[0, 1]"),
     (["{golden}", "--text", "{bad}"], "invalid JSON"),
@@ -187,7 +187,7 @@ def test_python_m_evaluate_bad_directory_exits_nonzero():
     proc = subprocess.run([sys.executable, "-m", "ouro_jax.cli.eval", "/no/such/model", "--task", "mano"],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["ouro-eval: error: /no/such/model: no such model directory"]
+    assert proc.stderr.strip().splitlines() == ["ouro-eval: error: /no/such/model: no such directory"]
 
 
 def test_text_evaluation_for_training(golden_model, text_file, model_dir):

@@ -177,10 +177,10 @@ def test_cli_generates_chat_and_prints_speed_and_depth(tmp_path, golden_dir, gol
                          add_generation_prompt=True)
     assert ids.tolist()[:2] == [1, 3] and ids.tolist()[-2:] == [1, 5]
     cfg, params = golden_model
-    expected = generate(cfg, params, [ids.tolist()], max_new_tokens=10, exit_threshold=0.6, stop_token_ids=[2],
+    expected = generate(cfg, params, [ids.tolist()], max_new_tokens=10, exit_threshold=0.6, stop_token_ids=[0, 2],
                         stream=lambda *_: None)
     np.testing.assert_array_equal(result.tokens, expected.tokens)
-    text = tokenizer.decode([t for t in expected.rows()[0] if t != 2])
+    text = tokenizer.decode([t for t in expected.rows()[0] if t not in (0, 2)])
     assert out.startswith(text) and "tokens/s" in out and f"mean depth {expected.mean_depth:.2f} of 4" in out
 
 

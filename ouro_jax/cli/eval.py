@@ -3,8 +3,9 @@
     ouro-eval MODEL [--text FILE_OR_SHARDS ...] [--task mano:max_len=10] [--gate-from STAGE2_CKPT]
               [--thresholds 0.2,0.5,0.8] [--output DIR]
 
-MODEL is an HF Ouro directory, an ouro_jax params checkpoint, or a hub id (downloaded with
-huggingface_hub). Bad input ends with one line on stderr and exit status 2.
+MODEL is an HF Ouro directory, an ouro_jax params checkpoint, a training workdir (its newest step)
+or WORKDIR/checkpoints/STEP, or a hub id (fetched with huggingface_hub); local or gs://.
+Bad input ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _thresholds(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("model", help="HF Ouro directory, ouro_jax params checkpoint, or hub id")
+    p.add_argument("model", help="HF Ouro directory, params checkpoint, training workdir or step, or hub id")
     p.add_argument("--text", action="append", default=[],
                    help="held-out text: a prepared shard directory, .jsonl or .txt (repeatable)")
     p.add_argument("--task", help="synthetic task spec, e.g. mano:max_len=10 or multihop_qa")
@@ -67,6 +68,8 @@ def _print_report(result: dict) -> None:
         _print_sweep(task["sweep"])
     for stem, png in result.get("plots", {}).items():
         print(f"plot {stem}: {png}")
+    if "plots_skipped" in result:
+        print(result["plots_skipped"], file=sys.stderr)
 
 
 def _print_sweep(result: dict) -> None:

@@ -1,7 +1,8 @@
 """`ouro-export CHECKPOINT OUT_DIR` (= `python -m ouro_jax.cli.export`): a checkpoint to a Hugging Face directory.
 
-CHECKPOINT is an ouro_jax params checkpoint (`ouro_jax.params_io.save_params`) or an HF Ouro
-directory (re-exported with our remote code and the correct special ids). The result loads with
+CHECKPOINT is any model spec of `ouro_jax.model_source`: an ouro_jax params checkpoint, a training
+workdir (its newest step) or WORKDIR/checkpoints/STEP, a hub id, or an HF Ouro directory (re-exported
+with our remote code and the correct special ids); local or gs://. The result loads with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`.
 """
 
@@ -17,7 +18,7 @@ from ouro_jax.params_io import export_checkpoint
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineParser(prog="ouro-export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="ouro_jax params checkpoint or HF Ouro directory")
+    parser.add_argument("checkpoint", help="params checkpoint, training workdir or step, HF Ouro directory, or hub id")
     parser.add_argument("out_dir", help="HF directory to create")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default=None,
                         help="stored weight dtype (default: the checkpoint's)")

@@ -1,13 +1,15 @@
 """Text generation: `ouro-generate --model DIR --prompt "..."` (or `python -m ouro_jax.cli.generate`).
 
 The command line only: the engine and the library `generate` live in `ouro_jax.inference`. The
-model directory is an HF Ouro directory or a params checkpoint of ours; text is tokenized with the
-directory's `tokenizer.json` when present, else with the byte-level tokenizer (or `--prompt-ids`
-gives the ids directly).
+model is any spec of `ouro_jax.model_source` (an HF Ouro directory, a params checkpoint, a training
+workdir or step, a hub id; local or gs://); text is tokenized with the model's `tokenizer.json` when
+present, else with the byte-level tokenizer (or `--prompt-ids` gives the ids directly).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -16,10 +18,11 @@ import numpy as np
 
 from ouro_jax import validate
 from ouro_jax.config import Execution
-from ouro_jax.data.chatml import encode_chat
+from ouro_jax.data.chat_template import encode_chat_prompt, stop_token_ids
 from ouro_jax.data.tokenizer import load_tokenizer
-from ouro_jax.errors import OneLineParser, cli_errors, fail
+from ouro_jax.errors import OneLineParser, cli_errors, fail, one_line
 from ouro_jax.inference import EXIT_MODES, POLICIES, GenerationResult, default_cache_length, generate
+from ouro_jax.model_source import ModelSource, resolve_model
 from ouro_jax.params_io import load_model
 from ouro_jax.paths import as_path
 
@@ -35,12 +38,10 @@ def _parse_ids(text: str, what: str) -> list[int]:
         fail(PROG, f"{what} must be integers separated by commas or spaces, got {text!r}")
 
 
-def _tokenizer(model_dir: str, spec: str | None):
+def _tokenizer(source: ModelSource, spec: str | None):
     if spec is not None:
         return load_tokenizer(spec)
-    if (as_path(model_dir) / "tokenizer.json").is_file():
-        return load_tokenizer(model_dir)
-    return load_tokenizer("byte")
+    return load_tokenizer(source.tokenizer_dir or "byte")
 
 
 class _TextStream:
@@ -65,12 +66,17 @@ class _TextStream:
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="HF Ouro directory or ouro_jax params checkpoint")
+    p.add_argument("--model", required=True,
+                   help="HF Ouro directory, params checkpoint, training workdir or step, or hub id")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. '1,5,9' (no tokenizer involved)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the ChatML template (chat checkpoints)")
+    prompt.add_argument("--messages", help="a multi-turn chat: JSON file of [{role, content}, ...] (implies --chat)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template (tokenizer_config.json; else ChatML)")
     p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="the chat template's thinking switch (Ouro-Thinking; default: the template's)")
     p.add_argument("--tokenizer",
                    help="tokenizer.json, a directory holding one, or 'byte' (default: the model's, else byte)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -87,7 +93,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop-ids", help="stop token ids (default: <|im_end|> with --chat, none otherwise)")
+    p.add_argument("--stop-ids", help="stop token ids (default: generation_config.json's, <|endoftext|>, and "
+                                      "<|im_end|> in chats)")
     p.add_argument("--dtype", choices=validate.COMPUTE_DTYPES, help="compute dtype (default: the checkpoint's config)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of token by token")
     return p
@@ -99,34 +106,45 @@ def main(argv: Sequence[str] | None = None) -> GenerationResult:
     with cli_errors(PROG):
         validate.kv_policy(args.policy, "--policy")
     try:
-        cfg, params = load_model(args.model, execution=Execution(dtype=args.dtype) if args.dtype else None)
+        source = resolve_model(args.model)
+        cfg, params = load_model(source, execution=Execution(dtype=args.dtype) if args.dtype else None)
     except (ValueError, OSError) as e:
-        fail(PROG, f"cannot load --model {args.model}: {e}")
+        fail(PROG, f"cannot load --model {args.model}: {one_line(e)}")
     with cli_errors(PROG):  # a bad tokenizer, prompt or decoding setting
-        return _generate(args, cfg, params)
+        return _generate(args, source, cfg, params)
 
 
-def _generate(args, cfg, params) -> GenerationResult:
-    tokenizer = None
+def _messages(args) -> list[dict]:
+    if args.messages is not None:
+        try:
+            return json.loads(as_path(args.messages).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            fail(PROG, f"--messages {args.messages}: not a readable JSON list of messages ({one_line(e)})")
+    return ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+
+
+def _prompt(args, source: ModelSource) -> tuple[list[int], object, list[int]]:
+    """(prompt ids, tokenizer or None, stop ids) from the prompt flags."""
+    chat = args.chat or args.messages is not None
     if args.prompt_ids is not None:
-        if args.chat:
-            fail(PROG, "--chat needs --prompt text, not --prompt-ids")
-        ids = _parse_ids(args.prompt_ids, "--prompt-ids")
+        if chat:
+            fail(PROG, "--chat needs --prompt text or --messages, not --prompt-ids")
+        tokenizer, ids = None, _parse_ids(args.prompt_ids, "--prompt-ids")
     else:
-        tokenizer = _tokenizer(args.model, args.tokenizer)
-        if args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            messages.append({"role": "user", "content": args.prompt})
-            ids = encode_chat(tokenizer, messages, add_generation_prompt=True)[0].tolist()
+        tokenizer = _tokenizer(source, args.tokenizer)
+        if chat:
+            ids = encode_chat_prompt(tokenizer, _messages(args), source.tokenizer_dir, add_generation_prompt=True,
+                                     enable_thinking=args.enable_thinking)
         else:
             ids = tokenizer.encode(args.prompt).tolist()
     if args.stop_ids is not None:
-        stop_ids = _parse_ids(args.stop_ids, "--stop-ids")
-    elif args.chat:
-        stop_ids = [tokenizer.im_end_id]
-    else:
-        stop_ids = []
+        return ids, tokenizer, _parse_ids(args.stop_ids, "--stop-ids")
+    return ids, tokenizer, stop_token_ids(tokenizer, source.tokenizer_dir, chat=chat)
 
+
+def _generate(args, source, cfg, params) -> GenerationResult:
+    ids, tokenizer, stop_ids = _prompt(args, source)
     validate.positive("--max-new-tokens", args.max_new_tokens)  # before the one-token run below compiles
     validate.positions("prompt + --max-new-tokens", len(ids) + args.max_new_tokens, cfg.max_position_embeddings)
     stream = _TextStream(tokenizer, stop_ids) if not args.no_stream else None

@@ -13,7 +13,7 @@ PROG = "ouro-upcycle"
 
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="params checkpoint of ouro_jax or an HF Ouro directory")
+    parser.add_argument("source", help="params checkpoint, HF Ouro directory, training workdir or step, hub id")
     parser.add_argument("destination", help="where to write the upcycled params checkpoint")
     parser.add_argument("--repeats", type=int, default=2, help="copies of the layer stack (default 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace a params checkpoint at DESTINATION")

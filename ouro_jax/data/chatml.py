@@ -16,7 +16,8 @@ from ouro_jax.data.tokenizer import IM_END, IM_START, Tokenizer
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def _check(messages: Sequence[Mapping[str, str]]) -> None:
+def check_messages(messages: Sequence[Mapping[str, str]]) -> None:
+    """Raises ValueError unless `messages` is a non-empty list of {"role", "content"} with known roles."""
     if not messages:
         raise ValueError("a chat needs at least one message")
     for i, m in enumerate(messages):
@@ -30,7 +31,7 @@ def _check(messages: Sequence[Mapping[str, str]]) -> None:
 
 def render_chatml(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False) -> str:
     """The chat as text, each message `<|im_start|>{role}\\n{content}<|im_end|>\\n`."""
-    _check(messages)
+    check_messages(messages)
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
@@ -38,7 +39,7 @@ def render_chatml(messages: Sequence[Mapping[str, str]], *, add_generation_promp
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], *,
                 add_generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Token ids int32 [n] of `render_chatml(...)` and the assistant mask int32 [n]."""
-    _check(messages)
+    check_messages(messages)
     if tokenizer.im_start_id is None or tokenizer.im_end_id is None:
         raise ValueError(f"tokenizer has no {IM_START} / {IM_END} tokens: it cannot encode ChatML")
     ids, mask = [], []

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from ouro_jax.paths import as_path
 
+PLOTS_NEED_EXTRA = "no plots: matplotlib is not installed (pip install 'ouro_jax[eval]')"
+
 METRIC_LABELS = {"ce": "cross-entropy (nats/token, lower is better)", "accuracy": "exact-match accuracy"}
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (the `eval` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_sweep(result: dict, path: str | None = None, *, title: str = "", ax=None):

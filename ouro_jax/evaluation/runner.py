@@ -2,7 +2,8 @@
 
     result = evaluate_model("runs/demo/params", task="mano:max_len=2,modulus=5", output_dir="eval_out")
 
-writes `results.json` and one `sweep_<name>.png` per evaluated input into output_dir (when given).
+writes `results.json` and one `sweep_<name>.png` per evaluated input into output_dir (when given; the
+plots need matplotlib, the `eval` extra: without it results.json says so and the numbers are all there).
 """
 
 from __future__ import annotations
@@ -15,44 +16,27 @@ from typing import Any
 
 from ouro_jax import validate
 from ouro_jax.config import ARCHITECTURE_FIELDS, Execution, OuroConfig
+from ouro_jax.errors import one_line
 from ouro_jax.evaluation.forward import StepForward
-from ouro_jax.evaluation.plot import plot_sweep
+from ouro_jax.evaluation.plot import PLOTS_NEED_EXTRA, plot_sweep, plotting_available
 from ouro_jax.evaluation.sweep import DEFAULT_THRESHOLDS, ce_quality, check_thresholds, sweep
 from ouro_jax.evaluation.tasks import make_eval_task, score_task
 from ouro_jax.evaluation.text import EvalInputError, score_text, text_source
+from ouro_jax.model_source import ModelSource, resolve_model
 from ouro_jax.params_io import load_model
-from ouro_jax.paths import as_path, check_bucket
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+from ouro_jax.paths import as_path, check_bucket, write_atomic
 
 
-def resolve_model(spec: str) -> str:
-    """A model directory (local or `gs://...`), or a hub id ("org/name") downloaded with huggingface_hub."""
-    if as_path(spec).is_dir():
-        return spec
-    if as_path(spec).exists():
-        raise EvalInputError(
-            f"{spec}: not a directory (expected an HF Ouro directory or an ouro_jax params checkpoint)")
-    if not _HUB_ID.fullmatch(spec) or spec.startswith("."):
-        raise EvalInputError(f"{spec}: no such model directory")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(spec, etag_timeout=10)
-    except Exception as e:  # noqa: BLE001 -- offline, unknown repo, auth: all end in one line
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EvalInputError(f"{spec}: no such local directory, and the hub download failed ({reason})") from None
-
-
-def load_checkpoint(spec: str, dtype: str | None = None) -> tuple[str, OuroConfig, Any]:
-    """(directory, config, params) of a local directory or hub id; bad input raises EvalInputError."""
-    path = resolve_model(spec)
+def load_checkpoint(spec: str, *, dtype: str | None = None) -> tuple[ModelSource, OuroConfig, Any]:
+    """(source, config, params) of any model spec (`ouro_jax.model_source`); `dtype` sets the compute dtype.
+    A model that does not load raises EvalInputError."""
+    source = resolve_model(spec)  # CheckpointError: one line naming what `spec` is not
     try:
         execution = None if dtype is None else Execution(dtype=validate.compute_dtype(dtype, "--dtype"))
-        cfg, params = load_model(path, execution=execution)
+        cfg, params = load_model(source, execution=execution)
     except (OSError, ValueError, KeyError) as e:
-        raise EvalInputError(f"{spec}: cannot load the model ({str(e).splitlines()[0] if str(e) else e!r})") from None
-    return path, cfg, params
+        raise EvalInputError(f"{spec}: cannot load the model ({one_line(e)})") from None
+    return source, cfg, params
 
 
 def _check_sizes(cfg: OuroConfig, seq_len: int, batch_size: int, num_steps: int | None) -> None:
@@ -80,7 +64,7 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
         validate.positive("max_tokens", max_tokens)
     if output_dir is not None:
         check_bucket(output_dir)
-    path, cfg, params = load_checkpoint(model, dtype)
+    source, cfg, params = load_checkpoint(model, dtype=dtype)
     _check_sizes(cfg, seq_len, batch_size, num_steps)
     gates = {}
     if gate_from is not None:
@@ -90,8 +74,8 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
         if differ:
             raise EvalInputError(f"{gate_from}: not a gate trained on this model ({', '.join(differ)})")
         gates["trained"] = gate_params["exit_gate"]
-    sources = [(p, text_source(p, cfg.vocab_size, tokenizer=tokenizer, model_dir=path, text_field=text_field))
-               for p in text]
+    sources = [(p, text_source(p, cfg.vocab_size, tokenizer=tokenizer, model_dir=source.tokenizer_dir,
+                               text_field=text_field)) for p in text]
     eval_task = make_eval_task(task, cfg.vocab_size) if task is not None else None
 
     result: dict[str, Any] = {"model": model, "gate_from": gate_from, "num_layers": cfg.num_hidden_layers,
@@ -116,15 +100,27 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
                                          num_layers=cfg.num_hidden_layers, thresholds=thresholds)}
         plots[f"task_{eval_task.name}"] = (result["task"]["sweep"], f"{task}: accuracy vs depth")
     if output_dir is not None:
-        output = as_path(output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        result["plots"] = {}
-        for stem, (curves, title) in plots.items():
-            png = output / f"sweep_{stem}.png"
-            plot_sweep(curves, png, title=title)
-            result["plots"][stem] = os.fspath(png)
-        (output / "results.json").write_text(json.dumps(result, indent=2))
+        write_outputs(as_path(output_dir), result, plots)
     return result
+
+
+def write_outputs(output, result: dict[str, Any], plots: dict[str, tuple[dict, str]]) -> None:
+    """results.json first (the numbers never wait on plotting), then one PNG per entry of `plots` when
+    matplotlib is installed (the `eval` extra); results.json then names the PNGs, or why there are none."""
+    output.mkdir(parents=True, exist_ok=True)
+    result["plots"] = {}
+    write_atomic(output / "results.json", json.dumps(result, indent=2))
+    if not plots:
+        return
+    if not plotting_available():
+        result["plots_skipped"] = PLOTS_NEED_EXTRA
+        write_atomic(output / "results.json", json.dumps(result, indent=2))
+        return
+    for stem, (curves, title) in plots.items():
+        png = output / f"sweep_{stem}.png"
+        plot_sweep(curves, png, title=title)
+        result["plots"][stem] = os.fspath(png)
+    write_atomic(output / "results.json", json.dumps(result, indent=2))
 
 
 def _slug(name: str) -> str:

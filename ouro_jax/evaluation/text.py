@@ -23,6 +23,10 @@ from ouro_jax.errors import OuroError
 from ouro_jax.evaluation.forward import StepForward
 from ouro_jax.paths import as_path
 
+# ~2,400 words of English prose written for ouro_jax (so in no model's training data): a held-out text of a
+# few thousand tokens for the notebooks and quick perplexity checks
+HELD_OUT_TEXT = os.path.join(os.path.dirname(__file__), "data", "held_out.txt")
+
 
 class EvalInputError(OuroError, ValueError):
     """A bad evaluation input (missing or malformed file, vocabulary mismatch)."""

@@ -1,7 +1,7 @@
 """The training ConfigDict: every knob of a run, with defaults; `configs/*.py` start from `base_config`.
 
     config.seed             parameter initialization
-    config.init_from        params checkpoint (ouro_jax or HF directory) to start from; '' = random init
+    config.init_from        model to start from (ouro_jax.model_source: params, HF dir, hub id, run or step); "" = none
     config.model            the checkpoint fields of OuroConfig (shapes, vocabulary, T, RoPE, exit threshold)
     config.execution        how it runs (Execution: dtype = compute, param_dtype = master weights, remat, unroll)
     config.mesh             sizes of the ('data', 'fsdp', 'tensor') mesh; one may be -1 (the rest)
