@@ -37,6 +37,7 @@ from ouro_jax.errors import CheckpointError, ConfigError, OuroError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
 from ouro_jax.params_io import load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
+from ouro_jax.train.instrument import StepProfiler, compilation_cache, compilation_cache_dir
 from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 from ouro_jax.train.workdir import WorkdirLock, move_run_aside
@@ -211,6 +212,7 @@ class _Trainer:
 
     def __init__(self, config, workdir: paths.Path):
         self.config, self.workdir = config, workdir
+        self.profiler = StepProfiler(config.train.profile_steps, workdir)
         self.mesh = shd.make_mesh(dict(config.mesh))
         self.program = build_train_program(config, self.mesh, dict(config.train.compiler_options) or None)
         self.sources = make_sources(config, self.program.model_cfg)
@@ -299,7 +301,9 @@ class _Trainer:
         kill_after = int(os.environ.get(FAULT_KILL_ENV, "0"))
         while self.step < total and not stop.requested(self.step):
             batch = shd.global_batch(as_model_batch(next(self.data)), self.mesh)
+            self.profiler.before(self.step + 1)
             self.state, metrics = step_fn(self.state, batch)
+            self.profiler.after(self.step + 1, metrics)
             for leaf in jax.tree.leaves(metrics):
                 leaf.copy_to_host_async()
             self.step += 1
@@ -336,6 +340,7 @@ class _Trainer:
                 save_params(params_dir, self.program.model_cfg, self.state.params)
             self.checkpointer.wait()
         finally:
+            self.profiler.close()
             writer.close()
             self.checkpointer.close()
         return TrainResult(state=self.state, step=self.step, eval_metrics=self.eval_metrics,
@@ -349,10 +354,12 @@ def train(config, workdir: paths.PathLike, explicit_model_fields: Collection[str
     paths.check_bucket(workdir)
     if config.init_from:
         adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
-    if jax.process_index() != 0:
-        return _Trainer(config, workdir).run()
-    with WorkdirLock(workdir):
-        return _Trainer(config, workdir).run()
+    cache_dir = compilation_cache_dir(config.train.compilation_cache_dir, workdir)
+    with compilation_cache(cache_dir, float(config.train.compilation_cache_min_secs)):
+        if jax.process_index() != 0:
+            return _Trainer(config, workdir).run()
+        with WorkdirLock(workdir):
+            return _Trainer(config, workdir).run()
 
 
 def model_fields_summary(cfg: OuroConfig) -> str:
