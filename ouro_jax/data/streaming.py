@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
 import os
 import shutil
@@ -155,6 +154,7 @@ class StreamedDocuments:
         self.per_epoch = sum(s.documents for s in shards)
         self.num_epochs = num_epochs
         self._cache: ShardCache | None = None
+        self._epochs: dict[int, list[_Window]] = {}  # the windows of the epochs being read
 
     def __len__(self) -> int:
         return sys.maxsize if self.num_epochs is None else self.num_epochs * self.per_epoch
@@ -186,8 +186,14 @@ class StreamedDocuments:
         i = int(np.searchsorted(win.cumulative, position, side="right")) - 1
         return self.cache.get(win.shards[i]).read([position - int(win.cumulative[i])])[0]
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 -- a few epochs' windows, freed with the source
     def _windows(self, epoch: int) -> list[_Window]:
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 4:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = self._layout(epoch)
+        return self._epochs[epoch]
+
+    def _layout(self, epoch: int) -> list[_Window]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
         windows, start = [], 0
