@@ -324,7 +324,8 @@ class _Trainer:
         step_fn = self._compile()
         writer = MetricsWriter(self.workdir, total_steps=int(self.config.train.steps),
                                log_every=int(self.config.train.log_every),
-                               progress_bar=bool(self.config.train.progress_bar), initial_step=self.step)
+                               progress_bar=bool(self.config.train.progress_bar), initial_step=self.step,
+                               wandb_project=str(self.config.train.wandb_project), run_config=self.config.to_dict())
         try:
             with _StopSignals(int(self.config.train.stop_check_every)) as stop:
                 self._steps(step_fn, writer, stop)
