@@ -14,13 +14,16 @@ from ml_collections import config_flags
 from ouro_jax.cli import flags_parser
 from ouro_jax.errors import cli_errors
 from ouro_jax.train.aot import DoesNotFit, compile_train_step, max_batch_per_chip
+from ouro_jax.train.roofline import roofline
 
 PROG = "ouro-aot"
 
 
-def main(config, topology: str, batch_per_chip: int, find_max_batch: bool) -> int:
+def main(config, topology: str, batch_per_chip: int, find_max_batch: bool, with_roofline: bool = False) -> int:
     """The command after flag parsing; returns the exit status."""
     with cli_errors(PROG):
+        if with_roofline:
+            print(roofline(config, topology, batch_per_chip))
         if find_max_batch:
             best, _ = max_batch_per_chip(config, topology)
             print(f"largest batch per chip that fits on {topology}: {best} "
@@ -41,9 +44,10 @@ def run() -> None:
     flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:2x2x1, v6e:2x2, v5p:4x4x4")
     flags.DEFINE_integer("batch_per_chip", 1, "sequences per chip (per microbatch with grad_accum)")
     flags.DEFINE_bool("find_max_batch", False, "search the largest per-chip batch that fits")
+    flags.DEFINE_bool("roofline", False, "also print a roofline ESTIMATE of step time and MFU (four more compiles)")
     flags.mark_flags_as_required(["config"])
     f = flags.FLAGS
-    app.run(lambda argv: sys.exit(main(f.config, f.topology, f.batch_per_chip, f.find_max_batch)),
+    app.run(lambda argv: sys.exit(main(f.config, f.topology, f.batch_per_chip, f.find_max_batch, f.roofline)),
             flags_parser=flags_parser(PROG))
 
 

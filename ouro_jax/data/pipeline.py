@@ -1,4 +1,4 @@
-"""grain pipelines: sources -> shuffle -> mixture -> per-process shard -> packed batches -> prefetch.
+"""grain pipelines: sources -> shuffle -> per-process shard -> mixture -> packed batches -> prefetch.
 
 `make_batch_iterator(...)` returns a grain `DatasetIterator` of batches (the contract is in the
 package docstring). `get_state()` is JSON-able and `set_state()` resumes with exactly the batches
@@ -11,9 +11,9 @@ Stages, all deterministic given `seed`:
   shuffled globally, reshuffled each epoch, and repeated `num_epochs` times (None: forever);
   endless task streams draw a fresh example per index;
 - several sources are interleaved by `weights` (grain `MapDataset.mix`, a deterministic
-  interleave in those proportions; with `num_epochs` it ends when any source runs out); the
-  mixture is sharded by process (`[process_index::process_count]`) and, with `num_workers`,
-  by worker;
+  interleave in those proportions; with `num_epochs` it ends when any source runs out); each
+  source is sharded by process before the mixture (`[process_index::process_count]`; shards on an
+  object store: whole shards per process, streamed, `streaming.py`) and, with `num_workers`, by worker;
 - packing (`packing.py`): "concat" for text (no token lost, no padding), "first_fit" for tasks
   (examples never split); "auto" picks first_fit when any source is a task.
 """
@@ -175,14 +175,17 @@ def make_batch_dataset(
 
     parts = []
     for i, src in enumerate(srcs):
+        if getattr(src, "streamed", False):  # reads only this process's shards
+            parts.append(src.stream(_derive_seed(seed, i), process_index=process_index, process_count=process_count,
+                                    shuffle=shuffle, num_epochs=num_epochs))
+            continue
         ds = src.documents(_derive_seed(seed, i))
         if src.is_finite:
             if shuffle:
                 ds = ds.shuffle(seed=_derive_seed(seed, 1000 + i))
             ds = ds.repeat(num_epochs)
-        parts.append(ds)
+        parts.append(ds[process_index::process_count])
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=list(weights or [1.0] * len(parts)))
-    ds = ds[process_index::process_count]
     # Groups of documents amortize grain's per-element cost; the packer works through them in order.
     ds = ds.batch(DOCS_PER_READ, batch_fn=list)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))

@@ -6,8 +6,8 @@ pipeline source over a directory written by `ouro-prepare`.
 
 Opening a directory checks every shard's size against the manifest (free) and, when the shards
 total at most `VERIFY_BYTES`, their SHA-256 too (`verify=True` forces it, `False` skips both). Shards
-on an object store (`gs://`) are read from local copies in `paths.cache_dir()`, each checked against its
-SHA-256 as it is downloaded (once per machine).
+on an object store (`gs://`) are streamed (`streaming.py`): each process reads only its own shards, a
+window at a time, each checked against its SHA-256 as it is downloaded; nothing is read at open.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ouro_jax.data.streaming import DEFAULT_WINDOW, ShardFile, StreamedDocuments, process_shards
 from ouro_jax.errors import ShardCorruptError
 from ouro_jax.paths import as_path, is_local, local_copy
 
@@ -110,14 +111,18 @@ class TokenShards:
             raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, got "
                              f"{self.manifest.get('format')!r} version {self.manifest.get('version')!r}")
         self.paths = [str(self.directory / s["path"]) for s in self.manifest["shards"]]
-        missing = [p for p in self.paths if not as_path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"shards listed in {path} are missing: {missing}")
         if not self.paths:
             raise ValueError(f"{path} lists no shards (no documents were prepared)")
         self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
         self.num_documents = self.manifest["documents"]
         self.num_tokens = self.manifest["tokens"]
+        self.streamed = not is_local(self.directory)  # checked shard by shard as each process downloads its own
+        self.stream_window = DEFAULT_WINDOW
+        if self.streamed and not verify:
+            return
+        missing = [p for p in self.paths if not as_path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"shards listed in {path} are missing: {missing}")
         if verify is not False:
             self._check_sizes()
             total = sum(as_path(p).stat().length for p in self.paths)
@@ -151,6 +156,17 @@ class TokenShards:
             return local_copy(path, shard["sha256"], ".array_record")
         except ValueError as e:
             raise ShardCorruptError(f"{e}; prepare the data again") from None
+
+    def stream(self, seed: int, *, process_index: int, process_count: int, shuffle: bool, num_epochs: int | None):
+        """grain MapDataset of this process's documents, streamed from its own shards (`streaming.py`):
+        shuffled within windows of `stream_window` shards, repeated `num_epochs` times (None: forever)."""
+        import grain
+
+        files = [ShardFile(path, shard["sha256"], shard["documents"], shard.get("bytes", 0))
+                 for shard, path in zip(self.manifest["shards"], self.paths)]
+        mine = process_shards(files, process_index, process_count)
+        source = StreamedDocuments(mine, seed=seed, shuffle=shuffle, num_epochs=num_epochs, window=self.stream_window)
+        return grain.MapDataset.source(source).map(_DecodeRecord(self.manifest["token_dtype"]))
 
     def documents(self, seed: int):
         """grain MapDataset of `{"input_ids", "target_weight"}`, in file order (the pipeline shuffles)."""

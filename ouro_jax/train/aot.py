@@ -108,26 +108,32 @@ def _needs(message: str) -> str:
     return message.strip().splitlines()[0][:200]
 
 
-def compile_train_step(config, topology: str, batch_per_chip: int) -> CompileReport:
-    """Compiles the train step of `config` for `topology` with `batch_per_chip` sequences per chip;
-    raises `DoesNotFit` when the compiler runs out of memory."""
+def compile_program(config, topology: str, batch_per_chip: int):
+    """(compiled train step, the config with its batch set) of `config` for `topology`; raises
+    `DoesNotFit` when the compiler runs out of memory."""
     devices = topology_devices(topology)
     config = config.copy_and_resolve_references()
     config.data.batch_size = batch_per_chip * len(devices) * int(config.train.grad_accum)
     mesh = shd.make_mesh(dict(config.mesh), devices)
     program = build_train_program(config, mesh)
     try:
-        compiled = program.step.lower(program.abstract_state, program.abstract_batch).compile()
+        return program.step.lower(program.abstract_state, program.abstract_batch).compile(), config
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
             raise
         raise DoesNotFit(f"{topology}: batch {batch_per_chip} per chip x {config.data.seq_len} tokens "
                          f"does not fit: needs {_needs(str(e))} HBM") from None
+
+
+def compile_train_step(config, topology: str, batch_per_chip: int) -> CompileReport:
+    """Compiles the train step of `config` for `topology` with `batch_per_chip` sequences per chip;
+    raises `DoesNotFit` when the compiler runs out of memory."""
+    compiled, config = compile_program(config, topology, batch_per_chip)
     memory = compiled.memory_analysis()
     per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes)
     collectives, in_loops = _count_collectives(compiled.as_text())
-    return CompileReport(topology=topology, chips=len(devices), global_batch=config.data.batch_size,
+    return CompileReport(topology=topology, chips=len(topology_devices(topology)), global_batch=config.data.batch_size,
                          seq_len=int(config.data.seq_len), bytes_per_chip=int(per_chip),
                          hbm_bytes=HBM_BYTES[topology.split(":")[0]], collectives=collectives,
                          collectives_in_loops=in_loops)

@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
         max_consecutive_nonfinite=5,
         export_params=True,       # params-only export to WORKDIR/params at the end
         compiler_options=ml_collections.ConfigDict(),  # XLA options, e.g. xla_backend_optimization_level
+        compilation_cache_dir="",  # persistent compiled programs ('' = WORKDIR/compilation_cache, 'none' = off)
+        compilation_cache_min_secs=1.0,  # cache programs that took at least this long to compile
+        wandb_project="",         # also log to Weights & Biases (optional extra: pip install 'ouro_jax[wandb]')
+        profile_steps="",         # 'A:B': a jax.profiler trace of steps A..B in WORKDIR/profile
     ))
     return c
 

@@ -38,6 +38,7 @@ from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noq
 from ouro_jax.params_io import load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.config import check_fits, check_starting_point, check_training
+from ouro_jax.train.instrument import StepProfiler, compilation_cache, compilation_cache_dir
 from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
 from ouro_jax.train.workdir import WorkdirLock, check_resume_config, move_run_aside
@@ -212,6 +213,7 @@ class _Trainer:
 
     def __init__(self, config, workdir: paths.Path):
         self.config, self.workdir = config, workdir
+        self.profiler = StepProfiler(config.train.profile_steps, workdir)
         self.mesh = shd.make_mesh(dict(config.mesh))
         self.program = build_train_program(config, self.mesh, dict(config.train.compiler_options) or None)
         self.sources = make_sources(config, self.program.model_cfg)
@@ -303,7 +305,9 @@ class _Trainer:
         kill_after = int(os.environ.get(FAULT_KILL_ENV, "0"))
         while self.step < total and not stop.requested(self.step):
             batch = shd.global_batch(as_model_batch(next(self.data)), self.mesh)
+            self.profiler.before(self.step + 1)
             self.state, metrics = step_fn(self.state, batch)
+            self.profiler.after(self.step + 1, metrics)
             for leaf in jax.tree.leaves(metrics):
                 leaf.copy_to_host_async()
             self.step += 1
@@ -324,7 +328,8 @@ class _Trainer:
         step_fn = self._compile()
         writer = MetricsWriter(self.workdir, total_steps=int(self.config.train.steps),
                                log_every=int(self.config.train.log_every),
-                               progress_bar=bool(self.config.train.progress_bar), initial_step=self.step)
+                               progress_bar=bool(self.config.train.progress_bar), initial_step=self.step,
+                               wandb_project=str(self.config.train.wandb_project), run_config=self.config.to_dict())
         try:
             with _StopSignals(int(self.config.train.stop_check_every)) as stop:
                 self._steps(step_fn, writer, stop)
@@ -340,6 +345,7 @@ class _Trainer:
                 save_params(params_dir, self.program.model_cfg, self.state.params)
             self.checkpointer.wait()
         finally:
+            self.profiler.close()
             writer.close()
             self.checkpointer.close()
         return TrainResult(state=self.state, step=self.step, eval_metrics=self.eval_metrics,
@@ -356,10 +362,12 @@ def train(config, workdir: paths.PathLike, explicit_model_fields: Collection[str
     check_fits(config)
     if config.init_from:
         adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
-    if jax.process_index() != 0:
-        return _Trainer(config, workdir).run()
-    with WorkdirLock(workdir):
-        return _Trainer(config, workdir).run()
+    cache_dir = compilation_cache_dir(config.train.compilation_cache_dir, workdir)
+    with compilation_cache(cache_dir, float(config.train.compilation_cache_min_secs)):
+        if jax.process_index() != 0:
+            return _Trainer(config, workdir).run()
+        with WorkdirLock(workdir):
+            return _Trainer(config, workdir).run()
 
 
 def model_fields_summary(cfg: OuroConfig) -> str:

@@ -9,11 +9,13 @@ a measured matmul (the whole host, however many fake devices it is split into).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from ouro_jax import paths
 from ouro_jax.config import OuroConfig
-from ouro_jax.errors import one_line
+from ouro_jax.errors import ConfigError, one_line
 from ouro_jax.train.background import BackgroundWriter
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind` (first match wins).
@@ -100,35 +102,83 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-class _ObjectStoreFile:
-    """A file that grows, on an object store (which cannot append): its bytes are kept in memory and
-    uploaded whole on `sync()` and `close()`, and on `flush()` when `interval` seconds have passed."""
+class ObjectStoreLog:
+    """A file that grows, on an object store (which cannot append in place). `write` only buffers; a
+    background thread appends what was written as one piece every `interval` seconds, on `sync()` and on
+    `close()` (which waits for it): on `gs://` the piece is uploaded and composed onto the object, so no
+    upload ever repeats what is stored (every `REWRITE_EVERY` pieces the object is rewritten once, to keep
+    its component count in GCS's limits). Other stores get the object rewritten whole at each append.
+    A failed append is reported on stderr and retried with the next one."""
 
-    def __init__(self, path: paths.PathLike, interval: float = 0.0):
+    REWRITE_EVERY = 1000
+
+    def __init__(self, path: paths.PathLike, interval: float = 60.0):
         self.path, self.interval = paths.as_path(path), interval
-        self._data = bytearray(self.path.read_bytes() if self.path.exists() else b"")
-        self._synced = time.monotonic()
+        self._pending = bytearray()
+        self._lock, self._wake, self._closed = threading.Lock(), threading.Event(), False
+        self._pieces = 0
+        self._thread = threading.Thread(target=self._run, name=f"append-{self.path.name}", daemon=True)
+        self._thread.start()
 
     def write(self, data: str | bytes) -> None:
-        self._data += data.encode() if isinstance(data, str) else data
+        with self._lock:
+            self._pending += data.encode() if isinstance(data, str) else data
 
     def flush(self) -> None:
-        if time.monotonic() - self._synced >= self.interval:
-            self.sync()
+        """Nothing: the background thread appends every `interval` seconds."""
 
     def sync(self) -> None:
-        paths.write_atomic(self.path, bytes(self._data))
-        self._synced = time.monotonic()
+        """Asks for an append now, without waiting for it."""
+        self._wake.set()
 
     def close(self) -> None:
-        self.sync()
+        self._closed = True
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            self._append()
+        self._append()
+
+    def _append(self) -> None:
+        with self._lock:
+            piece, self._pending = bytes(self._pending), bytearray()
+        if not piece:
+            return
+        try:
+            self._store(piece)
+        except Exception as e:  # noqa: BLE001 -- a network fault must not end the run; the rows are kept
+            print(f"[metrics] appending to {self.path} failed ({type(e).__name__}: {e}); retrying later",
+                  file=sys.stderr, flush=True)
+            with self._lock:
+                self._pending[:0] = piece
+
+    def _store(self, piece: bytes) -> None:
+        scheme, _, name = os.fspath(self.path).partition("://")
+        exists = self.path.exists()
+        if scheme != "gs" or not exists or self._pieces >= self.REWRITE_EVERY:
+            old = self.path.read_bytes() if exists else b""
+            paths.write_atomic(self.path, old + piece)
+            self._pieces = 0
+            return
+        import gcsfs
+
+        fs = gcsfs.GCSFileSystem()
+        part = f"{name}.piece-{os.getpid()}"
+        fs.pipe(part, piece)
+        fs.merge(name, [name, part])
+        fs.rm(part)
+        self._pieces += 1
 
 
 class _ObjectStoreEvents:
     """tensorboardX writer factory for object-store logdirs: event files through etils.epath."""
 
-    def open(self, path: str) -> _ObjectStoreFile:
-        return _ObjectStoreFile(path)  # tensorboardX flushes every `flush_secs`
+    def open(self, path: str) -> ObjectStoreLog:
+        return ObjectStoreLog(path)
 
     def directory_check(self, path: str) -> None:
         del path  # object stores have no directories to create
@@ -137,22 +187,25 @@ class _ObjectStoreEvents:
 class MetricsWriter:
     """Every step to `metrics.jsonl` and TensorBoard (`tb/`) in the workdir; a progress bar and a
     line every `log_every` steps on stdout. Only process 0 writes. On an object store (`gs://`)
-    metrics.jsonl is uploaded whole every minute, at each `sync()` (each checkpoint) and at the end."""
+    metrics.jsonl and the events are appended by a background thread (`ObjectStoreLog`) every minute,
+    after each checkpoint and at the end: the training thread never waits on the network."""
 
     def __init__(self, workdir: paths.PathLike, *, total_steps: int, log_every: int = 10, progress_bar: bool = True,
-                 initial_step: int = 0):
+                 initial_step: int = 0, wandb_project: str = "", run_config: dict | None = None):
         self.enabled = jax.process_index() == 0
         self.log_every = max(1, int(log_every))
-        self._jsonl = self._tb = self._bar = None
+        self._jsonl = self._tb = self._bar = self._wandb = None
         if not self.enabled:
             return
+        if wandb_project:
+            self._wandb = open_wandb(wandb_project, workdir, run_config or {})
         workdir = paths.as_path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         jsonl = workdir / "metrics.jsonl"
         resumed = jsonl.exists()
         if resumed:
             drop_rows_after(jsonl, initial_step)
-        self._jsonl = jsonl.open("a") if paths.is_local(jsonl) else _ObjectStoreFile(jsonl, interval=60.0)
+        self._jsonl = jsonl.open("a") if paths.is_local(jsonl) else ObjectStoreLog(jsonl, interval=60.0)
         from tensorboardX import SummaryWriter
         from tensorboardX.record_writer import register_writer_factory
 
@@ -178,6 +231,8 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({"step": step, "kind": kind, **flat}) + "\n")
         self._jsonl.flush()
         self._tb_thread.submit(_add_scalars, self._tb, kind, flat, step)
+        if self._wandb is not None:  # queued to wandb's own process: no wait here
+            self._wandb.log({f"{kind}/{name}": value for name, value in flat.items()}, step=step)
         if kind == "train" and self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{flat['loss']:.4f}", refresh=False)
@@ -186,7 +241,7 @@ class MetricsWriter:
 
     def sync(self) -> None:
         """Makes the metrics written so far durable (on an object store: uploads them)."""
-        if isinstance(self._jsonl, _ObjectStoreFile):
+        if isinstance(self._jsonl, ObjectStoreLog):
             self._jsonl.sync()
 
     def log(self, text: str) -> None:
@@ -209,6 +264,8 @@ class MetricsWriter:
         finally:
             if self._jsonl is not None:
                 self._jsonl.close()
+            if self._wandb is not None:
+                self._wandb.finish()
 
 
 def _abandon(tb) -> None:
@@ -224,6 +281,21 @@ def _abandon(tb) -> None:
 def _add_scalars(tb, kind: str, flat: dict[str, float], step: int) -> None:
     for name, value in flat.items():
         tb.add_scalar(f"{kind}/{name}", value, step)
+
+
+def open_wandb(project: str, workdir: paths.PathLike, run_config: dict):
+    """A Weights & Biases run for `workdir` (its id comes from the workdir, so a resumed run continues it).
+    wandb is optional (`pip install 'ouro_jax[wandb]'`); WANDB_MODE=offline logs locally."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb_project needs Weights & Biases, which is not installed: "
+                          "pip install 'ouro_jax[wandb]' (or leave train.wandb_project empty)") from None
+    workdir = os.fspath(paths.as_path(workdir))
+    local = paths.cache_dir() / "wandb"
+    local.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, id=hashlib.sha256(workdir.encode()).hexdigest()[:16], resume="allow",
+                      name=os.path.basename(workdir), dir=os.fspath(local), config=run_config)
 
 
 def drop_rows_after(path: paths.PathLike, step: int) -> int:
