@@ -133,7 +133,9 @@ class GenerationResult:
     exit_mode: str = "early"
     draft_rounds: int = 0             # speculative rounds (one draft + one verification each)
     drafted_tokens: int = 0           # draft tokens proposed to live rows
-    accepted_tokens: int = 0          # of those, accepted and emitted
+    accepted_tokens: int = 0          # of those, accepted by each row's own verification
+    drafted_per_row: np.ndarray | None = None   # [B] draft tokens proposed to each row while it was live
+    accepted_per_row: np.ndarray | None = None  # [B] of those, accepted by the row's verification
     logits: np.ndarray | None = None  # [B, G, V] float32 logits that produced each token
     cache: KVCache | None = None      # the final cache, [slots, N, B, L, KVH, hd]
 
@@ -147,6 +149,13 @@ class GenerationResult:
     def acceptance_rate(self) -> float:
         """Fraction of the drafted tokens that were accepted (0 without speculation)."""
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def row_acceptance_rates(self) -> np.ndarray:
+        """[B] each row's fraction of its drafted tokens accepted (0 where none were drafted)."""
+        if self.drafted_per_row is None:
+            return np.zeros(len(self.tokens))
+        return self.accepted_per_row / np.maximum(self.drafted_per_row, 1)
 
     def rows(self) -> list[list[int]]:
         """The generated ids of each row, without the padding after a stop."""
@@ -209,8 +218,8 @@ class TokenState(NamedTuple):
     logits: jax.Array | None  # [B, G', V] float32 when return_logits
     decode_steps: jax.Array  # [] int32
     rounds: jax.Array        # [] int32 speculative rounds
-    drafted: jax.Array       # [] int32
-    accepted: jax.Array      # [] int32
+    drafted: jax.Array       # [B] int32 draft tokens proposed to each row
+    accepted: jax.Array      # [B] int32 of those, accepted by the row's own verification
 
 
 def _apply(setup: Setup, params, *args, **kwargs):
@@ -383,12 +392,11 @@ def next_chunk(setup: Setup, params, inputs: Inputs, s: TokenState) -> TokenStat
     done = s.done | stops.any(axis=1) | (s.i + count >= inputs.max_new_tokens)
     write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, s.i, axis=1)
     all_logits = None if s.logits is None else write(s.logits, logits)
-    num_live = jnp.sum(live).astype(jnp.int32)
     return s._replace(i=s.i + count, done=done, token=jax.lax.dynamic_index_in_dim(tokens, n, axis=1, keepdims=False),
                       cache=cache, tokens=write(s.tokens, tokens),
                       depths=write(s.depths, jnp.where(valid, exit_step + 1, 0)), logits=all_logits,
                       decode_steps=s.decode_steps + draft_steps + setup.depth, rounds=s.rounds + 1,
-                      drafted=s.drafted + k * num_live, accepted=s.accepted + n * num_live)
+                      drafted=s.drafted + k * live, accepted=s.accepted + jnp.where(live, accepted, 0))
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))
@@ -406,7 +414,8 @@ def _generate_program(params, inputs: Inputs, *, setup: Setup):
         depths=jnp.zeros((batch, width), jnp.int32).at[:, 0].set(exit_step + 1),
         logits=(jnp.zeros((batch, width, cfg.vocab_size), jnp.float32).at[:, 0].set(logits)
                 if setup.return_logits else None),
-        decode_steps=jnp.int32(0), rounds=jnp.int32(0), drafted=jnp.int32(0), accepted=jnp.int32(0))
+        decode_steps=jnp.int32(0), rounds=jnp.int32(0), drafted=jnp.zeros(batch, jnp.int32),
+        accepted=jnp.zeros(batch, jnp.int32))
     body = next_chunk if setup.draft_tokens else next_token
     state = jax.lax.while_loop(lambda s: jnp.any(~s.done), functools.partial(body, setup, params, inputs), state)
     return state._replace(cache=state.cache if setup.return_cache else None, done=None, token=None)
@@ -522,5 +531,6 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
         decode_layer_applications=int(out.decode_steps) * cfg.num_hidden_layers,
         cache_bytes=cache_bytes(cfg, policy, depth, len(rows), int(cache_length)), prompt_bucket=bucket,
         cache_length=int(cache_length), exit_mode=exit_mode, draft_rounds=int(out.rounds),
-        drafted_tokens=int(out.drafted), accepted_tokens=int(out.accepted),
+        drafted_tokens=int(out.drafted.sum()), accepted_tokens=int(out.accepted.sum()),
+        drafted_per_row=out.drafted, accepted_per_row=out.accepted,
         logits=None if out.logits is None else out.logits[:, :max_new_tokens], cache=cache)
