@@ -2,14 +2,18 @@
 
 import json
 import os
+import pathlib
+import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # experiments/ and configs/ are imported from the repository root
 
-from experiments import adaptive_exit, iso_mano, kv_policies, multihop_efficiency  # noqa: E402
+from configs import demo  # noqa: E402
+from experiments import adaptive_exit, capo_capacity, iso_mano, kv_policies, multihop_efficiency, refresh_numbers  # noqa: E402
 
 
 def test_iso_mano_quick(tmp_path):
@@ -62,3 +66,58 @@ def test_multihop_efficiency_quick(tmp_path):
     run = result["runs"]["looped 1x4"]["0.5"]["0"]
     assert len(run["step_accuracy"]) == 4 and 0 <= run["step_accuracy"][-1] <= 1
     assert (tmp_path / "multihop_efficiency.png").stat().st_size > 0
+
+
+def test_capo_capacity_quick(tmp_path):
+    result = capo_capacity.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    looped, flat = saved["runs"]["looped 1x4"]["0"], saved["runs"]["non-looped 1x1"]["0"]
+    assert looped["params"] == flat["params"] and len(looped["bits"]) == 4 and len(flat["bits"]) == 1
+    assert 0 <= looped["bits"][-1] <= looped["total_bits"] == 50 * 4 * 5
+    assert looped["bits_per_param"][-1] == looped["bits"][-1] / looped["params"]
+    assert result["runs"]["looped 1x4"]["0"]["value_loss"] == looped["value_loss"]
+
+
+def _numbers():
+    return json.loads((pathlib.Path(REPO) / "docs" / "numbers.json").read_text())
+
+
+def test_readme_demo_numbers_are_the_regenerated_ones():
+    """README's demo line and demo evaluation are exactly what refresh_numbers wrote into docs/numbers.json."""
+    readme, numbers = (pathlib.Path(REPO) / "README.md").read_text(), _numbers()
+    assert refresh_numbers.marked(readme, "demo") == f"`{numbers['demo']['line']}`"
+    assert refresh_numbers.marked(readme, "demo_eval") == refresh_numbers.eval_paragraph(numbers["demo_eval"])
+    line = numbers["demo"]["line"]
+    assert line.endswith("  ".join(f"t={i + 1}: {a:.3f}" for i, a in enumerate(numbers["demo"]["accuracy"])))
+    assert numbers["demo_eval"]["static"] == numbers["demo"]["accuracy"]  # the same checkpoint, the same examples
+    assert numbers["demo"]["command"] in readme and numbers["demo"]["seed"] == demo.get_config().seed
+
+
+def test_refresh_numbers_rewrites_only_the_marked_spans():
+    text = "a <!--numbers:x-->old<!--/numbers--> b <!--numbers:y-->keep<!--/numbers-->"
+    assert refresh_numbers.replace_marked(text, "x", "new") == "a <!--numbers:x-->new<!--/numbers--> b " \
+        "<!--numbers:y-->keep<!--/numbers-->"
+    with pytest.raises(ValueError, match="numbers:z"):
+        refresh_numbers.replace_marked(text, "z", "new")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_the_demo_prints_the_readme_line(tmp_path):
+    """`make demo`'s command (configs/demo.py, 3000 steps: minutes) prints exactly the README's line."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as `make demo`: one CPU device, default XLA
+    out = subprocess.run([sys.executable, "-m", "ouro_jax.cli.train", "--config", os.path.join(REPO, "configs/demo.py"),
+                          "--workdir", str(tmp_path / "demo")], env={**env, "JAX_PLATFORMS": "cpu"}, cwd=REPO,
+                         capture_output=True, text=True, timeout=3600, check=True).stdout
+    printed = next(line for line in out.splitlines() if "held-out accuracy" in line)
+    assert f"`{printed}`" == refresh_numbers.marked((pathlib.Path(REPO) / "README.md").read_text(), "demo")
+
+
+def test_refresh_numbers_quick(tmp_path):
+    numbers = refresh_numbers.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "numbers.json").read_text())
+    assert saved["demo"]["steps"] == 4 and saved["demo"]["line"].startswith("mano held-out accuracy")
+    assert len(saved["demo_eval"]["static"]) == 4 and set(saved["demo_eval"]["q_exit"]) == {"q_exit:model",
+                                                                                           "q_exit:trained"}
+    assert numbers["demo"]["wall_s"] > 0 and "python -m experiments.refresh_numbers" == saved["refreshed_by"]
+    assert refresh_numbers.eval_paragraph(saved["demo_eval"]).startswith("16 held-out Mano examples")

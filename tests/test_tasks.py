@@ -231,3 +231,22 @@ def test_multihop_eval_questions_are_never_trained_on():
     trained = {task.document(0, i)["input_ids"][:-1].tobytes() for i in range(task.num_train_examples)}
     ev = task.eval_set(3000)
     assert not {p.tobytes() for p in ev.prompts} & trained
+
+
+def test_capo_facts_answers_and_capacity_bits():
+    task = make_source("capo:num_people=40,num_attributes=3,values_per_attribute=8,seed=1")
+    assert task.num_train_examples == 120 and task.vocab_size == 3 + 3 + 24 + 32
+    assert len({n.tobytes() for n in task.names}) == 40                       # distinct names
+    ev = task.eval_set(120)
+    assert task.evaluate(ev.prompts, ev.answers) == 1.0
+    for i in (0, 7, 119):
+        prompt, answer = task.train_example(5, i)
+        assert np.array_equal(prompt, ev.prompts[i]) and task.attribute_of(prompt) == i % 3
+        assert answer[0] - task.value_base == (i % 3) * 8 + task.values[i // 3, i % 3]
+    assert task.capacity_bits(np.zeros(3)) == pytest.approx(task.total_bits) == pytest.approx(40 * 3 * 3)
+    assert task.capacity_bits(np.full(3, np.log(8))) == pytest.approx(0.0)    # chance loss: nothing stored
+    assert task.capacity_bits(np.array([0.0, np.log(8), 5.0])) == pytest.approx(40 * 3)  # floored per attribute
+    with pytest.raises(ValueError, match="distinct names"):
+        make_source("capo:num_people=10,name_tokens=1,name_vocab=4")
+    with pytest.raises(ValueError, match="not a Capo fact"):
+        task.solve(ev.prompts[0][:-1])
