@@ -13,7 +13,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # experiments/ and configs/ are imported from the repository root
 
 from configs import demo  # noqa: E402
-from experiments import adaptive_exit, capo_capacity, iso_mano, kv_policies, multihop_efficiency, refresh_numbers  # noqa: E402
+from experiments import (  # noqa: E402
+    adaptive_exit,
+    capo_capacity,
+    iso_mano,
+    kv_policies,
+    multihop_efficiency,
+    real_text,
+    refresh_numbers,
+)
 
 
 def test_iso_mano_quick(tmp_path):
@@ -121,3 +129,16 @@ def test_refresh_numbers_quick(tmp_path):
                                                                                            "q_exit:trained"}
     assert numbers["demo"]["wall_s"] > 0 and "python -m experiments.refresh_numbers" == saved["refreshed_by"]
     assert refresh_numbers.eval_paragraph(saved["demo_eval"]).startswith("16 held-out Mano examples")
+
+
+def test_real_text_quick(tmp_path):
+    result = real_text.main(["--quick", "--out", str(tmp_path)])
+    corpus = result["corpus"]
+    assert corpus["train_files"] > 0 and corpus["heldout_files"] > 0 and corpus["train_bytes"] <= 200_000
+    train = {json.loads(line)["text"] for line in (tmp_path / "corpus" / "train.jsonl").open()}
+    held = {json.loads(line)["text"] for line in (tmp_path / "corpus" / "heldout.jsonl").open()}
+    assert not train & held                                           # whole files held out
+    looped = result["runs"]["looped 1x4"]["0"]
+    assert len(looped["step_perplexity"]) == 4 and len(result["runs"]["iso-FLOP 4x1"]["0"]["step_perplexity"]) == 1
+    assert abs(sum(looped["exit_pdf"]) - 1) < 1e-5 and looped["q_exit"][-1]["layer_applications"] == 4
+    assert looped["tokens"] >= 2048 and looped["params"] == result["runs"]["iso-param 1x1"]["0"]["params"]
