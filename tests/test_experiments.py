@@ -21,6 +21,7 @@ from experiments import (  # noqa: E402
     multihop_efficiency,
     real_text,
     refresh_numbers,
+    results_tables,
 )
 
 
@@ -34,6 +35,7 @@ def test_iso_mano_quick(tmp_path):
     assert len(looped["best_step_accuracy"]) == 4 and len(runs["iso-FLOP 4x1"]["mean_step_accuracy"]) == 1
     assert runs["iso-param 1x1"]["params"] < runs["iso-FLOP 4x1"]["params"]
     assert (tmp_path / "iso_mano.png").stat().st_size > 0
+    assert "best (lr=0.003,seed=0) / mean" in results_tables.iso_mano(result)
 
 
 def test_iso_mano_reports_the_best_run_and_the_mean_beside_it():
@@ -74,6 +76,7 @@ def test_multihop_efficiency_quick(tmp_path):
     run = result["runs"]["looped 1x4"]["0.5"]["0"]
     assert len(run["step_accuracy"]) == 4 and 0 <= run["step_accuracy"][-1] <= 1
     assert (tmp_path / "multihop_efficiency.png").stat().st_size > 0
+    assert "| looped 1x4 |" in results_tables.multihop_efficiency(result)
 
 
 def test_capo_capacity_quick(tmp_path):
@@ -84,6 +87,7 @@ def test_capo_capacity_quick(tmp_path):
     assert 0 <= looped["bits"][-1] <= looped["total_bits"] == 50 * 4 * 5
     assert looped["bits_per_param"][-1] == looped["bits"][-1] / looped["params"]
     assert result["runs"]["looped 1x4"]["0"]["value_loss"] == looped["value_loss"]
+    assert "(of 1000)" in results_tables.capo_capacity(saved)
 
 
 def _numbers():
@@ -142,3 +146,14 @@ def test_real_text_quick(tmp_path):
     assert len(looped["step_perplexity"]) == 4 and len(result["runs"]["iso-FLOP 4x1"]["0"]["step_perplexity"]) == 1
     assert abs(sum(looped["exit_pdf"]) - 1) < 1e-5 and looped["q_exit"][-1]["layer_applications"] == 4
     assert looped["tokens"] >= 2048 and looped["params"] == result["runs"]["iso-param 1x1"]["0"]["params"]
+    assert "Q-exit of the looped model, seed 0" in results_tables.real_text(result)
+
+
+def test_results_md_tables_are_rendered_from_the_saved_results():
+    """Every table of docs/results.md is what results_tables renders from docs/results/NAME.json; a driver
+    without saved results says so instead of showing numbers."""
+    text = (pathlib.Path(REPO) / "docs" / "results.md").read_text()
+    rendered, written = results_tables.render_docs(text)
+    assert rendered == text
+    for name in set(results_tables.SOURCES) - set(written):
+        assert refresh_numbers.marked(text, name).strip().startswith("(not run")
