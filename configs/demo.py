@@ -2,11 +2,11 @@
 
 One shared layer looped T=4 times (d=64) on Mano prefix expressions over F_5 with up to 2 operators;
 Stage I objective (expected CE over exit steps + beta * entropy), 3000 steps of 32 x 32 tokens, about
-2 minutes on 2 CPU cores. Ends by printing held-out exact-match accuracy (chance 0.2) at every
-recurrent step, and where the checkpoints and the params export are. Measured: t=1..4 = 0.459 / 0.814 /
-0.850 / 0.842: a single pass stays below 0.5, the looped passes compose the two operators.
-The rate 1e-3 with b2 = 0.99 matters: at 2e-3 or 1e-2 most seeds stall near 0.45 at every step. Seeds differ
-too (an earlier build, same config, t=1..4): seed 0 0.42 / 0.47 / 0.46 / 0.47, seed 1 0.44 / 0.69 / 0.70 / 0.72.
+2 minutes on 2 CPU cores. Ends by printing held-out exact-match accuracy (chance 0.2; the evaluation
+expressions are never trained on) at every recurrent step, and where the checkpoints and the params export
+are. The measured line is in README.md and docs/numbers.json (`python -m experiments.refresh_numbers`).
+The rate 1e-3 with b2 = 0.99 matters: at 2e-3 or 1e-2 most seeds stalled near 0.45 at every step (an earlier
+build, evaluated on expressions that were also trained on).
 """
 
 from ouro_jax import config as model_presets

@@ -10,6 +10,8 @@ import time
 import jax
 
 from configs import demo
+from ouro_jax.data import make_source
+from ouro_jax.evaluation import evaluate_model
 from ouro_jax.params_io import load_model
 from ouro_jax.train.config import model_config, model_fields
 from ouro_jax.train.loop import train
@@ -34,11 +36,20 @@ def experiment_args(doc: str, argv, *, out: str, task: str, steps_help: str, qui
     return a, seeds
 
 
-def mano_config(task: str, *, layers: int, loops: int, steps: int, seed: int, objective: str = "last_step"):
-    """The demo recipe (d=64, 32 x 32 tokens, AdamW 1e-3) with `layers` shared layers looped `loops` times."""
+def mano_config(task: str, *, layers: int, loops: int, steps: int, seed: int, objective: str = "last_step",
+                lr: float | None = None):
+    """The demo recipe (d=64, 32 x 32 tokens, AdamW 1e-3 or `lr`) with `layers` shared layers looped `loops` times;
+    a task with longer examples or more tokens gets rows of 64 tokens (half as many) and a larger vocabulary."""
     c = demo.get_config()
     c.seed = seed
-    c.model = model_fields(model_config(c).replace(num_hidden_layers=layers, total_ut_steps=loops))
+    source = make_source(task)
+    model = model_config(c).replace(num_hidden_layers=layers, total_ut_steps=loops,
+                                    vocab_size=max(64, -(-source.vocab_size // 64) * 64))
+    c.model = model_fields(model)
+    if source.max_example_len > c.data.seq_len:
+        c.data.update(seq_len=64, batch_size=16)
+    if lr is not None:
+        c.optim.update(peak_lr=lr, init_lr=lr / 10, end_lr=lr / 10)
     c.data.sources = task
     c.data.eval_examples = 0  # evaluated afterwards with ouro_jax.evaluation
     c.loss.objective = objective
@@ -59,6 +70,20 @@ def train_run(config, workdir: str) -> tuple[str, float]:
         write_json(record, time.perf_counter() - start)
     with open(record) as f:
         return result.params_dir, json.load(f)
+
+
+def train_and_evaluate(workdir: str, task: str, *, layers: int, loops: int, steps: int, seed: int, lr: float | None,
+                       examples: int) -> dict:
+    """Trains (or reloads) `mano_config(task, ...)` in `workdir` and evaluates it on the task's held-out
+    examples: {"lr", "seed", "params", "step_accuracy", "wall_s"}."""
+    config = mano_config(task, layers=layers, loops=loops, steps=steps, seed=seed, lr=lr)
+    params_dir, wall = train_run(config, workdir)
+    ev = evaluate_model(params_dir, task=task, num_examples=examples, batch_size=128,
+                        output_dir=os.path.join(workdir, "eval"), progress=False)
+    acc = ev["task"]["step_accuracy"]
+    print(f"{workdir}: {acc} ({wall:.0f}s)", flush=True)
+    return {"lr": config.optim.peak_lr, "seed": seed, "params": count_params(params_dir), "step_accuracy": acc,
+            "wall_s": round(wall, 1)}
 
 
 def looped_stage1(out: str, task: str, *, steps: int, seed: int, loops: int = 4) -> tuple[str, float]:

@@ -42,28 +42,38 @@ def exit_entropy(gate_logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(log_p) * log_p, axis=0)
 
 
-def q_exit_step(gate_logits: jax.Array, threshold: float) -> jax.Array:
+def q_exit_step(gate_logits: jax.Array, threshold: float | jax.Array, *, float_cdf: bool = False) -> jax.Array:
     """0-based step of the Q-exit rule: the first t with CDF(t) >= q (the last step if none).
-    A concrete q outside [0, 1] (or NaN) raises ConfigError; a traced q is the caller's to check."""
+
+    q = 1.0 means full depth: the last step for every token, as in the inference engine. `float_cdf=True`
+    is the released rule as computed: the float32 CDF can round to 1.0 before the last step, so q = 1.0
+    may exit early there. A concrete q outside [0, 1] (or NaN) raises ConfigError; a traced q is the
+    caller's to check.
+    """
     if isinstance(threshold, Real):
         threshold = validate.exit_threshold(threshold)
     reached = exit_cdf(gate_logits) >= threshold
-    return jnp.argmax(reached, axis=0).astype(jnp.int32)  # the last CDF is 1, so some step is reached
+    if not float_cdf:
+        reached = reached & (jnp.asarray(threshold) < 1.0)
+    reached = reached.at[-1].set(True)
+    return jnp.argmax(reached, axis=0).astype(jnp.int32)
 
 
 def select_logits(step_logits: jax.Array, gate_logits: jax.Array, *, exit_at_step: int | None = None,
-                  exit_threshold: float | None = None, use_weighted_exit: bool = False) -> jax.Array:
+                  exit_threshold: float | None = None, use_weighted_exit: bool = False,
+                  float_cdf: bool = False) -> jax.Array:
     """Logits `[..., V]` from per-step logits `[T, ..., V]` by the released priority.
 
     exit_at_step (0-based) > exit_threshold (per-token Q-exit) > use_weighted_exit > last step.
     The released models pass their config's `early_exit_threshold` (1.0) as `exit_threshold`
     unless told otherwise, so there `use_weighted_exit` only acts with `exit_threshold=None`.
+    exit_threshold=1.0 is the last step (see `q_exit_step`; `float_cdf=True`: the released float rule).
     """
     num_steps = step_logits.shape[0]
     if exit_at_step is not None:
         return step_logits[validate.exit_step(exit_at_step, num_steps)]
     if exit_threshold is not None:
-        step = q_exit_step(gate_logits, exit_threshold)
+        step = q_exit_step(gate_logits, exit_threshold, float_cdf=float_cdf)
         return jnp.take_along_axis(step_logits, step[None, ..., None], axis=0)[0]
     if use_weighted_exit:
         weights = exit_pdf(gate_logits)[..., None]

@@ -1,9 +1,12 @@
 """Exit distribution and selection modes against a direct NumPy implementation (SPEC 2)."""
 
+import jax
 import numpy as np
 import pytest
 
 from ouro_jax import exit as ex
+from ouro_jax.inference import generate
+from ouro_jax.model import Ouro
 
 
 def numpy_pdf(z):
@@ -71,3 +74,29 @@ def test_select_logits_modes_and_priority(gate_logits):
         ex.select_logits(step_logits, gate_logits, exit_threshold=0.5, use_weighted_exit=True), picked)
     with pytest.raises(ValueError, match="exit_at_step"):
         ex.select_logits(step_logits, gate_logits, exit_at_step=4)
+
+
+def test_q_one_is_full_depth_even_where_the_float_cdf_saturates():
+    z = np.array([[40.0, -3.0], [0.0, 40.0], [0.0, 0.0]], np.float32)  # CDF rounds to 1.0 at step 0 / step 1
+    assert np.asarray(ex.exit_cdf(z))[0, 0] == 1.0
+    np.testing.assert_array_equal(ex.q_exit_step(z, 1.0), [2, 2])
+    np.testing.assert_array_equal(ex.q_exit_step(z, 1.0, float_cdf=True), [0, 1])   # the released float rule
+    np.testing.assert_array_equal(ex.q_exit_step(z, 0.99), ex.q_exit_step(z, 0.99, float_cdf=True))
+
+
+def test_select_logits_and_the_engine_agree_on_q_one(golden_model, golden):
+    """A gate bias of +40 makes every lambda 1.0 in float32; q = 1.0 still reads the last step everywhere."""
+    cfg, params = golden_model
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 40.0 if "exit_gate" in jax.tree_util.keystr(path) and x.ndim == 1 else x, params)
+    ids = golden["input_ids"][:1]
+    model = Ouro(cfg)
+    out = model.apply({"params": params}, ids)
+    step_logits = model.apply({"params": params}, out.hidden_states, method=Ouro.logits)
+    assert (np.asarray(ex.exit_cdf(out.gate_logits))[0] == 1.0).all()
+    np.testing.assert_array_equal(ex.select_logits(step_logits, out.gate_logits, exit_threshold=1.0), step_logits[-1])
+    np.testing.assert_array_equal(
+        ex.select_logits(step_logits, out.gate_logits, exit_threshold=1.0, float_cdf=True), step_logits[0])
+    result = generate(cfg, params, ids.tolist(), max_new_tokens=3, exit_threshold=1.0)
+    assert (result.depths == cfg.total_ut_steps).all()
+    assert (generate(cfg, params, ids.tolist(), max_new_tokens=3, exit_threshold=0.5).depths == 1).all()

@@ -79,6 +79,18 @@ def test_speculative_greedy_equals_plain_decoding_on_the_golden_model(golden_mod
     _assert_same_decode(spec, plain, spec.prompt_bucket + 11)
     assert spec.draft_rounds >= 1 and spec.drafted_tokens == 2 * draft_tokens * spec.draft_rounds
     assert spec.decode_steps < plain.decode_steps or spec.acceptance_rate < 0.5
+    assert spec.drafted_per_row.sum() == spec.drafted_tokens and spec.accepted_per_row.sum() == spec.accepted_tokens
+    assert (spec.accepted_per_row <= spec.drafted_per_row).all()
+    np.testing.assert_allclose(spec.row_acceptance_rates, spec.accepted_per_row / spec.drafted_per_row)
+
+
+def test_speculative_acceptance_is_counted_per_row(golden_model):
+    """One row alone: every round emits its accepted drafts plus one token, so the count is exact."""
+    cfg, params = golden_model
+    one = generate(cfg, params, PROMPTS[:1], max_new_tokens=12, exit_threshold=0.6, exit_mode="select",
+                   draft_tokens=3, draft_depth=2, cache_length=32)
+    assert one.lengths[0] == min(12, 1 + one.accepted_tokens + one.draft_rounds)
+    assert one.drafted_per_row.tolist() == [3 * one.draft_rounds]
 
 
 def _train_tiny_model():

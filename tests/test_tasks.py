@@ -1,5 +1,7 @@
 """Synthetic tasks: answers checked by the independent evaluators; difficulty controls the distribution."""
 
+import random
+
 import numpy as np
 import pytest
 
@@ -199,3 +201,52 @@ def test_multihop_paper_setup_counts_determinism_and_disjoint_split():
         with pytest.raises(ValueError, match=match):
             MultiHopQA(**{"start_layers": 1, "num_heldout": 3000, **kwargs})
     assert make_source("multihop_qa:start_layers=1,num_heldout=3000,train_fraction=0.01").num_train_examples == 16_000
+
+
+@pytest.mark.parametrize("spec", ["mano:max_len=2,modulus=5", "mano:max_len=1,modulus=5,seed=3,heldout_fraction=0.5"])
+def test_mano_eval_expressions_are_never_trained_on(spec):
+    """Held out by construction: no evaluation expression occurs in the training stream, of any seed."""
+    task = make_source(spec)
+    ev = task.eval_set(300)
+    held = {p.tobytes() for p in ev.prompts}
+    assert all(task.is_heldout(p) for p in ev.prompts)
+    for seed in (0, 1):
+        trained = {task.train_example(seed, i)[0].tobytes() for i in range(5000)}
+        assert not held & trained
+    assert len(held) > 10  # a real split: many distinct held-out expressions
+    every = [task._generate(random.Random(i), task.max_len)[0] for i in range(2000)]  # unfiltered draws
+    share = np.mean([task.is_heldout(p) for p in every])
+    assert abs(share - task.heldout_fraction) < 0.1
+
+
+def test_mano_heldout_split_errors():
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        Mano(heldout_fraction=1.0)
+    with pytest.raises(ValueError, match="too small"):
+        Mano(max_len=1, modulus=2, heldout_fraction=1e-9).eval_set(1)
+
+
+def test_multihop_eval_questions_are_never_trained_on():
+    task = make_source("multihop_qa:start_layers=1,num_heldout=3000,train_fraction=0.05")
+    trained = {task.document(0, i)["input_ids"][:-1].tobytes() for i in range(task.num_train_examples)}
+    ev = task.eval_set(3000)
+    assert not {p.tobytes() for p in ev.prompts} & trained
+
+
+def test_capo_facts_answers_and_capacity_bits():
+    task = make_source("capo:num_people=40,num_attributes=3,values_per_attribute=8,seed=1")
+    assert task.num_train_examples == 120 and task.vocab_size == 3 + 3 + 24 + 32
+    assert len({n.tobytes() for n in task.names}) == 40                       # distinct names
+    ev = task.eval_set(120)
+    assert task.evaluate(ev.prompts, ev.answers) == 1.0
+    for i in (0, 7, 119):
+        prompt, answer = task.train_example(5, i)
+        assert np.array_equal(prompt, ev.prompts[i]) and task.attribute_of(prompt) == i % 3
+        assert answer[0] - task.value_base == (i % 3) * 8 + task.values[i // 3, i % 3]
+    assert task.capacity_bits(np.zeros(3)) == pytest.approx(task.total_bits) == pytest.approx(40 * 3 * 3)
+    assert task.capacity_bits(np.full(3, np.log(8))) == pytest.approx(0.0)    # chance loss: nothing stored
+    assert task.capacity_bits(np.array([0.0, np.log(8), 5.0])) == pytest.approx(40 * 3)  # floored per attribute
+    with pytest.raises(ValueError, match="distinct names"):
+        make_source("capo:num_people=10,name_tokens=1,name_vocab=4")
+    with pytest.raises(ValueError, match="not a Capo fact"):
+        task.solve(ev.prompts[0][:-1])

@@ -8,12 +8,20 @@ U[0, l - 1] of the remaining operators (the right one the rest), and draws leave
 from F_p. Token ids: 0 pad, 1 <bos>, 2 <ans>, 3..3+p-1 the values 0..p-1, then + - *, then
 <len_1>..<len_L>; vocab_size = 6 + p + L (39 for L = 10).
 
+Held out by construction: a keyed hash of the expression (its operator and operand tokens, fixed
+by `seed`) puts a fraction `heldout_fraction` (default 0.25) of all expressions, of every length, in
+the held-out split. Training redraws (from the same example stream) until it gets an expression
+outside the split; `eval_set` draws only inside it. No evaluation expression is ever trained on,
+however small the space of expressions (`is_heldout` tells for any prompt).
+
 `answer_base=B` (2 <= B <= p) writes the answer as its base-B digits, most significant first and
 zero-padded to the digits of p - 1, as the value tokens 0..B-1 (p = 5, B = 2: 3 -> `0 1 1`): a
 multi-token answer, generated token by token at decode.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -26,14 +34,18 @@ class Mano(SyntheticTask):
     name = "mano"
     answer_len = 1
 
-    def __init__(self, max_len: int = 10, modulus: int = 23, seed: int = 0, answer_base: int = 0):
+    def __init__(self, max_len: int = 10, modulus: int = 23, seed: int = 0, answer_base: int = 0,
+                 heldout_fraction: float = 0.25):
         if max_len < 1:
             raise ValueError(f"Mano max_len (operators per expression) must be >= 1, got {max_len}")
         if modulus < 2:
             raise ValueError(f"Mano modulus must be >= 2, got {modulus}")
         if answer_base and not 2 <= answer_base <= modulus:
             raise ValueError(f"Mano answer_base must be 0 (one token) or in [2, modulus], got {answer_base}")
+        if not 0.0 < heldout_fraction < 1.0:
+            raise ValueError(f"Mano heldout_fraction must be in (0, 1), got {heldout_fraction}")
         self.max_len, self.modulus, self.seed, self.answer_base = max_len, modulus, seed, answer_base
+        self.heldout_fraction = heldout_fraction
         self.answer_len = 1
         while answer_base and answer_base**self.answer_len < modulus:
             self.answer_len += 1
@@ -46,7 +58,24 @@ class Mano(SyntheticTask):
 
     def __repr__(self) -> str:
         base = f", answer_base={self.answer_base}" if self.answer_base else ""
-        return f"Mano(max_len={self.max_len}, modulus={self.modulus}, seed={self.seed}{base})"
+        return (f"Mano(max_len={self.max_len}, modulus={self.modulus}, seed={self.seed}{base}, "
+                f"heldout_fraction={self.heldout_fraction})")
+
+    def is_heldout(self, prompt: np.ndarray) -> bool:
+        """Whether the prompt's expression is in the held-out split (a keyed hash of its expression tokens)."""
+        expression = np.asarray(prompt, np.int32)[2:-1].tobytes()
+        digest = hashlib.blake2b(expression, digest_size=8, key=f"mano-heldout/{self.seed}".encode()).digest()
+        return int.from_bytes(digest, "little") / 2.0**64 < self.heldout_fraction
+
+    def _draw(self, rng, num_ops, heldout: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The first expression of `rng` with `num_ops` operators on the requested side of the split."""
+        for _ in range(100_000):
+            prompt, answer = self._generate(rng, num_ops)
+            if self.is_heldout(prompt) == heldout:
+                return prompt, answer
+        side = "held-out" if heldout else "training"
+        raise ValueError(f"no {side} Mano expression with {num_ops} operators in 100000 draws: the space is too "
+                         f"small for heldout_fraction={self.heldout_fraction}")
 
     def answer_tokens(self, value: int) -> np.ndarray:
         """The answer of an expression with `value`: one value token, or its `answer_len` base-B digits."""
@@ -76,10 +105,11 @@ class Mano(SyntheticTask):
 
     def train_example(self, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = example_rng("mano-train", self.seed, seed, index)
-        return self._generate(rng, 1 + int(rng.random() * self.max_len))
+        return self._draw(rng, 1 + int(rng.random() * self.max_len), heldout=False)
 
     def eval_set(self, n: int) -> EvalSet:
-        pairs = [self._generate(example_rng("mano-eval", self.seed, i), self.max_len) for i in range(n)]
+        """`n` held-out expressions with l = max_len (independent draws: a small split repeats expressions)."""
+        pairs = [self._draw(example_rng("mano-eval", self.seed, i), self.max_len, heldout=True) for i in range(n)]
         return EvalSet(np.stack([p for p, _ in pairs]), np.stack([a for _, a in pairs]))
 
     def solve(self, prompt: np.ndarray) -> np.ndarray:

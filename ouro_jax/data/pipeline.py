@@ -28,6 +28,7 @@ import grain
 import grain.experimental
 import numpy as np
 
+from ouro_jax.data.capo import Capo
 from ouro_jax.data.mano import Mano
 from ouro_jax.data.multihop import MultiHopQA
 from ouro_jax.data.packing import MODES, PackedBatchIterDataset
@@ -90,8 +91,8 @@ class InMemoryDocuments:
 
 
 def make_task(name: str, **kwargs: Any) -> SyntheticTask:
-    """Task by name: "mano" (kwargs of `Mano`) or "multihop_qa" (kwargs of `MultiHopQA`)."""
-    tasks: Mapping[str, type] = {"mano": Mano, "multihop_qa": MultiHopQA}
+    """Task by name: "mano" (kwargs of `Mano`), "multihop_qa" (of `MultiHopQA`) or "capo" (of `Capo`)."""
+    tasks: Mapping[str, type] = {"mano": Mano, "multihop_qa": MultiHopQA, "capo": Capo}
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(tasks)}")
     return tasks[name](**kwargs)
@@ -100,8 +101,8 @@ def make_task(name: str, **kwargs: Any) -> SyntheticTask:
 def make_source(spec: Any) -> Source:
     """A source from an object, a mapping `{"kind": ..., **kwargs}`, or a string.
 
-    Strings: a prepared directory, or `"<task>"` / `"<task>:key=value,..."` with task "mano" or
-    "multihop_qa", e.g. "mano:max_len=10,seed=1". Mapping kinds: "shards" (with "path"), or a task.
+    Strings: a prepared directory, or `"<task>"` / `"<task>:key=value,..."` with task "mano",
+    "multihop_qa" or "capo", e.g. "mano:max_len=10,seed=1". Mapping kinds: "shards" (with "path"), or a task.
     """
     if hasattr(spec, "documents"):
         return spec
@@ -118,9 +119,10 @@ def make_source(spec: Any) -> Source:
         if as_path(text).is_dir():  # local or an object store (gs://)
             return TokenShards(text)
         name, _, args = text.partition(":")
-        if name in ("mano", "multihop_qa"):
+        if name in ("mano", "multihop_qa", "capo"):
             return make_task(name, **_parse_kwargs(args))
-        raise ValueError(f"source {text!r} is neither a prepared directory nor a task ('mano', 'multihop_qa')")
+        raise ValueError(f"source {text!r} is neither a prepared directory nor a task "
+                         "('mano', 'multihop_qa', 'capo')")
     raise TypeError(f"cannot make a data source from {type(spec).__name__}: {spec!r}")
 
 

@@ -20,8 +20,8 @@ from ouro_jax.inference import default_cache_length, generate
 def make_eval_task(spec: str, vocab_size: int) -> SyntheticTask:
     """A task from a spec such as "mano:max_len=2,modulus=5" or "multihop_qa"; checked against the vocabulary."""
     name = spec.partition(":")[0]
-    if name not in ("mano", "multihop_qa"):
-        raise EvalInputError(f"unknown task {name!r}; expected 'mano' or 'multihop_qa' (e.g. mano:max_len=10)")
+    if name not in ("mano", "multihop_qa", "capo"):
+        raise EvalInputError(f"unknown task {name!r}; expected 'mano', 'multihop_qa' or 'capo' (e.g. mano:max_len=10)")
     try:
         task = make_source(spec)
     except (TypeError, ValueError) as e:

@@ -71,7 +71,9 @@ class GenerationResult:
     exit_mode: str = "early"
     draft_rounds: int = 0             # speculative rounds (one draft + one verification each)
     drafted_tokens: int = 0           # draft tokens proposed to live rows
-    accepted_tokens: int = 0          # of those, accepted and emitted
+    accepted_tokens: int = 0          # of those, accepted by each row's own verification
+    drafted_per_row: np.ndarray | None = None   # [B] draft tokens proposed to each row while it was live
+    accepted_per_row: np.ndarray | None = None  # [B] of those, accepted by the row's verification
     logits: np.ndarray | None = None  # [B, G, V] float32 logits that produced each token
     cache: KVCache | None = None      # the final cache, [slots, N, B, L, KVH, hd]
 
@@ -85,6 +87,13 @@ class GenerationResult:
     def acceptance_rate(self) -> float:
         """Fraction of the drafted tokens that were accepted (0 without speculation)."""
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def row_acceptance_rates(self) -> np.ndarray:
+        """[B] each row's fraction of its drafted tokens accepted (0 where none were drafted)."""
+        if self.drafted_per_row is None:
+            return np.zeros(len(self.tokens))
+        return self.accepted_per_row / np.maximum(self.drafted_per_row, 1)
 
     def rows(self) -> list[list[int]]:
         """The generated ids of each row, without the padding after a stop."""
@@ -197,5 +206,6 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
         decode_layer_applications=int(out.decode_steps) * cfg.num_hidden_layers,
         cache_bytes=cache_bytes(cfg, policy, depth, len(rows), int(cache_length)), prompt_bucket=bucket,
         cache_length=int(cache_length), exit_mode=exit_mode, draft_rounds=int(out.rounds),
-        drafted_tokens=int(out.drafted), accepted_tokens=int(out.accepted),
+        drafted_tokens=int(out.drafted.sum()), accepted_tokens=int(out.accepted.sum()),
+        drafted_per_row=out.drafted, accepted_per_row=out.accepted,
         logits=None if out.logits is None else out.logits[:, :max_new_tokens], cache=cache)

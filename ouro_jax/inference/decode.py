@@ -40,8 +40,8 @@ class TokenState(NamedTuple):
     logits: jax.Array | None  # [B, G', V] float32 when return_logits
     decode_steps: jax.Array  # [] int32
     rounds: jax.Array        # [] int32 speculative rounds
-    drafted: jax.Array       # [] int32
-    accepted: jax.Array      # [] int32
+    drafted: jax.Array       # [B] int32 draft tokens proposed to each row
+    accepted: jax.Array      # [B] int32 of those, accepted by the row's own verification
 
 
 def run_steps(setup: Setup, params, cache: KVCache, h: jax.Array, positions: jax.Array, mask: jax.Array,

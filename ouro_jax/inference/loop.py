@@ -38,7 +38,8 @@ def generate_program(params, inputs: Inputs, *, setup: Setup) -> TokenState:
         depths=jnp.zeros((batch, width), jnp.int32).at[:, 0].set(exit_step + 1),
         logits=(jnp.zeros((batch, width, cfg.vocab_size), jnp.float32).at[:, 0].set(logits)
                 if setup.return_logits else None),
-        decode_steps=jnp.int32(0), rounds=jnp.int32(0), drafted=jnp.int32(0), accepted=jnp.int32(0))
+        decode_steps=jnp.int32(0), rounds=jnp.int32(0), drafted=jnp.zeros(batch, jnp.int32),
+        accepted=jnp.zeros(batch, jnp.int32))
     body = next_chunk if setup.draft_tokens else next_token
     state = jax.lax.while_loop(lambda s: jnp.any(~s.done), functools.partial(body, setup, params, inputs), state)
     return state._replace(cache=state.cache if setup.return_cache else None, done=None, token=None)

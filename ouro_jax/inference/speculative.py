@@ -89,9 +89,8 @@ def next_chunk(setup: Setup, params, inputs: Inputs, s: TokenState) -> TokenStat
     done = s.done | stops.any(axis=1) | (s.i + count >= inputs.max_new_tokens)
     write = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, s.i, axis=1)
     all_logits = None if s.logits is None else write(s.logits, logits)
-    num_live = jnp.sum(live).astype(jnp.int32)
     return s._replace(i=s.i + count, done=done, token=jax.lax.dynamic_index_in_dim(tokens, n, axis=1, keepdims=False),
                       cache=cache, tokens=write(s.tokens, tokens),
                       depths=write(s.depths, jnp.where(valid, exit_step + 1, 0)), logits=all_logits,
                       decode_steps=s.decode_steps + draft_steps + setup.depth, rounds=s.rounds + 1,
-                      drafted=s.drafted + k * num_live, accepted=s.accepted + n * num_live)
+                      drafted=s.drafted + k * live, accepted=s.accepted + jnp.where(live, accepted, 0))
