@@ -71,7 +71,8 @@ def test_scan_over_steps_matches_a_python_loop_of_model_step(tiny):
     def python_loop(p):
         m = Ouro(cfg).bind({"params": p})
         h, positions = m.embed(ids), model.default_positions(None, None, ids.shape)
-        mask, hidden, gates = model.causal_mask(None, None, ids.shape), [], []
+        mask = (model.causal_mask(None, None, ids.shape), model.kernel_segments(None, None, ids.shape))
+        hidden, gates = [], []
         for _ in range(cfg.total_ut_steps):
             h, gate, _ = m.step(h, positions, mask)
             hidden.append(h)

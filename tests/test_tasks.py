@@ -168,7 +168,7 @@ def test_task_registry():
     assert make_source("mano:max_len=7,seed=2").max_len == 7
     assert make_source({"kind": "multihop_qa", "hops": 2, "num_train_questions": 10}).hops == 2
     with pytest.raises(ValueError, match="unknown task"):
-        make_task("capo")
+        make_task("no_such_task")
 
 
 def test_multihop_paper_setup_counts_determinism_and_disjoint_split():

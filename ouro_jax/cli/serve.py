@@ -15,6 +15,7 @@ from ouro_jax.cli.generate import _tokenizer
 from ouro_jax.config import Execution
 from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import POLICIES
+from ouro_jax.model_source import resolve_model
 from ouro_jax.params_io import load_model
 from ouro_jax.serve.server import Running, build_server, parse_mesh
 from ouro_jax.sharding import make_mesh
@@ -53,12 +54,13 @@ def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None
     if args.policy not in POLICIES:
         fail(PROG, f"unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
     try:
-        cfg, params = load_model(args.model, execution=Execution(dtype=args.dtype) if args.dtype else None)
+        source = resolve_model(args.model)
+        cfg, params = load_model(source, execution=Execution(dtype=args.dtype) if args.dtype else None)
     except (ValueError, OSError) as e:
         fail(PROG, f"cannot load --model {args.model}: {e}")
     with cli_errors(PROG):
         mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-        server = build_server(cfg, params, _tokenizer(args.model, args.tokenizer), model_name=args.model_name or
+        server = build_server(cfg, params, _tokenizer(source, args.tokenizer), model_name=args.model_name or
                               args.model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                               policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold,
                               timeout=args.timeout, max_queue=args.max_queue, compact=not args.no_compact,

@@ -40,8 +40,9 @@ def load_checkpoint(spec: str, *, dtype: str | None = None) -> tuple[ModelSource
 
 
 def _check_sizes(cfg: OuroConfig, seq_len: int, batch_size: int, num_steps: int | None) -> None:
-    """Rows the model's positions cover, and a batch whose per-step logits fit the device."""
-    validate.positions("seq_len", seq_len, cfg.max_position_embeddings)
+    """Text rows the model's positions cover (seq_len 0: no text), and a batch whose per-step logits fit."""
+    if seq_len:
+        validate.positions("seq_len", seq_len, cfg.max_position_embeddings)
     validate.positive("batch_size", batch_size)
     depth = num_steps or cfg.total_ut_steps  # one float32 [B, S, V] logits block and hidden state per step, at least
     validate.fits_memory(f"evaluating batch {batch_size} x {seq_len}",
@@ -65,7 +66,7 @@ def evaluate_model(model: str, *, text: Sequence[str] = (), task: str | None = N
     if output_dir is not None:
         check_bucket(output_dir)
     source, cfg, params = load_checkpoint(model, dtype=dtype)
-    _check_sizes(cfg, seq_len, batch_size, num_steps)
+    _check_sizes(cfg, seq_len if text else 0, batch_size, num_steps)
     gates = {}
     if gate_from is not None:
         _, gate_cfg, gate_params = load_checkpoint(gate_from)
