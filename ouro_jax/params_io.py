@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ouro_jax.checksums import fingerprint, path_name
 from ouro_jax.config import Execution, OuroConfig
@@ -32,7 +34,6 @@ from ouro_jax.paths import (
     check_bucket,
     check_output,
     is_local,
-    make_temp_dir,
     remove_leftovers,
     replace_tree,
 )
@@ -49,19 +50,25 @@ def save_params(directory: str | os.PathLike, cfg: OuroConfig, params: dict[str,
     temporary directory beside `directory` before it replaces an old one."""
     directory = as_path(directory)
     check_bucket(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(directory, CONFIG_FILE, "params export")
-    tmp = make_temp_dir(directory.parent, f".{directory.name}.tmp-")
+    primary = jax.process_index() == 0  # every process writes its shards; the first one publishes
+    suffix = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))  # one for all processes
+    tmp = directory.parent / f".{directory.name}.tmp-{suffix:08x}"
+    if primary:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(directory, CONFIG_FILE, "params export")
+        tmp.mkdir()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, nn.unbox(params), force=True)
-        (tmp / CHECKSUM_FILE).write_text(json.dumps(fingerprint(params), indent=1))
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))  # last: marks it complete
-        if is_local(tmp):
-            os.chmod(tmp, 0o755)
-        replace_tree(tmp, directory, CONFIG_FILE)
+        if primary:
+            (tmp / CHECKSUM_FILE).write_text(json.dumps(fingerprint(params), indent=1))
+            (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))  # last: marks it complete
+            if is_local(tmp):
+                os.chmod(tmp, 0o755)
+            replace_tree(tmp, directory, CONFIG_FILE)
     except BaseException:  # a kill or a full disk: the previous params stay as they were
-        tmp.rmtree(missing_ok=True)
+        if primary:
+            tmp.rmtree(missing_ok=True)
         raise
 
 
