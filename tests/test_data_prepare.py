@@ -278,3 +278,20 @@ def test_bad_chat_lines_are_refused_with_one_line(tmp_path, capsys, line, messag
     pq.write_table(pa.table({"text": ["a"]}), parquet)
     with pytest.raises(PrepareError, match="--chat reads chat JSONL"):
         prepare([str(parquet)], tmp_path / "p", chat=True, progress=False)
+
+
+def test_a_chat_the_template_refuses_names_its_line(tmp_path, capsys):
+    from helpers import write_char_tokenizer
+
+    write_char_tokenizer(tmp_path / "model")
+    config_path = tmp_path / "model" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+                               "role') }}{% endif %}{{ m['content'] + '<|im_end|>' }}{% endfor %}")
+    config_path.write_text(json.dumps(config))
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    path = write(tmp_path / "c.jsonl", (json.dumps({"messages": chat}) + "\n" +
+                                        json.dumps({"messages": [{"role": "system", "content": "s"}] + chat})).encode())
+    with pytest.raises(SystemExit):
+        main([path, "--chat", "--tokenizer", str(tmp_path / "model"), "--output", str(tmp_path / "o"), "--no-progress"])
+    assert capsys.readouterr().err.strip().endswith("c.jsonl:2: chat template: no system role")

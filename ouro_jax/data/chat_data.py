@@ -29,18 +29,18 @@ class ChatEncoder:
 
     def __init__(self, tokenizer: Tokenizer, tokenizer_dir: PathLike | None = None, *,
                  enable_thinking: bool | None = None):
-        self.tokenizer, self.enable_thinking = tokenizer, enable_thinking
+        self.tokenizer, self.tokenizer_dir, self.enable_thinking = tokenizer, tokenizer_dir, enable_thinking
         self.template, self.specials = load_chat_template(tokenizer_dir)
         self.where = tokenizer_dir if self.template is not None else "ChatML"
-        render_chat([{"role": "user", "content": ""}], tokenizer_dir, template=self.template, specials=self.specials,
-                    enable_thinking=enable_thinking)  # a thinking switch without a template fails here, once
+        if self.template is None:  # ChatML has no thinking switch: render_chat refuses one here, once
+            render_chat([{"role": "user", "content": ""}], tokenizer_dir, enable_thinking=enable_thinking)
         stops = stop_token_ids(tokenizer, tokenizer_dir, chat=True)
         self.end_markers = [tokenizer.decode([i]) for i in stops]
         if not self.end_markers:
             raise ValueError("the tokenizer has no end-of-turn token (<|im_end|> or <|endoftext|>) to learn")
 
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
-        return render_chat(messages, template=self.template, specials=self.specials,
+        return render_chat(messages, self.tokenizer_dir, template=self.template, specials=self.specials,
                            add_generation_prompt=add_generation_prompt, enable_thinking=self.enable_thinking)
 
     def assistant_spans(self, messages: Sequence[Mapping[str, str]], text: str) -> list[tuple[int, int]]:
