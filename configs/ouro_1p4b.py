@@ -5,11 +5,24 @@
     --config configs/ouro_1p4b.py:stage2     CT annealing: 16K context, RoPE theta 40K, cosine 3e-4 -> 3e-5
     --config configs/ouro_1p4b.py:stage3     long context: 64K, theta 1M, constant 3e-5
     --config configs/ouro_1p4b.py:stage4     mid-training: 32K, theta 1M, cosine 3e-5 -> 1e-5
+    --config configs/ouro_1p4b.py:sft        chat SFT: 32K, theta 1M, T=4, beta 0.05, cosine 2e-5 -> 2e-6
 
 Set `--config.data.sources=DIR` (token shards from `ouro-prepare`); start each stage
 after 1a from the previous one with `--config.init_from=PREVIOUS_RUN/params` (the params only: a fresh
 optimizer state, hence a 200-step warmup). The paper ramps the stage-1a batch from 4M to 8M tokens;
 one run keeps one batch size (its data iterator state depends on it).
+
+SFT (`:sft`): `--config.data.sources=DIR` of chats from `ouro-prepare --chat` (the assistant-only target
+mask rides in the shards, so only what an assistant writes is learned; "auto" packing keeps each chat in
+one row) and `--config.init_from=STAGE4_RUN/params`. SPEC.md gives no SFT recipe, so these are choices:
+the Stage I objective at the trained depth (T=4, beta 0.05, as every stage after 1a) keeps the exit
+gate trained; stage 4's 32K context and RoPE theta 1M, so the long context is kept; 4M-token batches
+(128 rows); AdamW with the pre-training settings and a fresh state (200 warmup steps), peak 2e-5 (the
+order of the stage 3/4 rates, a common full-parameter SFT rate) decaying by a cosine to 2e-6; two
+epochs. The data repeats (reshuffled each epoch) until `train.steps`, which here counts 2 epochs of a
+nominal 4B-token chat set (1907 steps): for yours set `--config.train.steps=2*TOKENS/4194304` (TOKENS
+as `ouro-prepare` prints it; packing pads rows, so that is a little over 2 epochs) and
+`--config.optim.decay_steps` to that minus 200.
 """
 
 from ouro_jax import config as model_presets

@@ -5,7 +5,8 @@
         --config.init_from=UPCYCLED --config.data.sources=DIR
 
 The default is stage 1b (T=4); `:stage2`, `:stage3`, `:stage4` continue from the previous stage's
-params (see configs/ouro_1p4b.py), `:stage1a` trains the 48 layers from scratch with the stage-1a recipe.
+params (see configs/ouro_1p4b.py), `:stage1a` trains the 48 layers from scratch with the stage-1a recipe;
+`:sft` is chat SFT from the stage-4 params (the settings and their reasons: configs/ouro_1p4b.py).
 A run started from a checkpoint takes its shapes from it and T, RoPE theta and positions from this config.
 """
 

@@ -130,3 +130,34 @@ def with_chat_template(directory: pathlib.Path, eos_ids=(2, 0)) -> pathlib.Path:
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(eos_ids)}))
     return directory
+
+
+# Chats for SFT tests: multi-turn, a system prompt, a tool turn, non-ASCII text, a thinking block, and one
+# chat without an assistant message (skipped by `ouro-prepare --chat`).
+CHATS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+     {"role": "assistant", "content": "2"}, {"role": "user", "content": "and 2+2?"},
+     {"role": "assistant", "content": "4, of course."}],
+    [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hello there!"}],
+    [{"role": "user", "content": "only a question"}],
+    [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me look."},
+     {"role": "tool", "content": "sunny, 21C"}, {"role": "assistant", "content": "Sunny: 21 degrees."}],
+    [{"role": "user", "content": "Grüße?"}, {"role": "assistant", "content": "<think>\npolite</think>\nHallo, schön!"}],
+] + [[{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]
+     for i in range(8)]
+
+
+def write_chats(path: pathlib.Path, chats=CHATS) -> pathlib.Path:
+    """Chat JSONL: one {"messages": [...]} per line (with an extra key, ignored)."""
+    path.write_text("".join(json.dumps({"id": i, "messages": chat}) + "\n" for i, chat in enumerate(chats)))
+    return path
+
+
+def assistant_texts(chat, end="<|im_end|>", strip_thinking=False) -> str:
+    """What the assistant writes in `chat` as the masked-in tokens decode: each answer and its end token."""
+    out = []
+    for m in chat:
+        if m["role"] == "assistant":
+            content = m["content"].split("</think>")[-1].lstrip("\n") if strip_thinking else m["content"]
+            out.append(content + end)
+    return "".join(out)

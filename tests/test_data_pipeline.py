@@ -271,3 +271,29 @@ def test_chat_documents_carry_loss_on_assistant_tokens_only():
     batches = run(source, seq_len=128, batch_size=2, num_epochs=1, shuffle=False)
     learned = "".join(tok.decode(b["targets"][b["loss_mask"] > 0]) for b in batches)
     assert learned == "".join(f"answer {i}.<|im_end|>" for i in range(20))
+
+
+def test_chat_shards_carry_the_mask_through_packing_and_resume(tmp_path):
+    from helpers import CHATS, assistant_texts, write_chats
+
+    prepare([str(write_chats(tmp_path / "chats.jsonl"))], tmp_path / "sft", chat=True, progress=False)
+    source, tok = TokenShards(tmp_path / "sft"), ByteTokenizer()
+    batches = run(source, seq_len=128, batch_size=2, num_epochs=1, shuffle=False, seed=3)  # auto: first_fit
+    learned = []
+    for b in batches:
+        ids, seg = check_contract(b, 2, 128)
+        for r in range(2):
+            for sid in np.unique(seg[r][seg[r] > 0]):  # each chat whole in one row: its answers in order
+                learned.append(tok.decode(b["targets"][r][(seg[r] == sid) & (b["loss_mask"][r] > 0)]))
+    assert learned == [assistant_texts(c) for c in CHATS if any(m["role"] == "assistant" for m in c)]
+    options = dict(seq_len=48, batch_size=2, seed=4, process_index=0, process_count=1, prefetch=0)
+    it = make_batch_iterator(source, packing="concat", **options)  # chats split across rows keep their mask
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 6)
+    fresh = make_batch_iterator(source, packing="concat", **options)
+    fresh.set_state(state)
+    assert_same(take(fresh, 6), expected)
+    assert any((b["loss_mask"] == 0).any() and (b["loss_mask"] > 0).any() for b in expected)
+    it.close()
+    fresh.close()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -153,3 +154,144 @@ def test_more_errors(tmp_path, capsys):
         TokenShards(tmp_path / "ok").verify()
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         TokenShards(tmp_path)
+
+
+# ---- chats (--chat): the tokenizer's chat template and the assistant-only target mask -------------------
+
+def test_chat_prepare_masks_exactly_the_assistant_turns(tmp_path):
+    from helpers import CHATS, assistant_texts, write_chats
+
+    from ouro_jax.data.chatml import render_chatml
+
+    manifest = prepare([str(write_chats(tmp_path / "chats.jsonl"))], tmp_path / "sft", chat=True,
+                       max_shard_tokens=300, progress=False)
+    assert manifest["version"] == 2 and manifest["target_mask"] and manifest["chat"]["template"] == "ChatML"
+    assert manifest["documents"] == len(CHATS) - 1 and manifest["skipped_empty"] == 1 and not manifest["append_eos"]
+    src = TokenShards(tmp_path / "sft")
+    assert src.target_mask and len(src.paths) > 1
+    tok = ByteTokenizer()
+    docs = list(src.documents(0))
+    kept = [c for c in CHATS if any(m["role"] == "assistant" for m in c)]
+    for doc, chat in zip(docs, kept):
+        ids, mask = doc["input_ids"], doc["target_weight"]
+        assert tok.decode(ids) == render_chatml(chat)  # the whole chat, as the template renders it
+        assert set(mask.tolist()) == {0, 1} and tok.decode(ids[mask > 0]) == assistant_texts(chat)
+    assert manifest["tokens"] == sum(len(d["input_ids"]) for d in docs)
+    from ouro_jax.data.shards import ShardWriter
+
+    records = []
+    for name, mask in (("a", [0, 1, 1]), ("b", [0, 0, 1])):  # the same tokens, another mask
+        writer = ShardWriter(tmp_path / name, np.dtype("<u2"), 100)
+        (tmp_path / name).mkdir()
+        writer.write(np.array([5, 6, 7]), np.array(mask))
+        records.append(writer.close()[0])
+    assert records[0]["sha256"] != records[1]["sha256"]  # the manifest's checksum covers the mask
+
+
+def test_token_only_shards_of_version_1_still_load(tmp_path):
+    path = write(tmp_path / "t.txt", b"one\n\ntwo\n")
+    prepare([path], tmp_path / "v1", progress=False)
+    manifest_path = tmp_path / "v1" / "manifest.json"
+    old = json.loads(manifest_path.read_text())
+    del old["target_mask"], old["chat"]
+    old["version"] = 1  # what earlier builds wrote
+    manifest_path.write_text(json.dumps(old))
+    src = TokenShards(tmp_path / "v1")
+    docs = list(src.documents(0))
+    assert not src.target_mask and [ByteTokenizer().decode(d["input_ids"]) for d in docs] == [
+        "one<|endoftext|>", "two<|endoftext|>"]
+    assert all((d["target_weight"] == 1).all() for d in docs)
+    old["version"] = 3
+    manifest_path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="version 1 or 2, got 'ouro_jax.token_shards' version 3"):
+        TokenShards(tmp_path / "v1")
+
+
+def _bpe_with_chat_template(directory):
+    """A byte-level BPE tokenizer.json whose directory has a thinking chat template (helpers.THINKING_TEMPLATE)."""
+    from helpers import CHATS, with_chat_template
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    texts = [m["content"] for c in CHATS for m in c] * 3
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    return with_chat_template(directory)
+
+
+def test_chat_prepare_with_the_tokenizers_chat_template(tmp_path, capsys):
+    from helpers import CHATS, assistant_texts, write_chats
+
+    from ouro_jax.data.chat_template import render_chat
+
+    model = _bpe_with_chat_template(tmp_path / "model")
+    chats = write_chats(tmp_path / "chats.jsonl")
+    assert main([str(chats), "--chat", "--no-enable-thinking", "--output", str(tmp_path / "sft"),
+                 "--tokenizer", str(model), "--no-progress"]) == 0
+    assert f"wrote {len(CHATS) - 1} chats" in capsys.readouterr().out
+    src = TokenShards(tmp_path / "sft")
+    assert src.manifest["chat"] == {"template": str(model), "enable_thinking": False}
+    hf = HFTokenizer(model)
+    kept = [c for c in CHATS if any(m["role"] == "assistant" for m in c)]
+    for doc, chat in zip(src.documents(0), kept):
+        ids, mask = doc["input_ids"], doc["target_weight"]
+        text = render_chat(chat, model, add_generation_prompt=False, enable_thinking=False)
+        assert ids.tolist() == hf.encode(text, allow_special=True).tolist()  # tokenized as generation does
+        assert hf.decode(ids[mask > 0]) == assistant_texts(chat, strip_thinking=True)  # the template drops thinking
+    assert len(hf.encode("Hello there!")) < len("Hello there!")  # real merges, not one token per byte
+    assert main([str(chats), "--chat", "--enable-thinking", "--output", str(tmp_path / "think"),
+                 "--tokenizer", str(model), "--no-progress"]) == 0
+    assert TokenShards(tmp_path / "think").manifest["chat"]["enable_thinking"] is True
+    with pytest.raises(PrepareError, match="enable_thinking needs a chat template"):  # ChatML has no switch
+        prepare([str(chats)], tmp_path / "byte", chat=True, enable_thinking=True, progress=False)
+    with pytest.raises(PrepareError, match="enable_thinking applies to chats only"):
+        prepare([str(chats)], tmp_path / "text", enable_thinking=True, progress=False)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"messages": [{"role": "user", "content": "x"}, oops]}', r"chats.jsonl:2: invalid JSON"),
+    ('{"text": "not a chat"}', r"""chats.jsonl:2: expected \{"messages": \[...\]\} \(found \['text'\]\)"""),
+    ('{"messages": "hi"}', r"""chats.jsonl:2: expected \{"messages": \[...\]\} \(found \['messages'\]\)"""),
+    ('[1, 2]', r"""chats.jsonl:2: expected \{"messages": \[...\]\} \(found list\)"""),
+    ('{"messages": []}', r"chats.jsonl:2: a chat needs at least one message"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', r"chats.jsonl:2: message 0: unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": 5}]}', r"chats.jsonl:2: message 0: content must be a string"),
+    ('{"messages": [{"role": "user"}]}', r"chats.jsonl:2: message 0 must be a mapping with exactly"),
+    ('{"messages": [{"role": "assistant", "content": "hi"}]}', r"chats.jsonl:2: message 0: an assistant message "
+                                                               "needs a prompt before it"),
+])
+def test_bad_chat_lines_are_refused_with_one_line(tmp_path, capsys, line, message):
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    path = write(tmp_path / "chats.jsonl", (good + "\n" + line + "\n").encode())
+    with pytest.raises(SystemExit) as exit_:
+        main([path, "--chat", "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*"))  # nothing written
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), parquet)
+    with pytest.raises(PrepareError, match="--chat reads chat JSONL"):
+        prepare([str(parquet)], tmp_path / "p", chat=True, progress=False)
+
+
+def test_a_chat_the_template_refuses_names_its_line(tmp_path, capsys):
+    from helpers import write_char_tokenizer
+
+    write_char_tokenizer(tmp_path / "model")
+    config_path = tmp_path / "model" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+                               "role') }}{% endif %}{{ m['content'] + '<|im_end|>' }}{% endfor %}")
+    config_path.write_text(json.dumps(config))
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    path = write(tmp_path / "c.jsonl", (json.dumps({"messages": chat}) + "\n" +
+                                        json.dumps({"messages": [{"role": "system", "content": "s"}] + chat})).encode())
+    with pytest.raises(SystemExit):
+        main([path, "--chat", "--tokenizer", str(tmp_path / "model"), "--output", str(tmp_path / "o"), "--no-progress"])
+    assert capsys.readouterr().err.strip().endswith("c.jsonl:2: chat template: no system role")

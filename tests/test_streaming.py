@@ -117,3 +117,23 @@ def test_corrupt_remote_shard_is_refused_when_read(gcs_bucket, tmp_path):
     with pytest.raises(ValueError, match="cannot be streamed by 2 processes"):
         TokenShards(data).stream(0, process_index=0, process_count=2, shuffle=True, num_epochs=None)
     ShardCache(files).close()
+
+
+def test_chat_shards_stream_with_their_mask(gcs_bucket, tmp_path):
+    from helpers import CHATS, assistant_texts, write_chats
+
+    from ouro_jax.data import ByteTokenizer
+
+    data = f"{gcs_bucket}/chats"
+    prepare([str(write_chats(tmp_path / "chats.jsonl"))], data, chat=True, max_shard_tokens=200, progress=False)
+    tok, learned = ByteTokenizer(), []
+    for p in range(2):  # each process streams its own shards; the masks arrive with the tokens
+        src = TokenShards(data)
+        assert src.streamed and src.target_mask
+        for b in make_batch_iterator(src, seq_len=128, batch_size=2, num_epochs=1, seed=2, process_index=p,
+                                     process_count=2, prefetch=0):
+            seg = b["segment_ids"]
+            for r, start in zip(*np.nonzero(np.diff(seg, prepend=0, axis=1) > 0)):  # each chat, whole in its row
+                chat = seg[r] == seg[r, start]
+                learned.append(tok.decode(b["targets"][r][chat & (b["loss_mask"][r] > 0)]))
+    assert sorted(learned) == sorted(assistant_texts(c) for c in CHATS if any(m["role"] == "assistant" for m in c))

@@ -6,7 +6,8 @@ Batches (every array [batch_size, seq_len], numpy):
   segment_ids  int32    1, 2, ... per packed document in the row, 0 = padding
   positions    int32    offset of each token inside its document (piece), from 0
   loss_mask    float32  1 where the target counts: every real next token for text,
-                        the answer tokens only for synthetic tasks
+                        the answer tokens only for synthetic tasks, what the assistant
+                        writes for chats (shards of `ouro-prepare --chat`)
 
 The iterator:
 
@@ -24,7 +25,8 @@ shard defaults to `jax.process_index()/process_count()`. State: `it.get_state()`
 Tasks: `vocab_size`, `max_example_len`, `eval_set(n) -> EvalSet(prompts [n, P], answers [n, A])`,
 `evaluate(prompts, predicted_answers) -> accuracy` (answers recomputed from the prompts),
 `detokenize(tokens)`. Tokenizers: `ByteTokenizer()` (no files, vocab 259), `HFTokenizer(path)`,
-`load_tokenizer("byte" | path)`; ChatML: `render_chatml(messages)`, `encode_chat(tok, messages)`.
+`load_tokenizer("byte" | path)`; ChatML: `render_chatml(messages)`, `encode_chat(tok, messages)`; chats through
+the tokenizer's own template with the assistant mask: `chat_data.ChatEncoder(tok, tokenizer_dir)(messages)`.
 """
 
 from ouro_jax.data.chatml import encode_chat, render_chatml

@@ -11,6 +11,7 @@ models). A directory without a template falls back to ChatML (`render_chatml`, t
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -58,6 +59,12 @@ def _raise(message: str):
     raise ValueError(f"chat template: {message}")
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    """The template compiled once (ouro-prepare renders it a few times per conversation)."""
+    return _environment().from_string(template)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
@@ -77,8 +84,10 @@ def _cut_after_final_message(text: str, messages: Sequence[Mapping[str, str]]) -
 
 def render_chat(messages: Sequence[Mapping[str, str]], tokenizer_dir: PathLike | None = None, *,
                 add_generation_prompt: bool = True, enable_thinking: bool | None = None,
-                continue_final_message: bool = False, template: str | None = None) -> str:
-    """The chat as prompt text: `template` (a Jinja source), else the tokenizer directory's, else ChatML.
+                continue_final_message: bool = False, template: str | None = None,
+                specials: Mapping[str, str] | None = None) -> str:
+    """The chat as prompt text: `template` (a Jinja source, with the special tokens `specials` it may name),
+    else the tokenizer directory's, else ChatML.
 
     enable_thinking (None: the template's default) is passed to the template; ChatML has no thinking
     switch, so there it must stay None. continue_final_message ends the text right after the last
@@ -86,10 +95,10 @@ def render_chat(messages: Sequence[Mapping[str, str]], tokenizer_dir: PathLike |
     """
     if continue_final_message:
         text = render_chat(messages, tokenizer_dir, add_generation_prompt=False, enable_thinking=enable_thinking,
-                           template=template)
+                           template=template, specials=specials)
         return _cut_after_final_message(text, messages)
     check_messages(messages)
-    specials: dict[str, str] = {}
+    specials = dict(specials or {})
     if template is None:
         template, specials = load_chat_template(tokenizer_dir)
     if template is None:
@@ -101,7 +110,7 @@ def render_chat(messages: Sequence[Mapping[str, str]], tokenizer_dir: PathLike |
     if enable_thinking is not None:
         variables["enable_thinking"] = enable_thinking
     try:
-        return _environment().from_string(template).render(**variables)
+        return _compiled(template).render(**variables)
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template of {tokenizer_dir}: {e}") from None
 

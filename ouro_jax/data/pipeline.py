@@ -7,15 +7,16 @@ an uninterrupted run gives, with or without worker processes; orbax
 
 Stages, all deterministic given `seed`:
 - each source yields documents `{"input_ids" int32 [n], "target_weight" int32 [n]}` (1 where a
-  token counts as a prediction target); finite sources (token shards, a finite task) are
-  shuffled globally, reshuffled each epoch, and repeated `num_epochs` times (None: forever);
-  endless task streams draw a fresh example per index;
+  token counts as a prediction target: every token of text, the assistant tokens of chat shards);
+  finite sources (token shards, a finite task) are shuffled globally, reshuffled each epoch, and
+  repeated `num_epochs` times (None: forever); endless task streams draw a fresh example per index;
 - several sources are interleaved by `weights` (grain `MapDataset.mix`, a deterministic
   interleave in those proportions; with `num_epochs` it ends when any source runs out); each
   source is sharded by process before the mixture (`[process_index::process_count]`; shards on an
   object store: whole shards per process, streamed, `streaming.py`) and, with `num_workers`, by worker;
 - packing (`packing.py`): "concat" for text (no token lost, no padding), "first_fit" for tasks
-  (examples never split); "auto" picks first_fit when any source is a task.
+  (examples never split); "auto" picks first_fit when any source is a task or chats (shards with a
+  target mask: a conversation stays in one row unless it is longer than a row).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def make_batch_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, process_count={process_count}), got {process_index}")
     if packing == "auto":
-        packing = "first_fit" if any(s.keep_whole for s in srcs) else "concat"
+        packing = "first_fit" if any(s.keep_whole or getattr(s, "target_mask", False) for s in srcs) else "concat"
 
     parts = []
     for i, src in enumerate(srcs):

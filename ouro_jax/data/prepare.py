@@ -10,6 +10,19 @@ Each document gets `<|endoftext|>` appended (unless `--no-eos`); empty or null J
 records are skipped and counted. The manifest records counts per input and shard, the tokenizer
 and SHA-256 hashes. The same inputs and options give byte-identical shards.
 
+Chats for SFT (`--chat`, JSONL only):
+
+    ouro-prepare chats.jsonl --chat --output /data/sft --tokenizer /models/Ouro-1.4B
+
+Each line is `{"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": "..."}, ...]}`
+(other keys are ignored). A conversation is rendered by the tokenizer directory's own chat template,
+exactly as generation renders prompts (ChatML without one, e.g. for `--tokenizer byte`; `--enable-thinking`
+/ `--no-enable-thinking` set the template's thinking switch), and stored with its assistant-only target
+mask (`chat_data.py`): the content an assistant writes and its end-of-turn token are learned, system,
+user and template tokens are not. Chats without an assistant message are skipped and counted as empty. A
+bad line (invalid JSON, no "messages" list, a malformed message, a chat the template cannot render or
+mask) stops the run with one error naming FILE:LINE and exit status 2; nothing is written.
+
 Shards are written into a hidden `.NAME.tmp-*` directory beside the output and swapped in at the end,
 so `--overwrite` keeps the old dataset until the new one is complete; a killed run leaves only that
 hidden directory, which the next run reports as incomplete and removes. Inputs and output may be on an
@@ -19,6 +32,7 @@ manifest last (`paths.replace_tree`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -30,6 +44,8 @@ import numpy as np
 
 from ouro_jax import paths
 from ouro_jax.data import shards as shards_lib
+from ouro_jax.data.chat_data import ChatEncoder
+from ouro_jax.data.chatml import check_messages
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.errors import OuroError, one_line
 from ouro_jax.paths import Path, as_path, is_local
@@ -37,6 +53,7 @@ from ouro_jax.paths import Path, as_path, is_local
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
            ".parquet": "parquet"}
 TEXT_SPLITS = ("paragraph", "line", "file")
+CHAT_FIELD = "messages"
 
 
 class PrepareError(OuroError, ValueError):
@@ -102,13 +119,19 @@ class _Input:
                 self.bytes_done = raw_file.tell()
                 yield lineno, line
 
-    def documents_iter(self) -> Iterator[str]:
+    @contextlib.contextmanager
+    def _reading(self):
+        """Read failures of this file as one PrepareError naming it."""
         try:
-            yield from {"text": self._text, "jsonl": self._jsonl, "parquet": self._parquet}[self.format]()
+            yield
         except (OSError, EOFError) as e:
             if isinstance(e, PermissionError):
                 raise PrepareError(f"{self.path}: permission denied") from None
             raise PrepareError(f"{self.path}: cannot read ({e})") from None
+
+    def documents_iter(self) -> Iterator[str]:
+        with self._reading():
+            yield from {"text": self._text, "jsonl": self._jsonl, "parquet": self._parquet}[self.format]()
 
     def _text(self) -> Iterator[str]:
         """Documents of a plain-text file; blank lines separate, they are never documents themselves."""
@@ -128,14 +151,35 @@ class _Input:
         if paragraph:
             yield "".join(paragraph).rstrip("\r\n") if self.text_split == "paragraph" else "".join(paragraph)
 
-    def _jsonl(self) -> Iterator[str]:
+    def _records(self) -> Iterator[tuple[int, object]]:
+        """(line number, parsed JSON) of every non-blank line of a JSONL file."""
         for lineno, line in self._lines():
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise PrepareError(f"{self.path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+    def chats(self, encode) -> Iterator[tuple[np.ndarray, np.ndarray] | None]:
+        """`encode(messages)` of each line of a chat JSONL file (None: a chat without an assistant message)."""
+        if self.format != "jsonl":
+            raise PrepareError(f"{self.path}: --chat reads chat JSONL (one {{\"messages\": [...]}} per line), "
+                               f"not {self.format}")
+        with self._reading():
+            for lineno, record in self._records():
+                if not isinstance(record, dict) or not isinstance(record.get(CHAT_FIELD), list):
+                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise PrepareError(f"{self.path}:{lineno}: expected {{\"{CHAT_FIELD}\": [...]}} (found {found})")
+                messages = record[CHAT_FIELD]
+                try:
+                    check_messages(messages)
+                    yield encode(messages) if any(m["role"] == "assistant" for m in messages) else None
+                except ValueError as e:
+                    raise PrepareError(f"{self.path}:{lineno}: {one_line(e)}") from None
+
+    def _jsonl(self) -> Iterator[str]:
+        for lineno, record in self._records():
             if not isinstance(record, dict) or self.text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise PrepareError(f"{self.path}:{lineno}: no field {self.text_field!r} (found {keys}); "
@@ -226,16 +270,24 @@ def _publish(tmp: Path, output: Path) -> None:
 def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str = "byte",
             text_field: str = "text", text_split: str = "paragraph", append_eos: bool = True,
             max_shard_tokens: int = 1 << 27, batch_docs: int = 1024, progress: bool = True,
-            overwrite: bool = False) -> dict:
-    """Tokenizes `inputs` into shards under `output`; returns the manifest (also written as JSON)."""
+            overwrite: bool = False, chat: bool = False, enable_thinking: bool | None = None) -> dict:
+    """Tokenizes `inputs` into shards under `output`; returns the manifest (also written as JSON).
+
+    chat: the inputs are chat JSONL, rendered by the tokenizer's chat template (`chat_data.ChatEncoder`,
+    `enable_thinking` passed to it) and stored with their assistant-only target mask; no `<|endoftext|>`
+    is appended (a chat ends with the template's end-of-turn token)."""
     if text_split not in TEXT_SPLITS:
         raise PrepareError(f"text_split must be one of {TEXT_SPLITS}, got {text_split!r}")
     if max_shard_tokens < 1 or batch_docs < 1:
         raise PrepareError("max_shard_tokens and batch_docs must be >= 1")
+    if enable_thinking is not None and not chat:
+        raise PrepareError("enable_thinking applies to chats only (--chat)")
     files = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
+    append_eos = append_eos and not chat
     if append_eos and tok.eos_id is None:
         raise PrepareError("the tokenizer has no <|endoftext|> token; pass --no-eos to store documents without one")
+    encoder = _chat_encoder(tok, enable_thinking) if chat else None
     sources = [_Input(f, text_field, text_split) for f in files]
     output = as_path(output)
     paths.check_bucket(output)
@@ -245,8 +297,9 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
     tmp = paths.make_temp_dir(output.parent if is_local(output) else tempfile.gettempdir(), f".{output.name}.tmp-")
     try:
         try:
-            manifest = _tokenize(sources, tok, tmp, text_split, text_field, append_eos, max_shard_tokens, batch_docs,
-                                 progress)
+            manifest = _tokenize(sources, tok, tmp, dict(text_split=text_split, text_field=text_field,
+                                 append_eos=append_eos, max_shard_tokens=max_shard_tokens, batch_docs=batch_docs,
+                                 progress=progress), encoder)
         except RuntimeError as e:  # ArrayRecord reports failed writes (a full disk) as RuntimeError
             raise OSError(f"{output}: writing the shards failed ({one_line(e).split('; ')[0]})") from None
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
@@ -257,31 +310,36 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, *, tokenizer: str 
     return manifest
 
 
-def _tokenize(sources: list[_Input], tok, output: Path, text_split: str, text_field: str, append_eos: bool,
-              max_shard_tokens: int, batch_docs: int, progress: bool) -> dict:
+def _chat_encoder(tok, enable_thinking: bool | None) -> ChatEncoder:
+    """The chat encoder of the tokenizer's own directory (its chat template; ChatML for the byte tokenizer)."""
+    tokenizer_dir = tok.path.parent if hasattr(tok, "path") else None
+    try:
+        return ChatEncoder(tok, tokenizer_dir, enable_thinking=enable_thinking)
+    except ValueError as e:
+        raise PrepareError(one_line(e)) from None
+
+
+def _tokenize(sources: list[_Input], tok, output: Path, options: dict, encoder: ChatEncoder | None) -> dict:
     """Writes the shards and the manifest of `sources` into `output`; returns the manifest."""
     from tqdm import tqdm
 
     dtype = shards_lib.token_dtype(tok.vocab_size)
-    writer = shards_lib.ShardWriter(output, dtype, max_shard_tokens)
-    bar = tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True, disable=not progress,
+    writer = shards_lib.ShardWriter(output, dtype, options["max_shard_tokens"])
+    bar = tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True, disable=not options["progress"],
                desc="tokenizing", file=sys.stderr)
     try:
         for src in sources:
             bar.set_description(src.path.name)
             base = bar.n
-            batch: list[str] = []
-            for text in src.documents_iter():
-                if not text:
-                    src.skipped_empty += 1
-                    continue
-                batch.append(text)
-                if len(batch) >= batch_docs:
-                    _write_batch(tok, batch, src, writer, append_eos)
-                    batch = []
-                    bar.update(base + src.bytes_done - bar.n)
-                    bar.set_postfix(docs=sum(s.documents for s in sources), tokens=_total_tokens(writer))
-            _write_batch(tok, batch, src, writer, append_eos)
+
+            def advance(src=src, base=base):
+                bar.update(base + src.bytes_done - bar.n)
+                bar.set_postfix(docs=sum(s.documents for s in sources), tokens=_total_tokens(writer))
+
+            if encoder is None:
+                _write_texts(src, tok, writer, options, advance)
+            else:
+                _write_chats(src, encoder, writer, advance)
             bar.update(base + src.size - bar.n)
         shard_records = writer.close()
     except BaseException:
@@ -289,11 +347,15 @@ def _tokenize(sources: list[_Input], tok, output: Path, text_split: str, text_fi
         raise
     finally:
         bar.close()
+    append_eos = options["append_eos"]
     manifest = {
         "format": shards_lib.FORMAT, "version": shards_lib.VERSION,
         "tokenizer": tok.fingerprint(), "token_dtype": dtype.str,
         "append_eos": append_eos, "eos_id": tok.eos_id if append_eos else None,
-        "text_split": text_split, "text_field": text_field,
+        "text_split": options["text_split"], "text_field": options["text_field"],
+        "target_mask": encoder is not None,
+        "chat": None if encoder is None else {"template": str(encoder.where),
+                                              "enable_thinking": encoder.enable_thinking},
         "documents": sum(s.documents for s in sources), "tokens": sum(s.tokens for s in sources),
         "skipped_empty": sum(s.skipped_empty for s in sources),
         "inputs": [s.record() for s in sources], "shards": shard_records,
@@ -304,6 +366,35 @@ def _tokenize(sources: list[_Input], tok, output: Path, text_split: str, text_fi
 
 def _total_tokens(writer: shards_lib.ShardWriter) -> int:
     return sum(s["tokens"] for s in writer.shards)
+
+
+def _write_texts(src: _Input, tok, writer: shards_lib.ShardWriter, options: dict, advance) -> None:
+    """Tokenizes the documents of `src` in batches of `batch_docs`; empty ones are counted, not written."""
+    batch: list[str] = []
+    for text in src.documents_iter():
+        if not text:
+            src.skipped_empty += 1
+            continue
+        batch.append(text)
+        if len(batch) >= options["batch_docs"]:
+            _write_batch(tok, batch, src, writer, options["append_eos"])
+            batch = []
+            advance()
+    _write_batch(tok, batch, src, writer, options["append_eos"])
+
+
+def _write_chats(src: _Input, encoder: ChatEncoder, writer: shards_lib.ShardWriter, advance) -> None:
+    """Writes each chat of `src` with its target mask; chats without an assistant message are counted as empty."""
+    for i, chat in enumerate(src.chats(encoder)):
+        if chat is None:
+            src.skipped_empty += 1
+            continue
+        ids, mask = chat
+        writer.write(ids, mask)
+        src.documents += 1
+        src.tokens += len(ids)
+        if i % 1024 == 1023:
+            advance()
 
 
 def _write_batch(tok, texts: list[str], src: _Input, writer: shards_lib.ShardWriter, append_eos: bool) -> None:

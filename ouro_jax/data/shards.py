@@ -1,7 +1,10 @@
 """Tokenized document shards on disk: ArrayRecord files of one document per record + `manifest.json`.
 
 A record is a document's token ids as little-endian `uint16` (vocabularies up to 65536) or
-`uint32`, ending with `<|endoftext|>` unless the manifest says otherwise. `TokenShards(dir)` is the
+`uint32`, ending with `<|endoftext|>` unless the manifest says otherwise. Version 2 manifests say whether
+the shards carry a target mask (`"target_mask": true`, chats prepared with `--chat`): each record is
+then followed by one byte per token, 1 where the token is a prediction target (what an assistant
+writes), 0 elsewhere. Version 1 (token-only) directories keep loading. `TokenShards(dir)` is the
 pipeline source over a directory written by `ouro-prepare`.
 
 Opening a directory checks every shard's size against the manifest (free) and, when the shards
@@ -26,7 +29,8 @@ from ouro_jax.paths import as_path, is_local, local_copy
 
 MANIFEST = "manifest.json"
 FORMAT = "ouro_jax.token_shards"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: token ids only, no target_mask field
 SHARD_PATTERN = "shard-{:05d}.array_record"
 # One record per chunk: random access (global shuffling) reads exactly one document.
 ARRAY_RECORD_OPTIONS = "group_size:1"
@@ -57,13 +61,17 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._writer = None
 
-    def write(self, ids: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Appends one document; `mask` (one 0/1 per token) follows its ids in the record when given."""
         if self._writer is None or self.shards[-1]["tokens"] >= self.max_shard_tokens:
             self._close_current()
             name = SHARD_PATTERN.format(len(self.shards))
             self._writer = self._writer_cls(str(self.directory / name), ARRAY_RECORD_OPTIONS)
             self.shards.append({"path": name, "documents": 0, "tokens": 0})
-        self._writer.write(np.asarray(ids).astype(self.dtype).tobytes())
+        record = np.asarray(ids).astype(self.dtype).tobytes()
+        if mask is not None:
+            record += np.asarray(mask).astype(np.uint8).tobytes()
+        self._writer.write(record)
         self.shards[-1]["documents"] += 1
         self.shards[-1]["tokens"] += len(ids)
 
@@ -82,17 +90,24 @@ class ShardWriter:
 
 @dataclasses.dataclass(frozen=True)
 class _DecodeRecord:
-    """bytes -> document dict (picklable for grain workers)."""
+    """bytes -> document dict (picklable for grain workers); `masked`: a byte per token follows the ids."""
 
     dtype: str
+    masked: bool = False
 
     def __call__(self, record: bytes) -> dict[str, np.ndarray]:
-        ids = np.frombuffer(record, self.dtype).astype(np.int32)
-        return {"input_ids": ids, "target_weight": np.ones(len(ids), np.int32)}
+        if not self.masked:
+            ids = np.frombuffer(record, self.dtype).astype(np.int32)
+            return {"input_ids": ids, "target_weight": np.ones(len(ids), np.int32)}
+        n = len(record) // (np.dtype(self.dtype).itemsize + 1)
+        ids = np.frombuffer(record, self.dtype, count=n).astype(np.int32)
+        weight = np.frombuffer(record, np.uint8, offset=n * np.dtype(self.dtype).itemsize).astype(np.int32)
+        return {"input_ids": ids, "target_weight": weight}
 
 
 class TokenShards:
-    """Pipeline source over a prepared directory; every next token of a document is a target."""
+    """Pipeline source over a prepared directory: every next token of a document is a target, or those
+    of the target mask (chats, which "auto" packing keeps whole: first_fit)."""
 
     keep_whole = False  # long documents may be split across rows
     is_finite = True
@@ -107,8 +122,9 @@ class TokenShards:
             self.manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise ValueError(f"{path}: expected format {FORMAT!r} version {VERSION}, got "
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") not in READABLE_VERSIONS:
+            versions = " or ".join(map(str, READABLE_VERSIONS))
+            raise ValueError(f"{path}: expected format {FORMAT!r} version {versions}, got "
                              f"{self.manifest.get('format')!r} version {self.manifest.get('version')!r}")
         self.paths = [str(self.directory / s["path"]) for s in self.manifest["shards"]]
         if not self.paths:
@@ -116,6 +132,7 @@ class TokenShards:
         self.vocab_size = self.manifest["tokenizer"]["vocab_size"]
         self.num_documents = self.manifest["documents"]
         self.num_tokens = self.manifest["tokens"]
+        self.target_mask = bool(self.manifest.get("target_mask", False))
         self.streamed = not is_local(self.directory)  # checked shard by shard as each process downloads its own
         self.stream_window = DEFAULT_WINDOW
         if self.streamed and not verify:
@@ -130,7 +147,8 @@ class TokenShards:
                 self.verify()
 
     def __repr__(self) -> str:
-        return f"TokenShards({str(self.directory)!r}, documents={self.num_documents}, tokens={self.num_tokens})"
+        return (f"TokenShards({str(self.directory)!r}, documents={self.num_documents}, tokens={self.num_tokens}"
+                f"{', target_mask' if self.target_mask else ''})")
 
     def _check_sizes(self) -> None:
         """Compares each shard's size with the manifest (manifests written before sizes were recorded: skipped)."""
@@ -166,7 +184,10 @@ class TokenShards:
                  for shard, path in zip(self.manifest["shards"], self.paths)]
         mine = process_shards(files, process_index, process_count)
         source = StreamedDocuments(mine, seed=seed, shuffle=shuffle, num_epochs=num_epochs, window=self.stream_window)
-        return grain.MapDataset.source(source).map(_DecodeRecord(self.manifest["token_dtype"]))
+        return grain.MapDataset.source(source).map(self._decoder())
+
+    def _decoder(self) -> _DecodeRecord:
+        return _DecodeRecord(self.manifest["token_dtype"], self.target_mask)
 
     def documents(self, seed: int):
         """grain MapDataset of `{"input_ids", "target_weight"}`, in file order (the pipeline shuffles)."""
@@ -179,4 +200,4 @@ class TokenShards:
         except RuntimeError as e:  # array_record reports a bad file as a bare RuntimeError
             raise ShardCorruptError(f"{self.directory}: a shard is not a readable ArrayRecord file "
                                     f"({(str(e).strip().splitlines() or ['?'])[0]})") from None
-        return grain.MapDataset.source(source).map(_DecodeRecord(self.manifest["token_dtype"]))
+        return grain.MapDataset.source(source).map(self._decoder())

@@ -211,5 +211,5 @@ def process_shards(shards: list[ShardFile], process_index: int, process_count: i
     """The shards process `process_index` of `process_count` reads (every process needs at least one)."""
     if len(shards) < process_count:
         raise ValueError(f"{len(shards)} shards cannot be streamed by {process_count} processes (each reads whole "
-                         "shards of its own): prepare the data again with a smaller --max_shard_tokens")
+                         "shards of its own): prepare the data again with a smaller --max-shard-tokens")
     return shards[process_index::process_count]

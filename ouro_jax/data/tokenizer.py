@@ -36,7 +36,8 @@ class Tokenizer(Protocol):
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
 
-    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]: ...  # ids, char starts
+    def encode_with_offsets(self, text: str, *, allow_special: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        ...  # ids, the character offset where each token starts
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str: ...
 
@@ -71,9 +72,20 @@ class ByteTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self._encode_plain(t) for t in texts]
 
-    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def encode_with_offsets(self, text: str, *, allow_special: bool = False) -> tuple[np.ndarray, np.ndarray]:
         starts = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))]
-        return self._encode_plain(text), np.asarray(starts, np.int64)
+        if not allow_special:
+            return self._encode_plain(text), np.asarray(starts, np.int64)
+        ids, kept, at = [], [], 0
+        for piece in self._SPECIAL_RE.split(text):
+            if piece in SPECIAL_TOKENS:
+                ids.append(np.array([SPECIAL_TOKENS.index(piece)], np.int32))
+                kept.append(np.array([at], np.int64))
+            elif piece:
+                ids.append(self._encode_plain(piece))
+                kept.append(np.asarray([at + i for i, ch in enumerate(piece) for _ in ch.encode("utf-8")], np.int64))
+            at += len(piece)
+        return (np.concatenate(ids), np.concatenate(kept)) if ids else (np.zeros(0, np.int32), np.zeros(0, np.int64))
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         out, run = [], bytearray()
@@ -123,8 +135,8 @@ class HFTokenizer:
         encs = self._plain.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, np.int32) for e in encs]
 
-    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        enc = self._plain.encode(text, add_special_tokens=False)
+    def encode_with_offsets(self, text: str, *, allow_special: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        enc = (self._tok if allow_special else self._plain).encode(text, add_special_tokens=False)
         return np.asarray(enc.ids, np.int32), np.asarray([s for s, _ in enc.offsets], np.int64)
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:

@@ -164,6 +164,9 @@ PRETRAINING_STAGES = {
     "stage2": PretrainingStage(4, 0.05, 16384, 8 * _M, 1.4e12, 4e4, 3e-4, 3e-5, RESTART_WARMUP_STEPS),
     "stage3": PretrainingStage(4, 0.05, 65536, 8 * _M, 20e9, 1e6, 3e-5, 3e-5, RESTART_WARMUP_STEPS),
     "stage4": PretrainingStage(4, 0.05, 32768, 8 * _M, 300e9, 1e6, 3e-5, 1e-5, RESTART_WARMUP_STEPS),
+    # Chat SFT after stage 4 (SPEC 6 gives no SFT recipe; the choices are explained in configs/ouro_1p4b.py):
+    # stage 4's context and theta, 4M-token batches, 2 epochs of a nominal 4B-token chat set.
+    "sft": PretrainingStage(4, 0.05, 32768, 4 * _M, 2 * 4e9, 1e6, 2e-5, 2e-6, RESTART_WARMUP_STEPS),
 }
 
 
@@ -172,7 +175,7 @@ def pretraining_config(model: OuroConfig, stage: str) -> ml_collections.ConfigDi
     learning rate, SPEC 6): AdamW (0.9, 0.95), wd 0.1, clip 1.0, bf16 compute over float32 master
     weights, full remat, FSDP over every device. Stages after 1a start from the previous stage's
     params (`init_from`) with a fresh optimizer state, hence a short warmup; stage 4 decays from
-    stage 3's 3e-5."""
+    stage 3's 3e-5. "sft" is chat SFT after stage 4 (chat shards with their target mask)."""
     if stage not in PRETRAINING_STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose from {sorted(PRETRAINING_STAGES)}")
     s = PRETRAINING_STAGES[stage]
