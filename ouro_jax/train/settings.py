@@ -57,7 +57,11 @@ class DataSettings:
 
     @property
     def mixture_weights(self) -> list[float] | None:
-        return [validate.number("data.weights", float(w), 0.0) for w in _split(self.weights, ",")] or None
+        try:
+            weights = [float(w) for w in _split(self.weights, ",")]
+        except ValueError:
+            raise ConfigError(f"data.weights must be comma-separated numbers, got {self.weights!r}") from None
+        return [validate.number("data.weights", w, 0.0) for w in weights] or None
 
 
 @dataclasses.dataclass(frozen=True)
