@@ -1,4 +1,5 @@
-"""The training ConfigDict: every knob of a run, with defaults; `configs/*.py` start from `base_config`.
+"""The training ConfigDict, the command line's view of `ouro_jax.train.settings` (where every knob's default
+and meaning live); `configs/*.py` start from `base_config`. `RunSettings.of(config)` narrows it once.
 
     config.seed             parameter initialization
     config.init_from        model to start from (ouro_jax.model_source: params, HF dir, hub id, run or step); "" = none

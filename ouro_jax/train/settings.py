@@ -43,6 +43,7 @@ class DataSettings:
             validate.positive(f"data.{name}", getattr(self, name))
         for name in ("num_workers", "eval_examples"):
             validate.integer(f"data.{name}", getattr(self, name), 0)
+        self.mixture_weights  # noqa: B018 -- refuses weights that are not numbers now, not at the first batch
 
     @property
     def source_specs(self) -> list[str]:
