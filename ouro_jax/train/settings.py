@@ -43,7 +43,7 @@ class DataSettings:
             validate.positive(f"data.{name}", getattr(self, name))
         for name in ("num_workers", "eval_examples"):
             validate.integer(f"data.{name}", getattr(self, name), 0)
-        self.mixture_weights  # noqa: B018 -- refuses weights that are not numbers now, not at the first batch
+        _mixture(self.weights)  # refused here, not at the first batch
 
     @property
     def source_specs(self) -> list[str]:
@@ -58,11 +58,7 @@ class DataSettings:
 
     @property
     def mixture_weights(self) -> list[float] | None:
-        try:
-            weights = [float(w) for w in _split(self.weights, ",")]
-        except ValueError:
-            raise ConfigError(f"data.weights must be comma-separated numbers, got {self.weights!r}") from None
-        return [validate.number("data.weights", w, 0.0) for w in weights] or None
+        return _mixture(self.weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +205,14 @@ def defaults(kind) -> dict[str, Any]:
 
 def _split(text: str, sep: str) -> list[str]:
     return [part.strip() for part in str(text).split(sep) if part.strip()]
+
+
+def _mixture(text: str) -> list[float] | None:
+    try:
+        weights = [float(w) for w in _split(text, ",")]
+    except ValueError:
+        raise ConfigError(f"data.weights must be comma-separated numbers, got {text!r}") from None
+    return [validate.number("data.weights", w, 0.0) for w in weights] or None
 
 
 def _section(name: str, kind, values) -> Any:
