@@ -15,6 +15,7 @@ from ouro_jax.data import TokenShards, make_batch_iterator
 from ouro_jax.data.prepare import prepare
 from ouro_jax.model import init_params
 from ouro_jax.train.config import model_config
+from ouro_jax.train.settings import RunSettings
 from ouro_jax.train.step import batch_loss_sums
 
 
@@ -70,7 +71,7 @@ def test_sft_stage_of_the_released_models(name, layers):
     assert program.abstract_batch["input_ids"].shape == (128, 32768)
     steps, warmup = int(config.train.steps), int(config.optim.warmup_steps)
     assert steps * 128 * 32768 <= 2 * 4e9 < (steps + 1) * 128 * 32768 and warmup == 200
-    schedule = optim.lr_schedule(config.optim, steps)
+    schedule = optim.lr_schedule(RunSettings.of(config).optim, steps)
     np.testing.assert_allclose([float(schedule(s)) for s in (0, warmup, steps)], [0.0, 2e-5, 2e-6], rtol=1e-3)
     with pytest.raises(ValueError, match="unknown stage 'sfft'"):
         load_config(name, "sfft")
