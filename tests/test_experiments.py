@@ -25,6 +25,9 @@ from experiments import (  # noqa: E402
 )
 
 
+# Slow (3 models): train_and_evaluate runs in test_multihop_efficiency_quick, the summary and the table in
+# test_iso_mano_reports_the_best_run_and_the_mean_beside_it and test_results_md_tables_are_rendered_...
+@pytest.mark.slow
 def test_iso_mano_quick(tmp_path):
     iso_mano.main(["--quick", "--out", str(tmp_path), "--task", "mano:max_len=3,modulus=23", "--lrs", "3e-3"])
     result = json.loads((tmp_path / "results.json").read_text())
@@ -56,6 +59,7 @@ def test_adaptive_exit_quick(tmp_path):
     assert os.path.getsize(seed["plot"]) > 0
 
 
+@pytest.mark.slow  # looped_stage1 runs in test_adaptive_exit_quick, the KV policies in test_generate_decode.py
 def test_kv_policies_quick(tmp_path):
     kv_policies.main(["--quick", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "kv_policies.json").read_text())

@@ -1,7 +1,6 @@
 """The install scheme: compatible ranges for users (requirements.txt, pyproject extras), the exact versions CI
 tests in constraints.txt, every extra documented, and a runtime-only install that degrades gracefully."""
 
-import os
 import pathlib
 import re
 import subprocess
@@ -9,6 +8,7 @@ import sys
 import tomllib
 
 import pytest
+from helpers import subprocess_env
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -76,7 +76,7 @@ def test_ouro_eval_without_matplotlib_writes_results_and_names_the_extra(tmp_pat
     argv = [str(tmp_path / "params"), "--task", "mano:max_len=2,modulus=5", "--num-examples", "16",
             "--output", str(tmp_path / "eval_out"), "--no-progress"]
     proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          env=subprocess_env(devices=8))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pip install 'ouro_jax[eval]'" in proc.stderr and "step 1: accuracy" in proc.stdout
     results = (tmp_path / "eval_out" / "results.json").read_text()

@@ -47,7 +47,7 @@ def _attention_inputs(heads, kv_heads, head_dim, length, dtype=jnp.float32, batc
 ATTENTION_CASES = [  # (heads, kv_heads, head_dim, length): GQA ratios 1, 2, 4; lengths off the block size
     pytest.param(2, 2, 64, 200, marks=pytest.mark.slow),   # several blocks (~25 s for the TPU flavor)
     (4, 2, 128, 100),
-    (4, 1, 64, 100),
+    pytest.param(4, 1, 64, 100, marks=pytest.mark.slow),  # GQA ratio 4 (the default suite keeps ratio 2)
 ]
 
 
@@ -100,7 +100,7 @@ def _ce_inputs(n, d, vocab, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-@pytest.mark.parametrize("n,d,vocab", [(37, 64, 300), (64, 128, 256)])
+@pytest.mark.parametrize("n,d,vocab", [(37, 64, 300), pytest.param(64, 128, 256, marks=pytest.mark.slow)])
 def test_linear_cross_entropy_matches_xla(flavor, n, d, vocab):
     hidden, head, targets = _ce_inputs(n, d, vocab)
     weights = _normal(3, (n,))
@@ -129,9 +129,9 @@ def test_linear_cross_entropy_bf16_and_entry_point_under_a_mesh():
 
 
 DECODE_CASES = [  # (heads, kv_heads, head_dim, q_len, cache_length)
-    (2, 2, 64, 1, 48),
+    pytest.param(2, 2, 64, 1, 48, marks=pytest.mark.slow),  # the default suite keeps GQA with several queries
     (4, 2, 128, 3, 40),
-    (4, 1, 64, 2, 64),
+    pytest.param(4, 1, 64, 2, 64, marks=pytest.mark.slow),
 ]
 
 

@@ -9,7 +9,7 @@ import jax
 import lm_eval
 import numpy as np
 import pytest
-from helpers import golden_with_tokenizer
+from helpers import golden_with_tokenizer, subprocess_env
 from lm_eval.tasks import TaskManager
 
 from ouro_jax.evaluation.lm_eval_adapter import OuroJaxLM  # noqa: E402
@@ -85,7 +85,7 @@ def test_lm_eval_cli_finds_the_backend(dirs, tmp_path):
     """`lm_eval --model ouro_jax` works: the package's .pth hook registers the backend."""
     source, _ = dirs
     cli = pathlib.Path(sys.executable).parent / "lm_eval"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+    env = {**subprocess_env(devices=8), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TASK_DIR.parents[1]), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([str(cli), "--model", "ouro_jax", "--model_args",

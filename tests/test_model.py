@@ -31,6 +31,16 @@ def _loss_and_grads(cfg, params, ids):
     return jax.value_and_grad(lambda p: _loss(cfg, p, ids))(params)
 
 
+@pytest.fixture(scope="module")
+def rolled_reference(tiny):
+    """What the unrolled scans and every remat policy are compared with (computed once): ids, the loss and
+    gradients of the rolled scans without remat, and the residual bytes of no remat and of full remat."""
+    cfg, params = tiny
+    ids = _ids(3, (2, 9))
+    saved = {p: _saved_residual_bytes(cfg.with_execution(remat_policy=p), params, ids) for p in ("none", "full")}
+    return ids, _loss_and_grads(cfg, params, ids), saved
+
+
 def test_released_parameter_counts_without_materializing():
     assert model.count_params(model.abstract_params(config.ouro_1p4b())) == 1_434_652_673
     assert model.count_params(model.abstract_params(config.ouro_2p6b())) == 2_667_974_657
@@ -51,13 +61,12 @@ def test_every_param_has_logical_names_and_one_copy_of_the_stack():
     assert model.count_params(boxed) == 2 * v * d + 3 * per_layer + d + d + 1
 
 
-def test_unrolled_scans_match_rolled_scans(tiny):
+def test_unrolled_scans_match_rolled_scans(tiny, rolled_reference):
     cfg, params = tiny
-    ids = _ids(1, (2, 9))
+    ids, (loss_scan, grads_scan), _ = rolled_reference
     unrolled = cfg.with_execution(unroll=True)
     shapes = lambda c: jax.tree.map(jnp.shape, model.abstract_params(c))
     assert shapes(unrolled) == shapes(cfg)
-    loss_scan, grads_scan = _loss_and_grads(cfg, params, ids)
     loss_unrolled, grads_unrolled = _loss_and_grads(unrolled, params, ids)
     np.testing.assert_allclose(loss_scan, loss_unrolled, rtol=1e-6)
     chex.assert_trees_all_close(grads_scan, grads_unrolled, atol=1e-6)
@@ -95,17 +104,16 @@ def _saved_residual_bytes(cfg, params, ids):
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "save_proj"])
-def test_remat_policies_keep_gradients_and_save_less(tiny, policy):
+def test_remat_policies_keep_gradients_and_save_less(tiny, rolled_reference, policy):
     cfg, params = tiny
-    ids = _ids(3, (2, 9))
-    _, reference = _loss_and_grads(cfg, params, ids)
+    ids, (_, reference), saved = rolled_reference
     remat = cfg.with_execution(remat_policy=policy)
     _, grads = _loss_and_grads(remat, params, ids)
     chex.assert_trees_all_close(reference, grads, atol=1e-6)
-    saved = {p: _saved_residual_bytes(cfg.with_execution(remat_policy=p), params, ids) for p in ("none", policy)}
+    saved = {**saved, policy: saved.get(policy) or _saved_residual_bytes(remat, params, ids)}
     assert saved[policy] < saved["none"] / 2, saved
     if policy != "full":  # the named / matmul outputs it keeps are more than full remat keeps
-        assert saved[policy] > _saved_residual_bytes(cfg.with_execution(remat_policy="full"), params, ids)
+        assert saved[policy] > saved["full"]
 
 
 def test_num_steps_override(tiny):

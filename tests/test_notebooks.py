@@ -10,7 +10,7 @@ import types
 import nbclient
 import nbformat
 import pytest
-from helpers import golden_with_tokenizer
+from helpers import golden_with_tokenizer, subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -27,6 +27,7 @@ def test_notebook_runs(notebook, golden_dir, tmp_path, monkeypatch):
     model = golden_with_tokenizer(golden_dir, tmp_path / "model")
     monkeypatch.setenv("OURO_MODEL", str(model))   # the kernel inherits the environment
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", subprocess_env(devices=8)["XLA_FLAGS"])  # the test devices, fast compiles
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(notebook, as_version=4)
