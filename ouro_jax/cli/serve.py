@@ -11,11 +11,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from ouro_jax.cli.generate import _tokenizer
 from ouro_jax.config import Execution
 from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import POLICIES
-from ouro_jax.model_source import resolve_model
+from ouro_jax.model_source import model_tokenizer, resolve_model
 from ouro_jax.params_io import load_model
 from ouro_jax.serve.server import Running, build_server, parse_mesh
 from ouro_jax.sharding import make_mesh
@@ -60,7 +59,7 @@ def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None
         fail(PROG, f"cannot load --model {args.model}: {e}")
     with cli_errors(PROG):
         mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-        server = build_server(cfg, params, _tokenizer(source, args.tokenizer), model_name=args.model_name or
+        server = build_server(cfg, params, model_tokenizer(source, args.tokenizer), model_name=args.model_name or
                               args.model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                               policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold,
                               timeout=args.timeout, max_queue=args.max_queue, compact=not args.no_compact,
