@@ -177,22 +177,27 @@ def test_per_row_exit_saves_layer_applications(model, server):
     assert per_token["exact"] == pytest.approx(layers * (batch.depths[:, 1:].mean()))   # each row its own depth
 
 
-BAD_BODIES = [
+BAD_BODIES = [   # the messages are ouro_jax.validate's, as every other tool words them
     ("{not json", "not valid JSON"),
-    ({"prompt": "abc", "temperature": -1}, "temperature"),
-    ({"prompt": "abc", "top_p": 0}, "top_p"),
-    ({"prompt": "abc", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "abc", "temperature": -1}, "temperature must be a finite number in [0, inf) (0 = greedy), got -1"),
+    ({"prompt": "abc", "top_p": 0}, "top_p must be a finite number in (0, 1] (1 = off), got 0"),
+    ({"prompt": "abc", "top_k": -2}, "top_k must be an integer >= 0, got -2"),
+    ({"prompt": "abc", "seed": -1}, "seed must be an integer in [0, 4294967296), got -1"),
+    ({"prompt": "abc", "max_tokens": 0}, "max_tokens must be an integer in [1, "),
     ({"prompt": "abc", "max_tokens": "five"}, "max_tokens"),
     ({"max_tokens": 3}, "prompt is required"),
-    ({"prompt": [5, 999]}, "outside the vocabulary"),
+    ({"prompt": [5, 999]}, "prompt has token ids outside the vocabulary [0, 128): [999]"),
+    ({"prompt": "abc", "stop_token_ids": [1, "x"]}, "stop_token_ids has token ids outside the vocabulary"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": "abc", "depth": 9}, "depth"),
-    ({"prompt": "abc", "exit_threshold": 1.5}, "exit_threshold"),
+    ({"prompt": ""}, "prompt is empty: generation needs at least one prompt token"),
+    ({"prompt": "abc", "depth": 9}, "depth must be an integer in [1, 5), got 9"),
+    ({"prompt": "abc", "exit_threshold": 1.5}, "exit_threshold must be a finite number in [0, 1], got 1.5"),
     ({"prompt": "abc", "kv_policy": "last"}, "kv_policy"),
     ({"prompt": "abc", "n": 2}, "n must be 1"),
     ({"prompt": "abc", "echo": True}, "echo"),
-    ({"prompt": "abc", "logprobs": 9}, "logprobs"),
+    ({"prompt": "abc", "logprobs": 9}, "logprobs must be an integer in [0, 6), got 9"),
     ({"prompt": "abc", "stop": [1]}, "stop"),
+    ({"prompt": "abc", "timeout": 0}, "timeout must be a finite number in (0, 86400], got 0"),
     ({"prompt": "x" * 100, "max_tokens": 50}, "context"),
 ]
 

@@ -48,13 +48,13 @@ class Run:
     def __init__(self, server: Server, request, stop, http: HTTPRequest):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.text = TextStream(server.tokenizer, stop, skip_ids=request.stop_ids)
         self.http, self.tokens, self.finish = http, [], None
         try:
             self.handle = server.scheduler.submit(request, lambda e: loop.call_soon_threadsafe(self.events.put_nowait,
                                                                                                e))
         except QueueFull as e:
             raise ApiError(429, str(e), "rate_limit_error") from None
+        self.text = TextStream(server.tokenizer, stop, skip_ids=self.handle.request.stop_ids)   # checked ids
 
     async def pieces(self) -> AsyncIterator[tuple[str, Token | None]]:
         """(new text, token) as tokens arrive; a last ("", None) with the rest of the text when it ends."""
