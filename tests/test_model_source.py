@@ -13,8 +13,8 @@ import optax
 import pytest
 from helpers import golden_with_tokenizer
 
-from ouro_jax.errors import CheckpointError
 from ouro_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+from ouro_jax.errors import CheckpointError
 from ouro_jax.model_source import model_tokenizer, resolve_model
 from ouro_jax.params_io import export_checkpoint, load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer

@@ -26,43 +26,56 @@ class Work(NamedTuple):
     """What a decode step computed."""
 
     steps: jax.Array       # [] recurrent steps run (until every live row had exited)
-    row_steps: jax.Array   # [] rows run summed over the steps (compacted buckets, padding included)
+    row_steps: jax.Array   # [] rows run summed over the steps (whole tiles, padding included)
     live_steps: jax.Array  # [] rows that had not exited, summed over the steps (the least possible)
+
+
+def _run_rows(setup: SlotSetup, params, cache: KVCache, h, mask, positions, t, rows, valid):
+    """Recurrent step `t` for slots `rows` [m] (distinct; only the `valid` ones are written and kept)
+    -> (cache, h [B, 1, d], the rows' gates [m])."""
+    view = tuple(jnp.take(x, rows, axis=1) for x in step_view(cache, setup.policy, t))
+    h_rows, gate, kv = apply_model(setup.cfg, params, h[rows], positions[rows][:, None], mask[rows],
+                                   kv_cache=view, cache_index=setup.cache_length - 1, method=Ouro.step)
+    cache = write_rows(cache, setup.policy, kv, rows, positions[rows], t, valid)
+    h = h.at[rows].set(jnp.where(valid[:, None, None], h_rows, h[rows]))
+    return cache, h, gate[:, 0]
+
+
+def _run_all(setup: SlotSetup, params, cache: KVCache, h, mask, positions, t, active):
+    """Recurrent step `t` for every slot in place (no gathered copy of the cache); rows not `active`
+    are computed but neither written nor kept."""
+    view = step_view(cache, setup.policy, t)
+    h_all, gate, kv = apply_model(setup.cfg, params, h, positions[:, None], mask, kv_cache=view,
+                                  cache_index=setup.cache_length - 1, method=Ouro.step)
+    cache = write_rows(cache, setup.policy, kv, jnp.arange(setup.slots, dtype=jnp.int32), positions, t, active)
+    return cache, jnp.where(active[:, None, None], h_all, h), gate[:, 0]
 
 
 def _layer_step(setup: SlotSetup, params, cache: KVCache, h, mask, positions, active, t):
     """Recurrent step `t` for the rows in `active` [B] -> (cache, h [B, 1, d], gate [B], rows computed).
 
-    Compacting: the active rows are gathered (first, in slot order) into the smallest bucket that
-    holds them; the bucket's other rows are computed but neither written nor kept. The largest bucket
-    (all slots) runs the rows in place, without gathering a copy of the cache."""
-    count = jnp.sum(active).astype(jnp.int32)
-    order = jnp.argsort(~active, stable=True).astype(jnp.int32)
-
-    def run(size):
-        every = size == setup.slots or not setup.compact   # all rows: no gather, no copy of the cache
-
-        def apply(cache, h):
-            rows = jnp.arange(size, dtype=jnp.int32) if every else order[:size]
-            valid = active if every else jnp.arange(size) < count
-            view = step_view(cache, setup.policy, t)
-            if not every:
-                view = tuple(jnp.take(x, rows, axis=1) for x in view)
-            pick = (lambda x: x) if every else (lambda x: x[rows])
-            h_rows, gate, kv = apply_model(setup.cfg, params, pick(h), pick(positions)[:, None], pick(mask),
-                                           kv_cache=view, cache_index=setup.cache_length - 1, method=Ouro.step)
-            cache = write_rows(cache, setup.policy, kv, rows, pick(positions), t, valid)
-            h = jnp.where(valid[:, None, None], h_rows, h) if every else h.at[rows].set(
-                jnp.where(valid[:, None, None], h_rows, h[rows]))
-            return cache, h, jnp.zeros((setup.slots,), jnp.float32).at[rows].set(gate[:, 0])
-        return apply
-
+    Compacting: the active rows (in slot order) run a tile at a time, in a loop over as many tiles as
+    they fill; when that would be every slot, all rows run in place."""
     if not setup.compact:
-        return (*run(setup.slots)(cache, h), jnp.int32(setup.slots))
-    buckets = jnp.asarray(setup.buckets, jnp.int32)
-    branch = jnp.searchsorted(buckets, count).astype(jnp.int32)
-    cache, h, gate = jax.lax.switch(branch, [run(size) for size in setup.buckets], cache, h)
-    return cache, h, gate, buckets[branch]
+        return (*_run_all(setup, params, cache, h, mask, positions, t, active), jnp.int32(setup.slots))
+    size, count = setup.tile, jnp.sum(active).astype(jnp.int32)
+    order = jnp.argsort(~active, stable=True).astype(jnp.int32)
+    tiles = (count + size - 1) // size
+
+    def tile(k, carry):
+        cache, h, gate = carry
+        first = k * size
+        rows = jax.lax.dynamic_slice_in_dim(order, first, size)
+        cache, h, g = _run_rows(setup, params, cache, h, mask, positions, t, rows, first + jnp.arange(size) < count)
+        return cache, h, gate.at[rows].set(g)
+
+    def compacted(cache, h):
+        return jax.lax.fori_loop(0, tiles, tile, (cache, h, jnp.zeros((setup.slots,), jnp.float32)))
+
+    in_place = tiles * size >= setup.slots          # the tiles would cover every slot
+    cache, h, gate = jax.lax.cond(in_place, lambda c, x: _run_all(setup, params, c, x, mask, positions, t, active),
+                                  compacted, cache, h)
+    return cache, h, gate, jnp.where(in_place, setup.slots, tiles * size).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("setup",), donate_argnames=("cache",))

@@ -104,7 +104,8 @@ def _logprobs(server: Server, tokens: list[Token], chat: bool) -> dict | None:
 
 def _choice(server: Server, call: Call, index: int, text: str, tokens: list[Token], finish, key: str) -> dict:
     """A choice with its text under `key`: "text" (completions), "message" or "delta" (chat)."""
-    choice = {"index": index, "finish_reason": finish, "ouro": {"mean_depth": _mean_depth(tokens)},
+    choice = {"index": index, "finish_reason": finish,
+              "ouro": {"mean_depth": _mean_depth(tokens), "token_ids": [t.id for t in tokens]},
               "logprobs": _logprobs(server, tokens, key != "text") if call.logprobs is not None else None}
     choice[key] = text if key == "text" else {"role": "assistant", "content": text}
     return choice

@@ -19,6 +19,11 @@ from ouro_jax.serve.app import Server, create_app
 from ouro_jax.serve.scheduler import Scheduler
 
 
+def cache_length(max_len: int, prefill_chunk: int) -> int:
+    """Cache positions per slot for sequences of `max_len` tokens: + the reserved position, whole chunks."""
+    return -(-(max_len + 1) // prefill_chunk) * prefill_chunk
+
+
 def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: int = 8, max_len: int = 2048,
                  prefill_chunk: int = 64, policy: str = "full", depth: int | None = None,
                  exit_threshold: float | None = None, timeout: float = 600.0, max_queue: int = 64,
@@ -33,8 +38,7 @@ def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: 
         ("slots", slots), ("prefill_chunk", prefill_chunk), ("max_queue", max_queue)))
     max_len = validate.positions("max_len", validate.integer("max_len", max_len, 2), cfg.max_position_embeddings)
     timeout = validate.number("timeout", timeout, 0.0, low_open=True, what=" seconds")
-    length = -(-(max_len + 1) // prefill_chunk) * prefill_chunk   # + the reserved position, whole chunks
-    setup = slot_setup(cfg, policy, depth, slots, length, compact, mesh)
+    setup = slot_setup(cfg, policy, depth, slots, cache_length(max_len, prefill_chunk), compact, mesh)
     if mesh is not None:
         params = jax.device_put(params, shd.tree_shardings(abstract_params(cfg), mesh))
     scheduler = Scheduler(params, setup, prefill_chunk=prefill_chunk, max_queue=max_queue)
