@@ -19,6 +19,8 @@ def test_serve_programs_compile_for_v6e_and_the_cache_dominates_memory():
     cache_per_chip = 2 * 4 * cfg.num_hidden_layers * 8 * (1024 - 256) * cfg.num_key_value_heads // 4 * cfg.head_dim * 2
     assert large[0].bytes_per_chip - small[0].bytes_per_chip >= cache_per_chip   # the cache (in and out) per chip
     assert "fits" in str(large[0])
+    refused = compile_serve_programs(cfg, "v6e:2x2", mesh, slots=8192, cache_length=8192, prefill_chunk_size=64)
+    assert not refused[0].fits and "DOES NOT FIT: RESOURCE_EXHAUSTED" in str(refused[0])   # 128 GiB of cache
 
 
 def test_serve_memory_is_weights_plus_the_caches():
