@@ -75,15 +75,17 @@ class TorchDecoder:
         self.torch, self.cfg = torch, cfg
         self.model = transformers_model(cfg, params).eval()
 
-    def rate(self, prompts, new_tokens, repeats):
+    def generate(self, prompts, new_tokens):
+        """The [B, new_tokens] greedy ids after equal-length `prompts`."""
         ids = self.torch.tensor(prompts)
+        with self.torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.cfg.pad_token_id)
+        return out[:, ids.shape[1]:].numpy()
 
-        def run(n):
-            with self.torch.inference_mode():
-                return self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n,
-                                           min_new_tokens=n, do_sample=False, pad_token_id=self.cfg.pad_token_id)
-
-        return decode_rate(run, new_tokens, len(prompts), repeats), run(new_tokens)[:, ids.shape[1]:].numpy()
+    def rate(self, prompts, new_tokens, repeats):
+        run = lambda n: self.generate(prompts, n)
+        return decode_rate(run, new_tokens, len(prompts), repeats), run(new_tokens)
 
 
 def load(args):

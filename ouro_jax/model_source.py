@@ -22,6 +22,7 @@ import huggingface_hub
 import orbax.checkpoint as ocp
 from huggingface_hub import constants as hub_constants
 
+from ouro_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from ouro_jax.errors import CheckpointError
 from ouro_jax.paths import Path, PathLike, as_path, is_local
 
@@ -122,6 +123,12 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
     if is_local(text) and _HUB_ID.fullmatch(text) and not text.startswith("."):
         return _hub_source(text)
     raise CheckpointError(f"{text}: no such directory")
+
+
+def model_tokenizer(source: ModelSource, spec: str | os.PathLike | None = None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer a tool uses with `source`: `spec` ('byte', a tokenizer.json or a directory holding one)
+    when given, else the model's own tokenizer files, else the byte tokenizer."""
+    return load_tokenizer(spec if spec is not None else source.tokenizer_dir or "byte")
 
 
 def training_model_fields(workdir: PathLike) -> dict:

@@ -61,9 +61,10 @@ def thresholds(values: Iterable, name: str = "thresholds") -> list[float]:
     return [exit_threshold(q, name) for q in values]
 
 
-def num_steps(value, name: str = "num_steps") -> int:
-    """Recurrent steps (depth) to run: an integer >= 1 (more than the trained T extrapolates)."""
-    return integer(name, value, 1)
+def num_steps(value, name: str = "num_steps", most: int | None = None) -> int:
+    """Recurrent steps (depth) to run: an integer >= 1 (more than the trained T extrapolates), at most
+    `most` where the caller's cache or program holds no more."""
+    return integer(name, value, 1, None if most is None else most + 1)
 
 
 def exit_step(value, depth: int, name: str = "exit_at_step") -> int:
@@ -110,6 +111,19 @@ def token_ids(name: str, ids: Iterable, vocab_size: int) -> list[int]:
     if bad:
         raise ConfigError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     return [int(t) for t in ids]
+
+
+def prompt_ids(name: str, ids: Iterable, vocab_size: int) -> list[int]:
+    """A prompt: at least one token id, each in [0, vocab_size)."""
+    ids = token_ids(name, ids, vocab_size)
+    if not ids:
+        raise ConfigError(f"{name} is empty: generation needs at least one prompt token")
+    return ids
+
+
+def seed(value, name: str = "seed") -> int:
+    """A sampling seed: an unsigned 32-bit integer."""
+    return integer(name, value, 0, 2**32)
 
 
 def sampling(temperature, top_k, top_p) -> tuple[float, int, float]:

@@ -13,8 +13,9 @@ import optax
 import pytest
 from helpers import golden_with_tokenizer
 
+from ouro_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 from ouro_jax.errors import CheckpointError
-from ouro_jax.model_source import resolve_model
+from ouro_jax.model_source import model_tokenizer, resolve_model
 from ouro_jax.params_io import export_checkpoint, load_model, load_model_config, save_params
 from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.config import base_config, model_fields
@@ -174,3 +175,12 @@ def test_gcs_workdir_step(golden_loaded, gcs_bucket, tmp_path):
     _same(load_model(remote)[1], saved[5])
     out = export_checkpoint(remote, tmp_path / "export", dtype="float32")
     _same(load_model(out)[1], saved[5])
+
+
+def test_model_tokenizer_is_the_models_own_else_the_given_one_else_bytes(golden_dir, tmp_path):
+    with_tokenizer = resolve_model(golden_with_tokenizer(golden_dir, tmp_path / "golden"))
+    assert isinstance(model_tokenizer(with_tokenizer), HFTokenizer)
+    assert isinstance(model_tokenizer(with_tokenizer, "byte"), ByteTokenizer)
+    plain = resolve_model(golden_dir)
+    assert plain.tokenizer_dir is None and isinstance(model_tokenizer(plain), ByteTokenizer)
+    assert isinstance(model_tokenizer(plain, with_tokenizer.path / "tokenizer.json"), HFTokenizer)

@@ -79,6 +79,7 @@ def test_completions_equal_generate_greedy(model, client):
         assert out.choices[0].text == want, prompt
         assert out.usage.completion_tokens == 12 and out.choices[0].finish_reason == "length"
         assert 1 <= out.choices[0].model_extra["ouro"]["mean_depth"] <= 4
+        assert tokenizer.decode(out.choices[0].model_extra["ouro"]["token_ids"]) == want   # the generated ids
     ids = tokenizer.encode("Say hi:").tolist()      # token ids in, and a batch of prompts
     out = client.completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=5, temperature=0)
     assert [c.text for c in out.choices] == [_expected(model, p, 5, [tokenizer.eos_id]) for p in (ids, ids[:3])]
@@ -120,6 +121,8 @@ def test_chat_and_streaming(model, client):
     text = list(client.completions.create(model="tiny", prompt="Say hi:", max_tokens=9, temperature=0, stream=True))
     assert len(text) >= 9 and "".join(c.choices[0].text for c in text) == _expected(
         model, tokenizer.encode("Say hi:"), 9, [tokenizer.eos_id])
+    ids = [i for c in text for i in c.choices[0].model_extra["ouro"]["token_ids"]]   # one per token chunk
+    assert len(ids) == 9 and tokenizer.decode(ids) == "".join(c.choices[0].text for c in text)
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
@@ -177,22 +180,27 @@ def test_per_row_exit_saves_layer_applications(model, server):
     assert per_token["exact"] == pytest.approx(layers * (batch.depths[:, 1:].mean()))   # each row its own depth
 
 
-BAD_BODIES = [
+BAD_BODIES = [   # the messages are ouro_jax.validate's, as every other tool words them
     ("{not json", "not valid JSON"),
-    ({"prompt": "abc", "temperature": -1}, "temperature"),
-    ({"prompt": "abc", "top_p": 0}, "top_p"),
-    ({"prompt": "abc", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "abc", "temperature": -1}, "temperature must be a finite number in [0, inf) (0 = greedy), got -1"),
+    ({"prompt": "abc", "top_p": 0}, "top_p must be a finite number in (0, 1] (1 = off), got 0"),
+    ({"prompt": "abc", "top_k": -2}, "top_k must be an integer >= 0, got -2"),
+    ({"prompt": "abc", "seed": -1}, "seed must be an integer in [0, 4294967296), got -1"),
+    ({"prompt": "abc", "max_tokens": 0}, "max_tokens must be an integer in [1, "),
     ({"prompt": "abc", "max_tokens": "five"}, "max_tokens"),
     ({"max_tokens": 3}, "prompt is required"),
-    ({"prompt": [5, 999]}, "outside the vocabulary"),
+    ({"prompt": [5, 999]}, "prompt has token ids outside the vocabulary [0, 128): [999]"),
+    ({"prompt": "abc", "stop_token_ids": [1, "x"]}, "stop_token_ids has token ids outside the vocabulary"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": "abc", "depth": 9}, "depth"),
-    ({"prompt": "abc", "exit_threshold": 1.5}, "exit_threshold"),
+    ({"prompt": ""}, "prompt is empty: generation needs at least one prompt token"),
+    ({"prompt": "abc", "depth": 9}, "depth must be an integer in [1, 5), got 9"),
+    ({"prompt": "abc", "exit_threshold": 1.5}, "exit_threshold must be a finite number in [0, 1], got 1.5"),
     ({"prompt": "abc", "kv_policy": "last"}, "kv_policy"),
     ({"prompt": "abc", "n": 2}, "n must be 1"),
     ({"prompt": "abc", "echo": True}, "echo"),
-    ({"prompt": "abc", "logprobs": 9}, "logprobs"),
+    ({"prompt": "abc", "logprobs": 9}, "logprobs must be an integer in [0, 6), got 9"),
     ({"prompt": "abc", "stop": [1]}, "stop"),
+    ({"prompt": "abc", "timeout": 0}, "timeout must be a finite number in (0, 86400], got 0"),
     ({"prompt": "x" * 100, "max_tokens": 50}, "context"),
 ]
 
@@ -354,15 +362,17 @@ def test_cli_bad_input_is_one_line(model, args, needle):
 
 
 def test_sharded_over_8_devices_decodes_like_generate(model):
-    """Weights and KV cache over a (data=2, tensor=4) mesh of 8 fake CPU devices: same tokens as `generate`."""
+    """Weights and KV cache over a (data=2, tensor=4) mesh of 8 fake CPU devices: same tokens as `generate`.
+    16 slots: the decode step compacts live rows in tiles of 2 (3 live rows: one padded row per step)."""
     _, cfg, params, tokenizer = model
     mesh = make_mesh(parse_mesh("data=2,tensor=4"))
-    server = build_server(cfg, params, tokenizer, model_name="tiny", slots=SLOTS, max_len=56, prefill_chunk=CHUNK,
+    server = build_server(cfg, params, tokenizer, model_name="tiny", slots=16, max_len=56, prefill_chunk=CHUNK,
                           mesh=mesh)
     scheduler = server.scheduler
     keys = scheduler.cache.keys
+    assert scheduler.setup.tile == 2
     assert keys.sharding.spec == PartitionSpec(None, None, ("data", "fsdp"), None, "tensor", None)
-    assert keys.addressable_shards[0].data.shape == (4, 2, SLOTS // 2, 64, 1, 16)
+    assert keys.addressable_shards[0].data.shape == (4, 2, 8, 64, 1, 16)
     assert len({s.device for s in scheduler.params["decoder"]["layers"]["self_attn"]["q_proj"].addressable_shards}) == 8
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 128, n).tolist() for n in (5, 11, 3)]
@@ -373,3 +383,4 @@ def test_sharded_over_8_devices_decodes_like_generate(model):
         scheduler.iterate()
     want = generate(cfg, params, prompts, max_new_tokens=6, exit_threshold=0.5, cache_length=2 * MAX_LEN).rows()
     assert [s.tokens for s in sinks] == want
+    assert scheduler.stats.row_steps <= 2 * scheduler.stats.batch_steps     # tiles of 2, not all 16 slots

@@ -64,6 +64,20 @@ def test_token_ids_positions_sampling_and_choices():
         validate.objective("x")
 
 
+def test_prompt_ids_seed_and_a_bounded_depth():
+    assert validate.prompt_ids("prompt", (3, np.int64(4)), 8) == [3, 4]
+    with pytest.raises(ConfigError, match="prompt is empty: generation needs at least one prompt token"):
+        validate.prompt_ids("prompt", [], 8)
+    with pytest.raises(ConfigError, match=r"prompt has token ids outside the vocabulary \[0, 8\): \[True\]"):
+        validate.prompt_ids("prompt", [True], 8)
+    assert validate.seed(2**32 - 1) == 2**32 - 1
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 4294967296\), got -1"):
+        validate.seed(-1)
+    assert validate.num_steps(4, "depth", 4) == 4 and validate.num_steps(9, "depth") == 9
+    with pytest.raises(ConfigError, match=r"depth must be an integer in \[1, 5\), got 5"):
+        validate.num_steps(5, "depth", 4)
+
+
 def test_fits_memory_names_what_it_needs():
     validate.fits_memory("a small thing", 1024, 2048)
     with pytest.raises(ConfigError, match=r"a big thing does not fit: needs 3.0 GiB of 2.0 GiB device memory"):

@@ -19,10 +19,9 @@ import numpy as np
 from ouro_jax import validate
 from ouro_jax.config import Execution
 from ouro_jax.data.chat_template import encode_chat_prompt, stop_token_ids
-from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.errors import OneLineParser, cli_errors, fail, one_line
 from ouro_jax.inference import EXIT_MODES, POLICIES, GenerationResult, default_cache_length, generate
-from ouro_jax.model_source import ModelSource, resolve_model
+from ouro_jax.model_source import ModelSource, model_tokenizer, resolve_model
 from ouro_jax.params_io import load_model
 from ouro_jax.paths import as_path
 
@@ -36,12 +35,6 @@ def _parse_ids(text: str, what: str) -> list[int]:
         return [int(x) for x in text.replace(",", " ").split()]
     except ValueError:
         fail(PROG, f"{what} must be integers separated by commas or spaces, got {text!r}")
-
-
-def _tokenizer(source: ModelSource, spec: str | None):
-    if spec is not None:
-        return load_tokenizer(spec)
-    return load_tokenizer(source.tokenizer_dir or "byte")
 
 
 class _TextStream:
@@ -132,7 +125,7 @@ def _prompt(args, source: ModelSource) -> tuple[list[int], object, list[int]]:
             fail(PROG, "--chat needs --prompt text or --messages, not --prompt-ids")
         tokenizer, ids = None, _parse_ids(args.prompt_ids, "--prompt-ids")
     else:
-        tokenizer = _tokenizer(source, args.tokenizer)
+        tokenizer = model_tokenizer(source, args.tokenizer)
         if chat:
             ids = encode_chat_prompt(tokenizer, _messages(args), source.tokenizer_dir, add_generation_prompt=True,
                                      enable_thinking=args.enable_thinking)

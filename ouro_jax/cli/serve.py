@@ -2,6 +2,8 @@
 
 The library is `ouro_jax.serve` (continuous batching over `--slots` decode slots, per-request early
 exit); this module only parses arguments, loads the model and serves until interrupted.
+`--aot TOPOLOGY` instead compiles the serving programs for a TPU topology (libtpu, no TPU; `--model`
+may then be a preset name) and prints each program's memory per chip: exit 0 when all fit, 1 if not.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from ouro_jax.cli.generate import _tokenizer
+from ouro_jax import config as presets
+from ouro_jax import validate
 from ouro_jax.config import Execution
 from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import POLICIES
-from ouro_jax.model_source import resolve_model
-from ouro_jax.params_io import load_model
-from ouro_jax.serve.server import Running, build_server, parse_mesh
+from ouro_jax.model_source import model_tokenizer, resolve_model
+from ouro_jax.params_io import load_model, load_model_config
+from ouro_jax.serve.server import Running, build_server, cache_length, parse_mesh
 from ouro_jax.sharding import make_mesh
 
 __all__ = ["build_parser", "main", "run"]
@@ -43,8 +46,31 @@ def build_parser() -> OneLineParser:
     p.add_argument("--no-compact", action="store_true",
                    help="run every slot until all have exited (batch-level exit) instead of compacting live rows")
     p.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=2,tensor=4' (default: one device)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype (default: the checkpoint's; with --aot: bfloat16, weights too)")
+    p.add_argument("--aot", metavar="TOPOLOGY",
+                   help="compile the serving programs for a TPU topology (e.g. v6e:2x2) and print their memory "
+                        "per chip instead of serving (--mesh default: tensor over every chip)")
     return p
+
+
+def _aot(args) -> int:
+    """`--aot`: the serve programs' memory per chip on the topology (and the arithmetic of one device)."""
+    from ouro_jax.serve.aot import compile_serve_programs, serve_memory  # needs libtpu
+
+    dtype = args.dtype or "bfloat16"
+    cfg = (presets.preset(args.model) if args.model in presets.PRESETS else
+           load_model_config(args.model)).with_execution(dtype=dtype, param_dtype=dtype)
+    slots, chunk = validate.positive("slots", args.slots), validate.positive("prefill_chunk", args.prefill_chunk)
+    max_len = validate.positions("max_len", validate.integer("max_len", args.max_len, 2), cfg.max_position_embeddings)
+    depth = validate.num_steps(cfg.total_ut_steps if args.depth is None else args.depth, "depth")
+    options = dict(slots=slots, cache_length=cache_length(max_len, chunk), policy=args.policy, depth=depth)
+    print(f"{args.model} ({dtype}), one device: {serve_memory(cfg, **options)}", flush=True)
+    reports = compile_serve_programs(cfg, args.aot, parse_mesh(args.mesh or "tensor=-1"), prefill_chunk_size=chunk,
+                                     compact=not args.no_compact, **options)
+    for report in reports:
+        print(report)
+    return 0 if all(r.fits for r in reports) else 1
 
 
 def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None,
@@ -53,6 +79,9 @@ def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None
     args = build_parser().parse_args(argv)
     if args.policy not in POLICIES:
         fail(PROG, f"unknown --policy {args.policy!r}; choose from {', '.join(POLICIES)}")
+    if args.aot:
+        with cli_errors(PROG):
+            return _aot(args)
     try:
         source = resolve_model(args.model)
         cfg, params = load_model(source, execution=Execution(dtype=args.dtype) if args.dtype else None)
@@ -60,7 +89,7 @@ def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None
         fail(PROG, f"cannot load --model {args.model}: {e}")
     with cli_errors(PROG):
         mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-        server = build_server(cfg, params, _tokenizer(source, args.tokenizer), model_name=args.model_name or
+        server = build_server(cfg, params, model_tokenizer(source, args.tokenizer), model_name=args.model_name or
                               args.model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                               policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold,
                               timeout=args.timeout, max_queue=args.max_queue, compact=not args.no_compact,

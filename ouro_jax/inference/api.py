@@ -114,11 +114,7 @@ def _validate_prompts(cfg: OuroConfig, prompts) -> list[list[int]]:
     rows = [list(p) for p in prompts]
     if not rows:
         raise ValueError("no prompts given")
-    for b, row in enumerate(rows):
-        if not row:
-            raise ValueError(f"prompt {b} is empty: generation needs at least one prompt token")
-        validate.token_ids(f"prompt {b}", row, cfg.vocab_size)
-    return [[int(t) for t in row] for row in rows]
+    return [validate.prompt_ids(f"prompt {b}", row, cfg.vocab_size) for b, row in enumerate(rows)]
 
 
 def _check_fits(cfg: OuroConfig, params, policy: str, depth: int, batch: int, cache_length: int, bucket: int) -> None:
@@ -171,7 +167,7 @@ def generate(cfg: OuroConfig, params: dict[str, Any], prompts: Sequence[Sequence
         raise ValueError(f"unknown exit_mode {exit_mode!r}; choose from {EXIT_MODES}")
     check_speculative(policy, exit_mode, q, depth, draft_tokens, draft_depth)
     max_new_tokens = validate.positive("max_new_tokens", max_new_tokens)
-    seed = validate.integer("seed", seed, 0, 2**32)
+    seed = validate.seed(seed)
     validate.token_ids("stop_token_ids", stop_token_ids, cfg.vocab_size)
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > cfg.max_position_embeddings:

@@ -82,7 +82,7 @@ def step_view(cache: KVCache, policy: str, step: jax.Array) -> tuple[jax.Array, 
     return tuple(jax.lax.dynamic_index_in_dim(c, slot, axis=0, keepdims=False) for c in cache)
 
 
-def _merge(policy: str, column: jax.Array, new: jax.Array, step: jax.Array, rows: jax.Array) -> jax.Array:
+def merge_column(policy: str, column: jax.Array, new: jax.Array, step: jax.Array, rows: jax.Array) -> jax.Array:
     """A cache column [slots, N, ...] with a token's step-`step` K/V `new` [1, N, ...] merged in by the
     policy, for the rows where the mask `rows` (broadcast against the column) is True."""
     new = new.astype(column.dtype)
@@ -110,7 +110,7 @@ def write_step(cache: KVCache, policy: str, new_kv: tuple[jax.Array, jax.Array],
     out = []
     for c, new in zip(cache, new_kv):
         column = jax.lax.dynamic_index_in_dim(c, index, axis=3, keepdims=True)   # [slots, N, B, 1, KVH, hd]
-        column = _merge(policy, column, new[None], step, active[None, None, :, None, None, None])
+        column = merge_column(policy, column, new[None], step, active[None, None, :, None, None, None])
         out.append(jax.lax.dynamic_update_slice_in_dim(c, column, index, axis=3))
     return KVCache(*out)
 
@@ -122,7 +122,7 @@ def write_rows(cache: KVCache, policy: str, new_kv: tuple[jax.Array, jax.Array],
     out = []
     for c, new in zip(cache, new_kv):
         column = c[:, :, rows, index]                                           # [slots, N, m, KVH, hd]
-        column = _merge(policy, column, new[None, :, :, 0], step, active[None, None, :, None, None])
+        column = merge_column(policy, column, new[None, :, :, 0], step, active[None, None, :, None, None])
         out.append(c.at[:, :, rows, index].set(column))
     return KVCache(*out)
 

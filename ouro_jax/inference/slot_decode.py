@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ouro_jax.inference.cache import KVCache, step_view, write_rows
+from ouro_jax.inference.cache import KVCache, merge_column, step_view
 from ouro_jax.inference.settings import apply_model, exit_reached
 from ouro_jax.inference.slots import RowSettings, Sampled, SlotSetup, constrain, sample_row
 from ouro_jax.model import Ouro
@@ -26,43 +26,53 @@ class Work(NamedTuple):
     """What a decode step computed."""
 
     steps: jax.Array       # [] recurrent steps run (until every live row had exited)
-    row_steps: jax.Array   # [] rows run summed over the steps (compacted buckets, padding included)
+    row_steps: jax.Array   # [] rows run summed over the steps (whole tiles, padding included)
     live_steps: jax.Array  # [] rows that had not exited, summed over the steps (the least possible)
 
 
-def _layer_step(setup: SlotSetup, params, cache: KVCache, h, mask, positions, active, t):
-    """Recurrent step `t` for the rows in `active` [B] -> (cache, h [B, 1, d], gate [B], rows computed).
+def _run_rows(setup: SlotSetup, params, view, h, mask, positions, rows):
+    """One recurrent step of slots `rows` [m] on their gathered cache `view` -> (h [m, 1, d], gate [m, 1],
+    their K/V [N, m, 1, KVH, hd] each)."""
+    view = tuple(jnp.take(x, rows, axis=1) for x in view)
+    return apply_model(setup.cfg, params, h[rows], positions[rows][:, None], mask[rows], kv_cache=view,
+                       cache_index=setup.cache_length - 1, method=Ouro.step)
 
-    Compacting: the active rows are gathered (first, in slot order) into the smallest bucket that
-    holds them; the bucket's other rows are computed but neither written nor kept. The largest bucket
-    (all slots) runs the rows in place, without gathering a copy of the cache."""
-    count = jnp.sum(active).astype(jnp.int32)
+
+def _layer_step(setup: SlotSetup, params, cache: KVCache, column: KVCache, h, mask, positions, active, t):
+    """Recurrent step `t` for the rows in `active` [B] -> (column, h [B, 1, d], gate [B], rows computed).
+
+    `column` holds each slot's K/V at its fed position ([slots, N, B, KVH, hd] each), which no step of
+    this token reads from the cache (the mask hides it; `Ouro.step` attends to the token's own K/V):
+    the step merges into it, and `decode_step` writes it into the cache once, after the last step, so
+    the cache is only read in the loops and the compiler needs no copy of it.
+    Compacting: the active rows (in slot order) run a tile at a time, in a loop over as many tiles as
+    they fill; when that would be every slot, all rows run in place."""
+    view = step_view(cache, setup.policy, t)
+
+    def every(h):
+        return apply_model(setup.cfg, params, h, positions[:, None], mask, kv_cache=view,
+                           cache_index=setup.cache_length - 1, method=Ouro.step)
+
+    size, count = setup.tile, jnp.sum(active).astype(jnp.int32)
     order = jnp.argsort(~active, stable=True).astype(jnp.int32)
+    tiles = (count + size - 1) // size
 
-    def run(size):
-        every = size == setup.slots or not setup.compact   # all rows: no gather, no copy of the cache
+    def tile(k, carry):
+        h_new, gate, kv = carry
+        rows = jax.lax.dynamic_slice_in_dim(order, k * size, size)
+        h_rows, g, kv_rows = _run_rows(setup, params, view, h, mask, positions, rows)
+        return (h_new.at[rows].set(h_rows), gate.at[rows].set(g),
+                tuple(x.at[:, rows].set(y) for x, y in zip(kv, kv_rows)))
 
-        def apply(cache, h):
-            rows = jnp.arange(size, dtype=jnp.int32) if every else order[:size]
-            valid = active if every else jnp.arange(size) < count
-            view = step_view(cache, setup.policy, t)
-            if not every:
-                view = tuple(jnp.take(x, rows, axis=1) for x in view)
-            pick = (lambda x: x) if every else (lambda x: x[rows])
-            h_rows, gate, kv = apply_model(setup.cfg, params, pick(h), pick(positions)[:, None], pick(mask),
-                                           kv_cache=view, cache_index=setup.cache_length - 1, method=Ouro.step)
-            cache = write_rows(cache, setup.policy, kv, rows, pick(positions), t, valid)
-            h = jnp.where(valid[:, None, None], h_rows, h) if every else h.at[rows].set(
-                jnp.where(valid[:, None, None], h_rows, h[rows]))
-            return cache, h, jnp.zeros((setup.slots,), jnp.float32).at[rows].set(gate[:, 0])
-        return apply
+    def compacted(h):
+        kv = tuple(jnp.zeros((x.shape[0], setup.slots, 1, *x.shape[3:]), x.dtype) for x in view)
+        return jax.lax.fori_loop(0, tiles, tile, (h, jnp.zeros((setup.slots, 1), jnp.float32), kv))
 
-    if not setup.compact:
-        return (*run(setup.slots)(cache, h), jnp.int32(setup.slots))
-    buckets = jnp.asarray(setup.buckets, jnp.int32)
-    branch = jnp.searchsorted(buckets, count).astype(jnp.int32)
-    cache, h, gate = jax.lax.switch(branch, [run(size) for size in setup.buckets], cache, h)
-    return cache, h, gate, buckets[branch]
+    in_place = (tiles * size >= setup.slots) | (not setup.compact)   # the tiles would cover every slot
+    h, gate, kv = every(h) if not setup.compact else jax.lax.cond(in_place, every, compacted, h)
+    column = KVCache(*(merge_column(setup.policy, c, new[None, :, :, 0], t, active[None, None, :, None, None])
+                       for c, new in zip(column, kv)))
+    return column, h, gate[:, 0], jnp.where(in_place, setup.slots, tiles * size).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("setup",), donate_argnames=("cache",))
@@ -72,23 +82,26 @@ def decode_step(params, cache: KVCache, batch: SlotBatch, rows: RowSettings, *,
     cfg, length = setup.cfg, setup.cache_length
     slots = jnp.arange(length)[None]
     mask = ((slots < batch.positions[:, None]) | (slots == length - 1))[:, None, None, :]
+    every = jnp.arange(setup.slots)
 
     def one_step(s):
-        t, h, exited, exit_step, gates, cache, row_steps, live_steps = s
+        t, h, exited, exit_step, gates, column, row_steps, live_steps = s
         active = ~exited
-        cache, h_new, gate, computed = _layer_step(setup, params, cache, h, mask, batch.positions, active, t)
+        column, h_new, gate, computed = _layer_step(setup, params, cache, column, h, mask, batch.positions, active, t)
         gates = gates.at[t].set(gate)
         h = jnp.where(active[:, None, None], h_new, h)
         exit_step = jnp.where(active, t, exit_step)
         exited = exited | exit_reached(gates, t, rows.depth, rows.threshold)
-        return (t + 1, h, exited, exit_step, gates, cache, row_steps + computed,
+        return (t + 1, h, exited, exit_step, gates, column, row_steps + computed,
                 live_steps + jnp.sum(active).astype(jnp.int32))
 
     h = apply_model(cfg, params, batch.tokens[:, None], method=Ouro.embed)
     zeros = jnp.zeros((setup.slots,), jnp.int32)
-    init = (jnp.int32(0), h, ~batch.live, zeros, jnp.zeros((setup.depth, setup.slots), jnp.float32), cache,
+    column = KVCache(*(c[:, :, every, batch.positions] for c in cache))
+    init = (jnp.int32(0), h, ~batch.live, zeros, jnp.zeros((setup.depth, setup.slots), jnp.float32), column,
             jnp.int32(0), jnp.int32(0))
-    t, h, _, exit_step, _, cache, row_steps, live_steps = jax.lax.while_loop(
+    t, h, _, exit_step, _, column, row_steps, live_steps = jax.lax.while_loop(
         lambda s: (s[0] < setup.depth) & jnp.any(~s[2]), one_step, init)
+    cache = KVCache(*(c.at[:, :, every, batch.positions].set(col) for c, col in zip(cache, column)))
     logits = apply_model(cfg, params, h[:, 0], method=Ouro.logits)
     return constrain(setup, cache), jax.vmap(sample_row)(logits, rows, exit_step), Work(t, row_steps, live_steps)

@@ -9,9 +9,11 @@ step) or chunk size (prefill): nothing compiles per request.
   earlier chunks in a one-row scratch cache with a slot per step), so a long prompt is prefilled a
   chunk between decode steps; `commit_prefill` reduces the scratch by the KV policy into a slot's row.
 - `decode_step` feeds one token per live slot. Per-row early exit: at each recurrent step the rows
-  that have not exited are gathered into the smallest power-of-two bucket that holds them, run, and
-  scattered back, so an exited row does no more layer work (`compact=False` runs every row until all
-  have exited: the batch-level exit of `generate`'s `early` mode).
+  that have not exited are gathered, a tile of `SlotSetup.tile` rows at a time, run, and scattered
+  back, so an exited row does no more layer work; when the live rows would fill every tile, all slots
+  run in place (`compact=False` always runs every row until all have exited: the batch-level exit of
+  `generate`'s `early` mode). The program holds the layer stack twice (tile, all slots), whatever
+  the slot count: compiling it takes about as long as compiling one batch's step.
 
 The last cache position of a row is reserved: the fed token's own K/V column, which the mask keeps
 visible while the row's cache part is masked to positions < position[b] (see `Attention`). The slot
@@ -51,11 +53,10 @@ class SlotSetup:
     mesh: Mesh | None = None  # slots over ('data', 'fsdp'), KV heads over 'tensor' (where they divide)
 
     @property
-    def buckets(self) -> tuple[int, ...]:
-        """Row counts the decode step compacts live rows into: 1, 2, 3, 4, 6, 8, 12, ... (powers of two and
-        their halfway points, so a bucket pads at most a third), then `slots`."""
-        sizes = {min(size, self.slots) for k in range(self.slots.bit_length() + 1) for size in (1 << k, 3 << k >> 1)}
-        return tuple(sorted(sizes - {0}))
+    def tile(self) -> int:
+        """Rows the decode step gathers and runs together when it compacts live rows: an eighth of the
+        slots (at least 1), so a step pads at most tile - 1 rows and gathers an eighth of the cache."""
+        return max(1, self.slots // 8)
 
 
 def slot_setup(cfg: OuroConfig, policy: str, depth: int, slots: int, cache_length: int,

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of the serving programs for TPU topologies (libtpu, no TPU needed): the
 memory each chip needs for the decode step, a prefill chunk and the commit, with the weights and
-the KV cache of `slots` sequences sharded over the mesh."""
+the KV cache of `slots` sequences sharded over the mesh. `serve_memory` is the arithmetic of the same
+setup (weights + caches, no compiler) for a device that cannot be compiled for here (a GPU)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import jax.numpy as jnp
 
 from ouro_jax import sharding as shd
 from ouro_jax.config import OuroConfig
-from ouro_jax.inference.cache import KVCache, cache_shape
+from ouro_jax.inference.cache import KVCache, cache_bytes, cache_shape
 from ouro_jax.inference.slot_decode import SlotBatch, decode_step
 from ouro_jax.inference.slots import RowSettings, SlotSetup, cache_sharding, commit_prefill, prefill_chunk, slot_setup
 from ouro_jax.model import abstract_params
-from ouro_jax.train.aot import HBM_BYTES, DoesNotFit, topology_devices
+from ouro_jax.train.aot import HBM_BYTES, topology_devices
+from ouro_jax.validate import format_bytes
+
+__all__ = ["ServeMemory", "ServeReport", "compile_serve_programs", "serve_memory"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,16 +31,20 @@ class ServeReport:
     slots: int
     cache_length: int
     policy: str
-    bytes_per_chip: int   # arguments + outputs - donated aliases + temporaries
+    bytes_per_chip: int   # arguments + outputs - donated aliases + temporaries (0 when XLA refused it)
     hbm_bytes: int
+    refused: str = ""     # XLA's out-of-memory message, when it refused to compile the program
 
     @property
     def fits(self) -> bool:
-        return self.bytes_per_chip <= self.hbm_bytes
+        return not self.refused and self.bytes_per_chip <= self.hbm_bytes
 
     def __str__(self) -> str:
-        return (f"{self.program} on {self.topology} {self.mesh}: {self.slots} slots x {self.cache_length} "
-                f"({self.policy}): {self.bytes_per_chip / 2**30:.2f} GiB per chip of {self.hbm_bytes / 2**30:.0f} "
+        head = (f"{self.program} on {self.topology} {self.mesh}: {self.slots} slots x {self.cache_length} "
+                f"({self.policy})")
+        if self.refused:
+            return f"{head}: DOES NOT FIT: {self.refused}"
+        return (f"{head}: {self.bytes_per_chip / 2**30:.2f} GiB per chip of {self.hbm_bytes / 2**30:.0f} "
                 f"-> {'fits' if self.fits else 'DOES NOT FIT'}")
 
 
@@ -68,24 +76,55 @@ def _programs(setup: SlotSetup, chunk: int):
             ("commit_prefill", commit_prefill.lower(cache, scratch, scalar, scalar, setup=setup))]
 
 
+def _compiled_bytes(lowered) -> tuple[int, str]:
+    """(bytes per chip, "") of a lowered program, or (0, XLA's message) when it runs out of memory."""
+    try:
+        memory = lowered.compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+            raise
+        return 0, str(e).strip().splitlines()[0][:240]
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+               + memory.temp_size_in_bytes), ""
+
+
 def compile_serve_programs(cfg: OuroConfig, topology: str, mesh_shape: dict[str, int], *, slots: int,
                            cache_length: int, policy: str = "full", prefill_chunk_size: int = 512,
-                           depth: int | None = None) -> list[ServeReport]:
-    """Compiles the serving programs for `topology`; raises DoesNotFit when the compiler runs out of memory."""
+                           depth: int | None = None, compact: bool = True) -> list[ServeReport]:
+    """Compiles the serving programs for `topology`: a report each (one that XLA refuses for memory says so)."""
     devices = topology_devices(topology)
     mesh = shd.make_mesh(mesh_shape, devices)
-    setup = slot_setup(cfg, policy, depth or cfg.total_ut_steps, slots, cache_length, mesh=mesh)
+    setup = slot_setup(cfg, policy, depth or cfg.total_ut_steps, slots, cache_length, compact, mesh)
     reports = []
     for name, lowered in _programs(setup, prefill_chunk_size):
-        try:
-            memory = lowered.compile().memory_analysis()
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
-                raise
-            raise DoesNotFit(f"{name} on {topology}: {slots} slots x {cache_length} ({policy}) does not fit: "
-                             f"{str(e).strip().splitlines()[0][:200]}") from None
-        per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                    + memory.temp_size_in_bytes)
-        reports.append(ServeReport(name, topology, dict(mesh.shape), slots, cache_length, policy, int(per_chip),
-                                   HBM_BYTES[topology.split(":")[0]]))
+        used, refused = _compiled_bytes(lowered)
+        reports.append(ServeReport(name, topology, dict(mesh.shape), slots, cache_length, policy, used,
+                                   HBM_BYTES[topology.split(":")[0]], refused))
     return reports
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeMemory:
+    """Bytes a server holds on one device (no mesh): weights, the slots' KV cache, the prefill scratch."""
+
+    weights: int
+    cache: int
+    scratch: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.scratch
+
+    def __str__(self) -> str:
+        return (f"weights {format_bytes(self.weights)} + KV cache {format_bytes(self.cache)} + prefill scratch "
+                f"{format_bytes(self.scratch)} = {format_bytes(self.total)} (arithmetic, not compiled; "
+                "activations and compiler temporaries come on top)")
+
+
+def serve_memory(cfg: OuroConfig, *, slots: int, cache_length: int, policy: str = "full",
+                 depth: int | None = None) -> ServeMemory:
+    """The arithmetic of `compile_serve_programs`'s setup: its abstract weights and cache shapes."""
+    depth = depth or cfg.total_ut_steps
+    weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nn.unbox(abstract_params(cfg))))
+    return ServeMemory(int(weights), cache_bytes(cfg, policy, depth, slots, cache_length),
+                       cache_bytes(cfg, "full", depth, 1, cache_length))

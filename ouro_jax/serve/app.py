@@ -48,13 +48,13 @@ class Run:
     def __init__(self, server: Server, request, stop, http: HTTPRequest):
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
-        self.text = TextStream(server.tokenizer, stop, skip_ids=request.stop_ids)
         self.http, self.tokens, self.finish = http, [], None
         try:
             self.handle = server.scheduler.submit(request, lambda e: loop.call_soon_threadsafe(self.events.put_nowait,
                                                                                                e))
         except QueueFull as e:
             raise ApiError(429, str(e), "rate_limit_error") from None
+        self.text = TextStream(server.tokenizer, stop, skip_ids=self.handle.request.stop_ids)   # checked ids
 
     async def pieces(self) -> AsyncIterator[tuple[str, Token | None]]:
         """(new text, token) as tokens arrive; a last ("", None) with the rest of the text when it ends."""
@@ -104,7 +104,8 @@ def _logprobs(server: Server, tokens: list[Token], chat: bool) -> dict | None:
 
 def _choice(server: Server, call: Call, index: int, text: str, tokens: list[Token], finish, key: str) -> dict:
     """A choice with its text under `key`: "text" (completions), "message" or "delta" (chat)."""
-    choice = {"index": index, "finish_reason": finish, "ouro": {"mean_depth": _mean_depth(tokens)},
+    choice = {"index": index, "finish_reason": finish,
+              "ouro": {"mean_depth": _mean_depth(tokens), "token_ids": [t.id for t in tokens]},
               "logprobs": _logprobs(server, tokens, key != "text") if call.logprobs is not None else None}
     choice[key] = text if key == "text" else {"role": "assistant", "content": text}
     return choice

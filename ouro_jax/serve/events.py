@@ -57,7 +57,7 @@ class Stats:
     tokens: int = 0
     decode_steps: int = 0
     decode_tokens: int = 0     # tokens from decode steps (the first token of a request comes from prefill)
-    row_steps: int = 0         # rows run per recurrent step, summed (compacted buckets, padding included)
+    row_steps: int = 0         # rows run per recurrent step, summed (whole tiles, padding included)
     live_steps: int = 0        # rows that had not exited, summed: the least any schedule runs
     batch_steps: int = 0       # live rows x recurrent steps: the batch-level exit (a batch stops when all exited)
     prefill_chunks: int = 0

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ouro_jax.data.chatml import encode_chat
-from ouro_jax.serve.request import Request, as_ids
+from ouro_jax.serve.request import Request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +50,13 @@ def _options(body: Mapping, default_stop_ids: Sequence[int], server: Mapping[str
     if policy != server["policy"]:
         raise ValueError(f"kv_policy {policy!r} differs from the server's cache layout ({server['policy']!r}); "
                          "start the server with --policy to change it")
-    stop_ids = as_ids(_get(body, "stop_token_ids", list, []))
+    stop_ids = tuple(_get(body, "stop_token_ids", list, []))   # ids are checked with the request
     if not _get(body, "ignore_eos", bool, False):
         stop_ids = (*stop_ids, *default_stop_ids)
     top_k = _get(body, "top_k", int, 0)
     return dict(temperature=float(_get(body, "temperature", (int, float), 1.0)), top_k=0 if top_k == -1 else top_k,
                 top_p=float(_get(body, "top_p", (int, float), 1.0)),
-                seed=_get(body, "seed", int, random.randrange(2**32)), stop_ids=tuple(dict.fromkeys(stop_ids)),
+                seed=_get(body, "seed", int, random.randrange(2**32)), stop_ids=stop_ids,
                 exit_threshold=float(_get(body, "exit_threshold", (int, float), server["exit_threshold"])),
                 depth=_get(body, "depth", int, None), timeout_s=_get(body, "timeout", (int, float), server["timeout"]))
 
@@ -65,7 +65,7 @@ def _prompts(prompt, tokenizer) -> list[tuple[int, ...]]:
     if isinstance(prompt, str):
         return [tuple(tokenizer.encode(prompt).tolist())]
     if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        return [as_ids(prompt)]
+        return [tuple(prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         return [p for item in prompt for p in _prompts(item, tokenizer)]
     raise ValueError("prompt must be a string, a list of token ids, or a list of those")

@@ -9,6 +9,7 @@ import uvicorn
 from jax.sharding import Mesh
 
 from ouro_jax import sharding as shd
+from ouro_jax import validate
 from ouro_jax.config import OuroConfig
 from ouro_jax.inference.cache import check_policy
 from ouro_jax.inference.settings import resolve_exit_threshold
@@ -16,6 +17,11 @@ from ouro_jax.inference.slots import slot_setup
 from ouro_jax.model import abstract_params
 from ouro_jax.serve.app import Server, create_app
 from ouro_jax.serve.scheduler import Scheduler
+
+
+def cache_length(max_len: int, prefill_chunk: int) -> int:
+    """Cache positions per slot for sequences of `max_len` tokens: + the reserved position, whole chunks."""
+    return -(-(max_len + 1) // prefill_chunk) * prefill_chunk
 
 
 def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: int = 8, max_len: int = 2048,
@@ -27,25 +33,16 @@ def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: 
     On a `mesh` the weights are sharded by the model's logical axes and the cache's slots over
     ('data', 'fsdp'), its KV heads over 'tensor'."""
     check_policy(policy)
-    depth = cfg.total_ut_steps if depth is None else depth
-    if int(depth) != depth or depth < 1:
-        raise ValueError(f"depth must be an integer >= 1, got {depth}")
-    for name, value in (("slots", slots), ("prefill_chunk", prefill_chunk), ("max_queue", max_queue)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    if max_len < 2:
-        raise ValueError(f"max_len must be >= 2, got {max_len}")
-    if max_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_len ({max_len}) exceeds the model's max_position_embeddings "
-                         f"({cfg.max_position_embeddings})")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    length = -(-(max_len + 1) // prefill_chunk) * prefill_chunk   # + the reserved position, whole chunks
-    setup = slot_setup(cfg, policy, int(depth), int(slots), length, compact, mesh)
+    depth = validate.num_steps(cfg.total_ut_steps if depth is None else depth, "depth")
+    slots, prefill_chunk, max_queue = (validate.positive(name, value) for name, value in (
+        ("slots", slots), ("prefill_chunk", prefill_chunk), ("max_queue", max_queue)))
+    max_len = validate.positions("max_len", validate.integer("max_len", max_len, 2), cfg.max_position_embeddings)
+    timeout = validate.number("timeout", timeout, 0.0, low_open=True, what=" seconds")
+    setup = slot_setup(cfg, policy, depth, slots, cache_length(max_len, prefill_chunk), compact, mesh)
     if mesh is not None:
         params = jax.device_put(params, shd.tree_shardings(abstract_params(cfg), mesh))
-    scheduler = Scheduler(params, setup, prefill_chunk=int(prefill_chunk), max_queue=int(max_queue))
-    defaults = dict(policy=policy, exit_threshold=resolve_exit_threshold(cfg, exit_threshold), timeout=float(timeout),
+    scheduler = Scheduler(params, setup, prefill_chunk=prefill_chunk, max_queue=max_queue)
+    defaults = dict(policy=policy, exit_threshold=resolve_exit_threshold(cfg, exit_threshold), timeout=timeout,
                     context=max_len)
     return Server(scheduler, tokenizer, model_name, defaults)
 
