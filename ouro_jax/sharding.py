@@ -4,10 +4,10 @@ shardings of abstract pytrees.
 Parameters and activations carry logical axis names (see model.py); `LOGICAL_RULES` maps them to
 mesh axes. With `slices` > 1 (multislice: several TPU slices joined by the data-center network, DCN)
 the mesh is ('dcn', 'data', 'fsdp', 'tensor'): each slice holds a whole ('data', 'fsdp', 'tensor') mesh, the
-batch is split over dcn x data x fsdp, weights are never split over dcn (only the gradients' all-reduce
-crosses it). Rules naming an axis the mesh lacks drop it, so one rule set serves both. Shardings come from abstract trees (`jax.eval_shape`) whose leaves are boxed in
-`nn.Partitioned`, so nothing is materialized before it is placed. A dimension that a mesh axis
-does not divide evenly is replicated over that axis instead of failing.
+batch is split over dcn x data x fsdp, weights are never split over dcn (the gradients' reduction is what
+crosses it). Rules naming an axis the mesh lacks drop it, so one rule set serves both. Shardings come from
+abstract trees (`jax.eval_shape`) whose leaves are boxed in `nn.Partitioned`, so nothing is materialized
+before it is placed. A dimension that a mesh axis does not divide evenly is replicated over that axis.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def test_dcn_bytes_are_timed_at_the_dcn_bandwidth():
     assert estimate.step_seconds == estimate.times["dcn"] and "dcn-bound" in str(estimate)
     assert "953.7 MiB across slices" in str(estimate)
     with pytest.raises(ValueError, match="no published DCN bandwidth"):
-        roofline.Roofline("2 x v4:2x2x1", 8, 4096, cost, 1e12, roofline.CHIP_PEAKS["v4"]).times
+        _ = roofline.Roofline("2 x v4:2x2x1", 8, 4096, cost, 1e12, roofline.CHIP_PEAKS["v4"]).times
 
 
 @pytest.mark.aot

@@ -12,7 +12,8 @@ within 10% (XLA fuses a larger program somewhat differently).
 The step-time estimate is the roofline max(FLOPs / peak, bytes / HBM bandwidth, collective bytes / ICI
 bandwidth, DCN bytes / DCN bandwidth) per chip: perfect overlap, no launch or scheduling gaps, so a lower
 bound on the time and an upper bound on the MFU. Across slices (`mesh.slices` > 1) the bytes each chip
-sends over the data-center network are timed apart, at the chip's share of its host's DCN bandwidth. MFU counts model FLOPs (`metrics.model_flops_per_token`), not rematerialized ones.
+sends over the data-center network are timed apart, at the chip's share of its host's DCN bandwidth.
+MFU counts model FLOPs (`metrics.model_flops_per_token`), not rematerialized ones.
 """
 
 from __future__ import annotations
