@@ -31,6 +31,48 @@ def test_data_parallel_train_step_compiles_for_v6e():
     assert report.collectives["all-reduce"] > 0 and report.collectives["all-gather"] == 0
 
 
+def test_two_v5p_slices_compile_with_the_gradient_all_reduce_across_dcn():
+    config = _config(data=1, fsdp=-1, tensor=1)
+    config.mesh.slices = 2
+    report = aot.compile_train_step(config, "v5p:2x2x1", batch_per_chip=1)
+    assert report.slices == 2 and report.chips == 8 and report.global_batch == 8 and report.fits
+    assert report.dcn_collectives.get("all-reduce", 0) > 0 and report.dcn_bytes > 0  # the gradients, once
+    assert "all-gather" not in report.dcn_collectives  # weights are whole across slices: nothing gathered
+    assert report.collectives["all-gather"] > 0        # FSDP within each slice (ICI)
+    assert str(report).startswith("2 x v5p:2x2x1: 8 chips") and "across slices (DCN): all-reduce x" in str(report)
+
+
+def test_device_groups_and_collectives_across_slices_from_hlo_text():
+    assert aot.device_groups("replica_groups={{0,1},{2,3}}, dimensions={0}") == [[0, 1], [2, 3]]
+    assert aot.device_groups("replica_groups=[2,4]<=[8], to_apply=%add") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert aot.device_groups("replica_groups=[4,2]<=[2,4]T(1,0), x") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert aot.device_groups("replica_groups={}, to_apply=%add", devices=4) == [[0, 1, 2, 3]]
+    assert aot.device_groups("source_target_pairs={{0,4},{4,0}}") == [[0, 4], [4, 0]]
+    hlo = ("ENTRY %main (p: f32[8]) -> f32[8] {\n"
+           "  %ag = bf16[4,64]{1,0} all-gather(%x), replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}\n"
+           "  %ar = f32[32]{0} all-reduce(%y), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add\n"
+           '  %s = (bf16[2,128]{1,0}, u32[], token[]) send(%z, %t), is_host_transfer=true, frontend_attributes='
+           '{_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}\n}\n')
+    ops = aot.collectives(hlo, slice_size=4, devices=8)
+    assert [(c.op, c.bytes, c.dcn) for c in ops] == [("all-gather", 512, False), ("all-reduce", 128, True),
+                                                     ("all-reduce", 512, True)]
+
+
+def test_dcn_all_reduce_is_found_in_a_cpu_program_over_two_slices():
+    from ouro_jax import sharding as shd
+    from ouro_jax.train.step import build_train_program
+
+    config = _config(data=1, fsdp=2, tensor=2)
+    config.mesh.slices = 2
+    config.execution.dtype = "float32"
+    config.data.update(seq_len=32, batch_size=8)
+    program = build_train_program(config, shd.make_mesh(dict(config.mesh)), {"xla_backend_optimization_level": 0})
+    hlo = program.step.lower(program.abstract_state, program.abstract_batch).compile().as_text()
+    ops = aot.collectives(hlo, slice_size=4, devices=8)
+    assert any(c.op == "all-reduce" and c.dcn for c in ops)  # the gradients, summed over the slices
+    assert any(c.op == "all-gather" and not c.dcn for c in ops)  # FSDP within a slice
+
+
 def test_unknown_generation_is_named():
     with pytest.raises(ValueError, match="unknown TPU generation 'v9x'"):
         aot.topology_devices("v9x:2x2")

@@ -28,9 +28,21 @@ def test_fitted_cost_matches_an_unrolled_compile_and_the_estimate_is_labelled():
 
 
 def test_collective_bytes_reads_result_shapes():
-    hlo = ("  %ag = bf16[4,64]{1,0} all-gather(%x), dimensions={0}\n"
-           "  %ars = (f32[8]{0}, f32[32]{0}) all-reduce-start(%y)\n  %d = f32[32]{0} all-reduce-done(%ars)\n")
-    assert roofline.collective_bytes(hlo) == 4 * 64 * 2 + 32 * 4
+    hlo = ("ENTRY %main (p: f32[8]) -> f32[8] {\n  %ag = bf16[4,64]{1,0} all-gather(%x), dimensions={0}\n"
+           "  %ars = (f32[8]{0}, f32[32]{0}) all-reduce-start(%y)\n  %d = f32[32]{0} all-reduce-done(%ars)\n"
+           '  %s = (bf16[2,128]{1,0}, u32[], token[]) send(%z, %t), frontend_attributes={_xla_host_transfer_handler_'
+           'name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}\n}\n')
+    assert roofline.collective_bytes(hlo) == (4 * 64 * 2 + 32 * 4, 2 * 128 * 2)
+
+
+def test_dcn_bytes_are_timed_at_the_dcn_bandwidth():
+    cost = roofline.Cost(flops=1e12, bytes=1e9, collective_bytes=1e8, dcn_bytes=1e9)
+    estimate = roofline.Roofline("2 x v5p:2x2x1", 8, 4096, cost, 1e12, roofline.CHIP_PEAKS["v5p"])
+    assert estimate.times["dcn"] == 1e9 / (50e9 / 8)  # 50 Gbps per v5p chip
+    assert estimate.step_seconds == estimate.times["dcn"] and "dcn-bound" in str(estimate)
+    assert "953.7 MiB across slices" in str(estimate)
+    with pytest.raises(ValueError, match="no published DCN bandwidth"):
+        _ = roofline.Roofline("2 x v4:2x2x1", 8, 4096, cost, 1e12, roofline.CHIP_PEAKS["v4"]).times
 
 
 @pytest.mark.aot

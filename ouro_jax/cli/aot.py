@@ -1,5 +1,7 @@
 """`ouro-aot --config CONFIG --topology v5p:2x2x1` (= `python -m ouro_jax.cli.aot`): AOT-compile the train step.
 
+`--config.mesh.slices=2` compiles for two such slices joined by the data-center network (multislice).
+
 The library is `ouro_jax.train.aot`; it needs libtpu (`pip install "jax[tpu]"`), not a TPU. Exit 0 when the
 step fits the chip's HBM, 1 when it does not; bad input ends with one line on stderr.
 """
@@ -41,7 +43,8 @@ def main(config, topology: str, batch_per_chip: int, find_max_batch: bool, with_
 def run() -> None:
     """Console-script entry point."""
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=False)
-    flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:2x2x1, v6e:2x2, v5p:4x4x4")
+    flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology of one slice, e.g. v5p:2x2x1, v6e:2x4, v5p:4x4x4 "
+                        "(--config.mesh.slices=N: N of them)")
     flags.DEFINE_integer("batch_per_chip", 1, "sequences per chip (per microbatch with grad_accum)")
     flags.DEFINE_bool("find_max_batch", False, "search the largest per-chip batch that fits")
     flags.DEFINE_bool("roofline", False, "also print a roofline ESTIMATE of step time and MFU (four more compiles)")

@@ -21,7 +21,7 @@ from ouro_jax.evaluation.text import text_batches, text_source
 
 def _sharded_batch_size(batch_size: int, mesh) -> int:
     """`batch_size` rounded up to a multiple of the batch shards and the process count."""
-    shards = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+    shards = math.lcm(shd.batch_shards(mesh), jax.process_count())
     return -(-batch_size // shards) * shards
 
 

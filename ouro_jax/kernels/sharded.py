@@ -2,7 +2,7 @@
 
 Pallas kernels are not partitioned by XLA; each device runs the kernel on its own rows and heads.
 Each argument and output is described by a layout string, one letter per dimension: "b" batch
-(split over data x fsdp), "h" heads (split over tensor), "." whole. An axis a dimension is not
+(split over (dcn x) data x fsdp), "h" heads (split over tensor), "." whole. An axis a dimension is not
 divisible by is left unsplit for that call.
 """
 
@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 import jax
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = {"b": ("data", "fsdp"), "h": ("tensor",)}
+from ouro_jax.sharding import BATCH_AXES
+
+MESH_AXES = {"b": BATCH_AXES, "h": ("tensor",)}
 
 
 def _usable(mesh, axes: Sequence[str], sizes: Sequence[int]):

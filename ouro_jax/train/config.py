@@ -5,7 +5,8 @@ and meaning live); `configs/*.py` start from `base_config`. `RunSettings.of(conf
     config.init_from        model to start from (ouro_jax.model_source: params, HF dir, hub id, run or step); "" = none
     config.model            the checkpoint fields of OuroConfig (shapes, vocabulary, T, RoPE, exit threshold)
     config.execution        how it runs (Execution: dtype = compute, param_dtype = master weights, remat, unroll)
-    config.mesh             sizes of the ('data', 'fsdp', 'tensor') mesh; one may be -1 (the rest)
+    config.mesh             sizes of the ('data', 'fsdp', 'tensor') mesh; one may be -1 (the rest); slices > 1
+                            adds a 'dcn' data-parallel axis across TPU slices (the three sizes are then per slice)
     config.data             sources (ouro_jax.data specs), seq_len, global batch_size, seed, evaluation size,
                             eval_sources (held-out text scored every train.eval_every steps)
     config.optim            AdamW, clipping and the warmup-stable-decay learning rate (optim.py)
@@ -86,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = False
     c.model = model_fields(OuroConfig())
     c.execution = execution_fields(Execution())
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, slices=1))
     for name, kind in SECTIONS.items():
         c[name] = ml_collections.ConfigDict(defaults(kind))
     return c

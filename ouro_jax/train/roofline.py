@@ -10,18 +10,19 @@ Checked against a direct loop-free compile at T = N = 3: FLOPs within 3%, bytes 
 within 10% (XLA fuses a larger program somewhat differently).
 
 The step-time estimate is the roofline max(FLOPs / peak, bytes / HBM bandwidth, collective bytes / ICI
-bandwidth) per chip: perfect overlap, no launch or scheduling gaps, so a lower bound on the time and an
-upper bound on the MFU. MFU counts model FLOPs (`metrics.model_flops_per_token`), not rematerialized ones.
+bandwidth, DCN bytes / DCN bandwidth) per chip: perfect overlap, no launch or scheduling gaps, so a lower
+bound on the time and an upper bound on the MFU. Across slices (`mesh.slices` > 1) the bytes each chip
+sends over the data-center network are timed apart, at the chip's share of its host's DCN bandwidth.
+MFU counts model FLOPs (`metrics.model_flops_per_token`), not rematerialized ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 
-from ouro_jax.train.aot import compile_program, topology_devices
+from ouro_jax.train.aot import collectives, compile_program, topology_devices
 from ouro_jax.train.config import model_config
 from ouro_jax.train.metrics import model_flops_per_token
 
@@ -31,20 +32,18 @@ class ChipPeak:
     flops: float      # dense bf16 FLOP/s
     hbm: float        # HBM bytes/s
     ici: float        # inter-chip interconnect bytes/s (all links together)
+    dcn: float | None = None  # data-center network bytes/s per chip (its share of the host's NICs)
 
 
-# Public per-chip figures (Cloud TPU system architecture pages).
+# Public per-chip figures (Cloud TPU system architecture pages). DCN, an ESTIMATE of what one chip gets:
+# v5p 50 Gbps per chip (the v5p page's DCN row); v6e 4 x 200 Gbps NICs per 8-chip host = 100 Gbps per chip;
+# v5e 2 x 100 Gbps per 8-chip host = 25 Gbps per chip; v4: no published figure.
 CHIP_PEAKS = {
     "v4": ChipPeak(275e12, 1228e9, 300e9),
-    "v5e": ChipPeak(197e12, 819e9, 200e9),
-    "v5p": ChipPeak(459e12, 2765e9, 600e9),
-    "v6e": ChipPeak(918e12, 1640e9, 448e9),
+    "v5e": ChipPeak(197e12, 819e9, 200e9, 25e9 / 8),
+    "v5p": ChipPeak(459e12, 2765e9, 600e9, 50e9 / 8),
+    "v6e": ChipPeak(918e12, 1640e9, 448e9, 100e9 / 8),
 }
-_COLLECTIVE = re.compile(r"= (\(.*?\)|\S+) (all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)"
-                         r"(-start)?\(")
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,27 +52,24 @@ class Cost:
 
     flops: float
     bytes: float
-    collective_bytes: float
+    collective_bytes: float  # within a slice (ICI)
+    dcn_bytes: float = 0.0   # sent across slices
 
     def as_array(self) -> np.ndarray:
-        return np.array([self.flops, self.bytes, self.collective_bytes], np.float64)
+        return np.array([self.flops, self.bytes, self.collective_bytes, self.dcn_bytes], np.float64)
 
 
-def collective_bytes(hlo_text: str) -> float:
-    """Bytes moved by the collectives of a compiled program: each op's largest result array (the gathered
-    or reduced buffer), counted once per op (loops are not expanded: use it on loop-free programs)."""
-    total = 0.0
-    for result, _, _ in _COLLECTIVE.findall(hlo_text):
-        sizes = [_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-                 for t, dims in _SHAPE.findall(result)]
-        total += max(sizes, default=0)
-    return total
+def collective_bytes(hlo_text: str, slice_size: int | None = None, devices: int | None = None) -> tuple[float, float]:
+    """(ICI, DCN) bytes moved by the collectives of a compiled program (`aot.collectives`): each op's largest
+    result array, counted once per op (loops are not expanded: use it on loop-free programs)."""
+    ops = collectives(hlo_text, slice_size, devices)
+    return float(sum(c.bytes for c in ops if not c.dcn)), float(sum(c.bytes for c in ops if c.dcn))
 
 
 def program_cost(compiled) -> Cost:
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    return Cost(float(analysis["flops"]), float(analysis["bytes accessed"]), collective_bytes(compiled.as_text()))
+    return Cost(float(analysis["flops"]), float(analysis["bytes accessed"]), *collective_bytes(compiled.as_text()))
 
 
 def unrolled_variant(config, steps: int, layers: int):
@@ -108,8 +104,13 @@ class Roofline:
 
     @property
     def times(self) -> dict[str, float]:
-        return {"compute": self.cost.flops / self.peak.flops, "memory": self.cost.bytes / self.peak.hbm,
-                "collectives": self.cost.collective_bytes / self.peak.ici}
+        times = {"compute": self.cost.flops / self.peak.flops, "memory": self.cost.bytes / self.peak.hbm,
+                 "collectives": self.cost.collective_bytes / self.peak.ici}
+        if self.cost.dcn_bytes:
+            if self.peak.dcn is None:
+                raise ValueError(f"{self.topology}: no published DCN bandwidth to time the cross-slice collectives")
+            times["dcn"] = self.cost.dcn_bytes / self.peak.dcn
+        return times
 
     @property
     def step_seconds(self) -> float:
@@ -125,18 +126,21 @@ class Roofline:
         return (f"ESTIMATE (roofline from XLA cost analysis, loops fitted from unrolled compiles) {self.topology}: "
                 f"{self.tokens_per_chip} tokens/chip/step, per chip {self.cost.flops / 1e12:.1f} TFLOP "
                 f"({self.model_flops / 1e12:.1f} model), {self.cost.bytes / 2**30:.1f} GiB accessed, "
-                f"{self.cost.collective_bytes / 2**30:.2f} GiB collectives -> {times}: {bound}-bound, "
+                f"{self.cost.collective_bytes / 2**30:.2f} GiB collectives"
+                + (f", {self.cost.dcn_bytes / 2**20:.1f} MiB across slices" if self.cost.dcn_bytes else "")
+                + f" -> {times}: {bound}-bound, "
                 f"step >= {self.step_seconds * 1e3:.0f} ms, MFU <= {self.mfu:.1%}")
 
 
 def roofline(config, topology: str, batch_per_chip: int) -> Roofline:
     """The roofline estimate of `config`'s train step on `topology` with `batch_per_chip` sequences per chip."""
     generation = topology.split(":")[0]
-    chips = len(topology_devices(topology))
+    slices = int(config.mesh.get("slices", 1))
+    chips = len(topology_devices(topology, slices))
     seq_len = int(config.data.seq_len)
     tokens = batch_per_chip * seq_len * int(config.train.grad_accum)
     flops_per_token = model_flops_per_token(model_config(config), seq_len,
                                             stage=2 if config.loss.objective == "stage2" else 1)
-    return Roofline(topology=topology, chips=chips, tokens_per_chip=tokens,
+    return Roofline(topology=f"{slices} x {topology}" if slices > 1 else topology, chips=chips, tokens_per_chip=tokens,
                     cost=fitted_cost(config, topology, batch_per_chip), model_flops=flops_per_token * tokens,
                     peak=CHIP_PEAKS[generation])

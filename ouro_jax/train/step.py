@@ -241,7 +241,7 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
                                     jax.random.key(0))
     state_shardings = shd.tree_shardings(abstract_boxed, mesh)
     abstract_state = shd.with_shardings(shd.unbox_abstract(abstract_boxed), state_shardings)
-    batch_sharding = NamedSharding(mesh, shd.batch_spec())
+    batch_sharding = NamedSharding(mesh, shd.batch_spec(mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
                                               sharding=batch_sharding) for k in BATCH_KEYS}
