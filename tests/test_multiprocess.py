@@ -23,6 +23,7 @@ from ouro_jax.cli.generate import main as generate_main
 from ouro_jax.data import make_batch_iterator
 from ouro_jax.params_io import load_params
 from ouro_jax.train.loop import make_sources
+from ouro_jax.train.settings import RunSettings
 from ouro_jax.train.step import as_model_batch, build_train_program
 
 pytestmark = pytest.mark.subprocess
@@ -95,7 +96,7 @@ def _load_config(workdir) -> ml_collections.ConfigDict:
 
 def _shard_iterators(config, model_cfg):
     """The data iterators of process 0 and 1 of PROCESSES, as the run builds them."""
-    sources = make_sources(config, model_cfg)
+    sources = make_sources(RunSettings.of(config).data, model_cfg)
     return [make_batch_iterator(sources, seq_len=config.data.seq_len, batch_size=config.data.batch_size // PROCESSES,
                                 seed=config.data.seed, process_index=i, process_count=PROCESSES, prefetch=0)
             for i in range(PROCESSES)]

@@ -16,12 +16,12 @@ from ouro_jax import sharding as shd
 from ouro_jax.cli import prepare as prepare_cli
 from ouro_jax.data import TokenShards
 from ouro_jax.data import prepare as prepare_lib
-from ouro_jax.errors import ShardCorruptError
+from ouro_jax.errors import ConfigError, ShardCorruptError
 from ouro_jax.hf.export import export_hf
 from ouro_jax.train import loop
 from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.metrics import MetricsWriter
-from ouro_jax.train.optim import OptimConfigError, make_optimizer
+from ouro_jax.train.settings import RunSettings
 from ouro_jax.train.step import build_train_program, place_params
 from ouro_jax.train.workdir import ResumeConfigError, WorkdirBusyError, WorkdirLock
 
@@ -170,8 +170,8 @@ def test_prepare_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(t
 def test_bad_optimizer_settings_are_refused(field, value):
     config = tiny_train_config()
     config.optim[field] = value
-    with pytest.raises(OptimConfigError, match=f"optim.{field}"):
-        make_optimizer(config.optim, 20)
+    with pytest.raises(ConfigError, match=f"optim.{field}"):
+        RunSettings.of(config)
 
 
 def test_an_update_that_overflows_is_skipped():

@@ -11,6 +11,7 @@ from helpers import REPO
 from ouro_jax import model
 from ouro_jax import sharding as shd
 from ouro_jax.train import optim
+from ouro_jax.train.settings import RunSettings
 from ouro_jax.train.step import build_train_program
 
 
@@ -90,7 +91,7 @@ def test_every_pretraining_stage_builds_with_the_released_recipe(name, layers, s
     # A fresh optimizer state (every stage after 1a starts from init_from) warms up from 0.
     warmup = config.optim.warmup_steps
     assert 0 < warmup <= (2000 if stage == "stage1a" else 200)
-    schedule = optim.lr_schedule(config.optim, steps)
+    schedule = optim.lr_schedule(RunSettings.of(config).optim, steps)
     middle = warmup + (steps - warmup) // 2
     got = [float(schedule(s)) for s in (0, warmup, middle, steps)]
     np.testing.assert_allclose(got, lrs, rtol=1e-3)

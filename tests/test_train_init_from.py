@@ -18,6 +18,7 @@ from ouro_jax.errors import ConfigError
 from ouro_jax.params_io import load_model_config, save_params
 from ouro_jax.train.config import model_config, pretraining_config
 from ouro_jax.train.loop import adopt_checkpoint_shape, train
+from ouro_jax.train.settings import RunSettings
 from ouro_jax.train.step import build_train_program
 
 
@@ -72,8 +73,8 @@ def parse_command_line(*overrides, config_file="ouro_2p6b.py"):
 def test_upcycled_2p6b_stage1b_runs_T4(upcycled_1a):
     config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}")
     assert not explicit
-    adopt_checkpoint_shape(config, config.init_from, explicit)
-    program = build_train_program(config, shd.make_mesh(dict(config.mesh)))  # abstract: nothing 2.6B-sized
+    run = adopt_checkpoint_shape(RunSettings.of(config), config.init_from, explicit)
+    program = build_train_program(run, shd.make_mesh(dict(config.mesh)))  # abstract: nothing 2.6B-sized
     cfg = program.model_cfg
     assert (cfg.num_hidden_layers, cfg.total_ut_steps, cfg.rope_theta) == (48, 4, 1e4)
     assert model.count_params(program.abstract_state.params) == 2_667_974_657
@@ -83,27 +84,27 @@ def test_command_line_overrides_win(upcycled_1a):
     config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}", "--config.model.total_ut_steps=6",
                                           "--config.model.rope_theta=5e5", "--config.model.num_hidden_layers=48")
     assert explicit == {"total_ut_steps", "rope_theta", "num_hidden_layers"}
-    adopt_checkpoint_shape(config, config.init_from, explicit)
-    assert (config.model.total_ut_steps, config.model.rope_theta, config.model.num_hidden_layers) == (6, 5e5, 48)
+    adopted = adopt_checkpoint_shape(RunSettings.of(config), config.init_from, explicit).model
+    assert (adopted.total_ut_steps, adopted.rope_theta, adopted.num_hidden_layers) == (6, 5e5, 48)
     # An architecture override cannot reshape the checkpoint: a clear error, not a silent replacement.
     config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}", "--config.model.num_hidden_layers=24",
                                           "--config.model.hidden_size=1024")
     clash = r"hidden_size=1024 \(checkpoint: 2048\), num_hidden_layers=24 \(checkpoint: 48\)"
     with pytest.raises(ConfigError, match=clash):
-        adopt_checkpoint_shape(config, config.init_from, explicit)
+        adopt_checkpoint_shape(RunSettings.of(config), config.init_from, explicit)
     # Without an override the checkpoint's shapes replace the config file's (here the 24-layer 1.4B).
     config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}", config_file="ouro_1p4b.py:stage1b")
-    adopt_checkpoint_shape(config, config.init_from, explicit)
-    assert (config.model.num_hidden_layers, config.model.total_ut_steps) == (48, 4)
+    adopted = adopt_checkpoint_shape(RunSettings.of(config), config.init_from, explicit).model
+    assert (adopted.num_hidden_layers, adopted.total_ut_steps) == (48, 4)
 
 
 def test_stage2_runs_the_frozen_lm_as_it_was_trained(upcycled_1a):
     """Stage II takes T and RoPE theta from the checkpoint too (the config file's are the 1.4B's); explicit wins."""
     config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}", config_file="stage2_gate.py")
     assert config.model.rope_theta == 1e6
-    adopt_checkpoint_shape(config, config.init_from, explicit)
-    assert (config.model.num_hidden_layers, config.model.total_ut_steps, config.model.rope_theta) == (48, 8, 1e4)
+    adopted = adopt_checkpoint_shape(RunSettings.of(config), config.init_from, explicit).model
+    assert (adopted.num_hidden_layers, adopted.total_ut_steps, adopted.rope_theta) == (48, 8, 1e4)
     config, explicit = parse_command_line(f"--config.init_from={upcycled_1a}", "--config.model.total_ut_steps=4",
                                           config_file="stage2_gate.py")
-    adopt_checkpoint_shape(config, config.init_from, explicit)
-    assert (config.model.total_ut_steps, config.model.rope_theta) == (4, 1e4)
+    adopted = adopt_checkpoint_shape(RunSettings.of(config), config.init_from, explicit).model
+    assert (adopted.total_ut_steps, adopted.rope_theta) == (4, 1e4)

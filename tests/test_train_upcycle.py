@@ -10,6 +10,7 @@ from ouro_jax import config, model, upcycle
 from ouro_jax.params_io import load_params, save_params
 from ouro_jax.train import loop as train
 from ouro_jax.train.config import model_config
+from ouro_jax.train.settings import RunSettings
 
 
 def test_upcycle_repeats_the_whole_stack():
@@ -45,5 +46,5 @@ def test_upcycle_cli_and_training_adopts_the_checkpoint_shape(tmp_path):
     big_cfg, big = load_params(tmp_path / "big")
     assert big_cfg.num_hidden_layers == 4 and big["decoder"]["layers"]["mlp"]["up_proj"].shape[0] == 4
     train_config.execution.dtype = "bfloat16"
-    train.adopt_checkpoint_shape(train_config, str(tmp_path / "big"))
-    assert train_config.model.num_hidden_layers == 4 and train_config.execution.dtype == "bfloat16"
+    run = train.adopt_checkpoint_shape(RunSettings.of(train_config), str(tmp_path / "big"))
+    assert run.model.num_hidden_layers == 4 and run.model.execution.dtype == "bfloat16"

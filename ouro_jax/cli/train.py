@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from ouro_jax.cli import flags_parser
 from ouro_jax.errors import cli_errors
 from ouro_jax.train.loop import TrainingInterrupted, report, train
+from ouro_jax.train.settings import RunSettings
 
 PROG = "ouro-train"
 
@@ -32,9 +33,10 @@ def main(config, workdir: str, *, debug: bool = False, explicit_fields: Collecti
     `explicit_fields`: the config.model fields set on the command line (they win over `init_from`)."""
     try:
         with cli_errors(PROG, debug=debug):
-            if config.distributed:
+            run = RunSettings.of(config)  # the typed settings everything below takes
+            if run.distributed:
                 _initialize_distributed()
-            result = train(config, workdir, explicit_fields)
+            result = train(run, workdir, explicit_fields)
     except TrainingInterrupted as e:
         print(f"[train] {e}", flush=True)
         sys.exit(128 + e.signum)

@@ -2,7 +2,7 @@
 
 - `TaskEvaluation`: per-step loss and exact-match accuracy of a synthetic task's held-out examples.
 - `TextEvaluation`: per-step cross-entropy and perplexity of held-out text (`data.eval_sources`).
-`make_evaluations(config, sources, mesh)` builds both kinds from the training config.
+`make_evaluations(data, vocab_size, sources, mesh)` builds both kinds from the run's data settings.
 """
 
 from __future__ import annotations
@@ -89,21 +89,15 @@ class TextEvaluation:
         return {"step_ce": step_ce, "perplexity": np.exp(step_ce)}
 
 
-def _eval_sources(data_cfg) -> list[str]:
-    return [s.strip() for s in str(data_cfg.get("eval_sources", "")).split(";") if s.strip()]
-
-
-def make_evaluations(config, sources: list[Any], mesh) -> dict[str, Any]:
-    """Task evaluations of the training sources and text evaluations of `config.data.eval_sources`."""
-    data = config.data
+def make_evaluations(data, vocab_size: int, sources: list[Any], mesh) -> dict[str, Any]:
+    """Task evaluations of the training sources and text evaluations of `data.eval_paths` (`data`: the
+    run's DataSettings, ouro_jax.train.settings)."""
     evals: dict[str, Any] = {}
     for src in sources:
         if isinstance(src, SyntheticTask) and data.eval_examples > 0:
-            evals[src.name] = TaskEvaluation(src, int(data.eval_examples), int(data.seq_len),
-                                             int(data.eval_batch_size), mesh)
-    for path in _eval_sources(data):
+            evals[src.name] = TaskEvaluation(src, data.eval_examples, data.seq_len, data.eval_batch_size, mesh)
+    for path in data.eval_paths:
         name = "text:" + os.path.basename(os.path.normpath(path))
-        evals[name] = TextEvaluation(path, int(config.model.vocab_size), int(data.seq_len), int(data.eval_batch_size),
-                                     mesh, max_tokens=int(data.get("eval_tokens", 65536)),
-                                     tokenizer=str(data.get("eval_tokenizer", "")) or None)
+        evals[name] = TextEvaluation(path, vocab_size, data.seq_len, data.eval_batch_size, mesh,
+                                     max_tokens=data.eval_tokens, tokenizer=data.eval_tokenizer or None)
     return evals

@@ -1,4 +1,5 @@
-"""The training ConfigDict: every knob of a run, with defaults; `configs/*.py` start from `base_config`.
+"""The training ConfigDict, the command line's view of `ouro_jax.train.settings` (where every knob's default
+and meaning live); `configs/*.py` start from `base_config`. `RunSettings.of(config)` narrows it once.
 
     config.seed             parameter initialization
     config.init_from        model to start from (ouro_jax.model_source: params, HF dir, hub id, run or step); "" = none
@@ -28,6 +29,7 @@ from ouro_jax import validate
 from ouro_jax.config import Execution, OuroConfig
 from ouro_jax.errors import ConfigError
 from ouro_jax.model import abstract_params
+from ouro_jax.train.settings import SECTIONS, RunSettings, defaults
 
 
 def model_fields(cfg: OuroConfig) -> ml_collections.ConfigDict:
@@ -42,99 +44,51 @@ def execution_fields(execution: Execution) -> ml_collections.ConfigDict:
 
 def model_config(config) -> OuroConfig:
     """The OuroConfig of a training config (unknown or mistyped fields raise ConfigError)."""
-    return OuroConfig.from_dict(dict(config.model), Execution.from_dict(dict(config.execution)))
+    return RunSettings.of(config).model
 
 
-def check_training(config) -> str:
-    """Refuses out-of-range run settings (one validator per value, ouro_jax.validate); returns the objective."""
-    objective = validate.objective(config.loss.objective)
-    validate.loss_beta(config.loss.beta)
-    validate.loss_beta(config.loss.beta_final, "loss.beta_final")
-    max_positions = int(config.model.max_position_embeddings)
-    validate.positions("data.seq_len", config.data.seq_len, max_positions)
-    for name in ("data.batch_size", "train.grad_accum", "train.ce_chunk_size", "train.steps"):
-        section, key = name.split(".")
-        validate.positive(name, config[section][key])
-    return objective
+def check_training(run: RunSettings) -> str:
+    """Refuses settings that are in range alone but not together; returns the objective."""
+    validate.positions("data.seq_len", run.data.seq_len, run.model.max_position_embeddings)
+    return run.loss.objective
 
 
-def training_memory_bytes(config, devices: int) -> float:
+def training_memory_bytes(run: RunSettings, devices: int) -> float:
     """A lower bound of one device's memory in a training step: the train state (params, gradients and two
     float32 AdamW moments) fully sharded over `devices`, and one saved hidden state per layer application
     for this device's share of a micro-batch (what even full rematerialization keeps)."""
-    cfg = model_config(config)
+    cfg = run.model
     count = sum(leaf.size for leaf in jax.tree.leaves(abstract_params(cfg)))
     state = count * (2 * cfg.weight_dtype.itemsize + 8)
-    tokens = int(config.data.batch_size) // max(1, int(config.train.grad_accum)) * int(config.data.seq_len)
+    tokens = run.data.batch_size // run.train.grad_accum * run.data.seq_len
     saved = tokens * cfg.hidden_size * cfg.num_hidden_layers * cfg.total_ut_steps * cfg.compute_dtype.itemsize
     return (state + saved) / devices
 
 
-def check_fits(config) -> None:
+def check_fits(run: RunSettings) -> None:
     """Refuses, before any data is read or anything compiles, a run whose step cannot fit the devices."""
-    batch, seq_len = int(config.data.batch_size), int(config.data.seq_len)
-    validate.fits_memory(f"training batch {batch} x {seq_len}", training_memory_bytes(config, jax.device_count()))
+    validate.fits_memory(f"training batch {run.data.batch_size} x {run.data.seq_len}",
+                         training_memory_bytes(run, jax.device_count()))
 
 
-def check_starting_point(config) -> None:
+def check_starting_point(run: RunSettings) -> None:
     """Stage II trains only the exit gate of a trained model: it needs `init_from`."""
-    if config.loss.objective == "stage2" and not config.init_from:
+    if run.loss.objective == "stage2" and not run.init_from:
         raise ConfigError("loss.objective='stage2' trains only the exit gate of a trained model: set init_from "
                           "to the Stage I checkpoint")
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every knob with its default (documented in ouro_jax.train.settings)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.init_from = ""
-    c.distributed = False  # jax.distributed.initialize() first (multi-host TPU / GPU clusters)
+    c.distributed = False
     c.model = model_fields(OuroConfig())
     c.execution = execution_fields(Execution())
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.data = ml_collections.ConfigDict(dict(
-        sources="mano:max_len=10",  # ';'-separated: "mano:k=v,...", "multihop_qa:...", or a prepared dir
-        weights="",               # comma-separated mixture weights ('' = uniform)
-        num_workers=0,            # grain worker processes
-        seq_len=64,
-        batch_size=32,            # global, in sequences
-        seed=0,                   # order and sampling of the training stream
-        eval_examples=256,        # held-out examples per evaluation (tasks)
-        eval_batch_size=64,
-        eval_sources="",          # ';'-separated held-out text (prepared dirs, .jsonl, .txt): per-step CE / perplexity
-        eval_tokens=65536,        # scored tokens per text eval source
-        eval_tokenizer="",        # tokenizer of .jsonl / .txt eval sources ('' = byte)
-    ))
-    c.optim = ml_collections.ConfigDict(dict(
-        peak_lr=3e-4, init_lr=0.0, end_lr=3e-5, warmup_steps=100, decay="cosine", decay_steps=0,
-        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
-    ))
-    c.loss = ml_collections.ConfigDict(dict(
-        objective="stage1",       # "stage1" | "last_step" | "stage2" (losses.OBJECTIVES)
-        beta=0.1, beta_final=0.05, beta_schedule="constant", beta_switch_step=0,
-        gate_k=50.0, gate_gamma=0.005,
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=1000,
-        grad_accum=1,
-        ce_chunk_size=1024,
-        gather_weights_once=False,  # FSDP: gather the layer stack once per step, not once per loop
-        log_every=10,             # stdout lines and metric fetches; JSONL and TensorBoard get every step
-        stop_check_every=10,      # several processes: agree on a SIGTERM/SIGINT every this many steps
-        progress_bar=True,
-        eval_every=0,             # 0: only at the end
-        checkpoint_every=500,
-        keep_checkpoints=3,
-        async_checkpointing=True,
-        restart_incompatible=False,  # checkpoints that do not fit / restore: move the old run aside, start over
-        allow_changes="",         # resume despite these config changes, e.g. "data.batch_size,model.total_ut_steps"
-        max_consecutive_nonfinite=5,
-        export_params=True,       # params-only export to WORKDIR/params at the end
-        compiler_options=ml_collections.ConfigDict(),  # XLA options, e.g. xla_backend_optimization_level
-        compilation_cache_dir="",  # persistent compiled programs ('' = WORKDIR/compilation_cache, 'none' = off)
-        compilation_cache_min_secs=1.0,  # cache programs that took at least this long to compile
-        wandb_project="",         # also log to Weights & Biases (optional extra: pip install 'ouro_jax[wandb]')
-        profile_steps="",         # 'A:B': a jax.profiler trace of steps A..B in WORKDIR/profile
-    ))
+    for name, kind in SECTIONS.items():
+        c[name] = ml_collections.ConfigDict(defaults(kind))
     return c
 
 

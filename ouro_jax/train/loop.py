@@ -19,6 +19,7 @@ check only wastes steps). On several processes the stop signal is agreed every
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -40,8 +41,9 @@ from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.config import check_fits, check_starting_point, check_training
 from ouro_jax.train.instrument import StepProfiler, compilation_cache, compilation_cache_dir
 from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
+from ouro_jax.train.settings import DataSettings, RunSettings
 from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
-from ouro_jax.train.workdir import WorkdirLock, check_resume_config, move_run_aside
+from ouro_jax.train.workdir import RUN_CONFIG, WorkdirLock, check_resume_config, move_run_aside
 
 # Fault injection: `OURO_JAX_FAULT_KILL_AFTER_STEP=N` kills the run (SIGKILL) right after step N, once every
 # checkpoint requested so far is finalized: a deterministic crash for the resume tests.
@@ -71,16 +73,9 @@ class TrainResult:
 
 # ---- data -------------------------------------------------------------------------------------
 
-def _source_specs(data_cfg) -> list[str]:
-    specs = [s.strip() for s in str(data_cfg.sources).split(";") if s.strip()]
-    if not specs:
-        raise ValueError("config.data.sources is empty; give e.g. 'mano:max_len=10' or a prepared directory")
-    return specs
-
-
-def make_sources(config, model_cfg: OuroConfig) -> list[Any]:
-    """The data sources of `config.data.sources` (';'-separated specs), checked against the vocabulary."""
-    specs = _source_specs(config.data)
+def make_sources(data: DataSettings, model_cfg: OuroConfig) -> list[Any]:
+    """The data sources of `data.sources` (';'-separated specs), checked against the vocabulary."""
+    specs = data.source_specs
     sources = [make_source(spec) for spec in specs]
     for spec, src in zip(specs, sources):
         if src.vocab_size > model_cfg.vocab_size:
@@ -89,20 +84,19 @@ def make_sources(config, model_cfg: OuroConfig) -> list[Any]:
     return sources
 
 
-def make_train_iterator(config, sources: list[Any]):
+def make_train_iterator(data: DataSettings, sources: list[Any]):
     """This process's grain iterator of training batches (global batch / process count rows)."""
     count = jax.process_count()
-    if config.data.batch_size % count:
-        raise ValueError(f"data.batch_size ({config.data.batch_size}) must be divisible by the {count} processes")
-    weights = [float(w) for w in str(config.data.weights).split(",") if w.strip()] or None
-    return make_batch_iterator(sources, seq_len=int(config.data.seq_len), batch_size=config.data.batch_size // count,
-                               weights=weights, seed=int(config.data.seed), num_workers=int(config.data.num_workers))
+    if data.batch_size % count:
+        raise ConfigError(f"data.batch_size ({data.batch_size}) must be divisible by the {count} processes")
+    return make_batch_iterator(sources, seq_len=data.seq_len, batch_size=data.batch_size // count,
+                               weights=data.mixture_weights, seed=data.seed, num_workers=data.num_workers)
 
 
 # ---- model initialization ---------------------------------------------------------------------
 
-def adopt_checkpoint_shape(config, path: str, explicit: Collection[str] = ()) -> None:
-    """Sets the architecture fields (`ARCHITECTURE_FIELDS`: the parameter shapes) from the checkpoint at
+def adopt_checkpoint_shape(run: RunSettings, path: str, explicit: Collection[str] = ()) -> RunSettings:
+    """`run` with the architecture fields (`ARCHITECTURE_FIELDS`: the parameter shapes) from the checkpoint at
     `path`. Everything else stays the run config's: the recurrent steps T, RoPE theta, max positions and
     every execution setting, so a stage-1b config (T=4) starts from a stage-1a checkpoint (T=8) at T=4.
 
@@ -112,22 +106,20 @@ def adopt_checkpoint_shape(config, path: str, explicit: Collection[str] = ()) ->
     Stage II (`loss.objective="stage2"`) freezes the LM, so it takes every model field from the checkpoint
     (bar explicit ones): the gate must learn on the hidden states the LM was trained to produce.
     """
-    stored = load_model_config(path).to_dict()
+    stored, model = load_model_config(path).to_dict(), run.model.to_dict()
     adopted = ARCHITECTURE_FIELDS
-    if config.loss.objective == "stage2":
+    if run.loss.objective == "stage2":
         adopted = [k for k in stored if k in ARCHITECTURE_FIELDS or k not in explicit]
-    clashes = [f"{k}={config.model[k]} (checkpoint: {stored[k]})" for k in ARCHITECTURE_FIELDS
-               if k in explicit and config.model[k] != stored[k]]
+    clashes = [f"{k}={model[k]} (checkpoint: {stored[k]})" for k in ARCHITECTURE_FIELDS
+               if k in explicit and model[k] != stored[k]]
     if clashes:
         raise ConfigError(f"--config.model overrides disagree with the shapes of init_from {path}: "
                           f"{', '.join(clashes)}; drop them (the checkpoint fixes the architecture)")
-    changed = {k: (config.model[k], stored[k]) for k in adopted if config.model[k] != stored[k]}
+    changed = {k: (model[k], stored[k]) for k in adopted if model[k] != stored[k]}
     if changed:
         print(f"[init] model fields taken from {path}: " +
               ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
-    with config.unlocked():
-        for k, (_, v) in changed.items():
-            config.model[k] = v
+    return run.replace(model=run.model.replace(**{k: v for k, (_, v) in changed.items()}))
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -182,24 +174,25 @@ class _Throughput:
     peak_source: str    # where that number comes from
 
 
-def _initial_state(config, program: TrainProgram, checkpointer: TrainCheckpointer, data) -> tuple[int, Any, bool]:
+def _initial_state(run: RunSettings, program: TrainProgram, checkpointer: TrainCheckpointer,
+                   data) -> tuple[int, Any, bool]:
     """(step, state, resumed): the newest restorable checkpoint, else `init_from`, else a random init."""
     restored = checkpointer.restore_latest(program.abstract_state, data)
     if restored is not None:
         print(f"[train] resumed from step {restored[0]} ({checkpointer.directory})", flush=True)
         return (*restored, True)
-    if config.init_from:
-        _, params = load_model(config.init_from, param_dtype=program.model_cfg.execution.param_dtype)
-        print(f"[train] initialized from {config.init_from}", flush=True)
+    if run.init_from:
+        _, params = load_model(run.init_from, param_dtype=program.model_cfg.execution.param_dtype)
+        print(f"[train] initialized from {run.init_from}", flush=True)
         return 0, place_params(program, params), False
     print(f"[train] no finished checkpoint in {checkpointer.directory}: starting from scratch", flush=True)
-    return 0, program.init(jax.random.key(int(config.seed))), False
+    return 0, program.init(jax.random.key(run.seed)), False
 
 
-def _write_run_config(config, workdir: paths.Path) -> None:
+def _write_run_config(run: RunSettings, workdir: paths.Path) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+        (workdir / RUN_CONFIG).write_text(json.dumps(run.to_dict(), indent=2))
 
 
 def _fault_kill(checkpointer: TrainCheckpointer) -> None:
@@ -211,18 +204,18 @@ def _fault_kill(checkpointer: TrainCheckpointer) -> None:
 class _Trainer:
     """One run's pieces (program, data, checkpoints, metrics) and the step loop over them."""
 
-    def __init__(self, config, workdir: paths.Path):
-        self.config, self.workdir = config, workdir
-        self.profiler = StepProfiler(config.train.profile_steps, workdir)
-        self.mesh = shd.make_mesh(dict(config.mesh))
-        self.program = build_train_program(config, self.mesh, dict(config.train.compiler_options) or None)
-        self.sources = make_sources(config, self.program.model_cfg)
-        self.evaluations = make_evaluations(config, self.sources, self.mesh)
+    def __init__(self, run: RunSettings, workdir: paths.Path):
+        self.run_settings, self.workdir = run, workdir
+        self.profiler = StepProfiler(run.train.profile_steps, workdir)
+        self.mesh = shd.make_mesh(dict(run.mesh))
+        self.program = build_train_program(run, self.mesh, dict(run.train.compiler_options) or None)
+        self.sources = make_sources(run.data, self.program.model_cfg)
+        self.evaluations = make_evaluations(run.data, run.model.vocab_size, self.sources, self.mesh)
         self.checkpoint_dir = workdir / "checkpoints"
         try:
             resumed = self._start()
         except CheckpointError as e:
-            if not config.train.restart_incompatible:
+            if not run.train.restart_incompatible:
                 raise
             self.checkpointer.close()
             moved = move_run_aside(workdir) if jax.process_index() == 0 else None
@@ -233,15 +226,15 @@ class _Trainer:
 
     def _start(self) -> bool:
         """Opens the checkpoints and sets data, step and state; returns whether a checkpoint was restored."""
-        config = self.config
+        run = self.run_settings
         paths.check_writable(self.checkpoint_dir)
-        self.data = make_train_iterator(config, self.sources)
-        self.checkpointer = TrainCheckpointer(self.checkpoint_dir, save_every=int(config.train.checkpoint_every),
-                                              keep=int(config.train.keep_checkpoints) or None,
-                                              async_save=bool(config.train.async_checkpointing))
+        self.data = make_train_iterator(run.data, self.sources)
+        self.checkpointer = TrainCheckpointer(self.checkpoint_dir, save_every=run.train.checkpoint_every,
+                                              keep=run.train.keep_checkpoints or None,
+                                              async_save=run.train.async_checkpointing)
         if self.checkpointer.all_steps():
-            check_resume_config(config, self.workdir)
-        self.step, self.state, resumed = _initial_state(config, self.program, self.checkpointer, self.data)
+            check_resume_config(run.to_dict(), run.train.allowed_changes, self.workdir)
+        self.step, self.state, resumed = _initial_state(run, self.program, self.checkpointer, self.data)
         return resumed
 
     def _compile(self):
@@ -259,7 +252,7 @@ class _Trainer:
     def _check_nonfinite(self, step: int, metrics, writer: MetricsWriter) -> None:
         if not metrics["skipped"]:
             return
-        streak, limit = int(metrics["nonfinite_streak"]), int(self.config.train.max_consecutive_nonfinite)
+        streak, limit = int(metrics["nonfinite_streak"]), self.run_settings.train.max_consecutive_nonfinite
         writer.log(f"[train] step {step}: non-finite loss or gradient, update skipped "
                    f"({streak} in a row, {int(metrics['nonfinite_total'])} in total)")
         if streak >= limit:
@@ -292,15 +285,15 @@ class _Trainer:
 
     def _steps(self, step_fn, writer: MetricsWriter, stop: _StopSignals) -> None:
         """Trains until the last step or a stop signal: step, log, checkpoint, evaluate."""
-        config, total = self.config, int(self.config.train.steps)
-        rate = _Throughput(int(config.data.batch_size) * int(config.data.seq_len),
-                           model_flops_per_token(self.program.model_cfg, int(config.data.seq_len),
+        data, train = self.run_settings.data, self.run_settings.train
+        total = train.steps
+        rate = _Throughput(data.batch_size * data.seq_len,
+                           model_flops_per_token(self.program.model_cfg, data.seq_len,
                                                  stage=2 if self.program.objective == "stage2" else 1),
                            *peak_flops(dtype=self.program.model_cfg.execution.dtype))
         print(f"[train] {rate.flops_per_token / 1e6:.2f} MFLOP/token; peak {rate.peak / 1e12:.3f} TFLOP/s "
               f"({rate.peak_source})", flush=True)
-        eval_every, log_every = int(config.train.eval_every), max(1, int(config.train.log_every))
-        checkpoint_every = int(config.train.checkpoint_every)
+        eval_every, log_every, checkpoint_every = train.eval_every, train.log_every, train.checkpoint_every
         pending, window_start = [], time.perf_counter()
         kill_after = int(os.environ.get(FAULT_KILL_ENV, "0"))
         while self.step < total and not stop.requested(self.step):
@@ -324,14 +317,14 @@ class _Trainer:
         self._write_pending(pending, window_start, writer, rate)
 
     def run(self) -> TrainResult:
-        _write_run_config(self.config, self.workdir)
+        run = self.run_settings
+        _write_run_config(run, self.workdir)
         step_fn = self._compile()
-        writer = MetricsWriter(self.workdir, total_steps=int(self.config.train.steps),
-                               log_every=int(self.config.train.log_every),
-                               progress_bar=bool(self.config.train.progress_bar), initial_step=self.step,
-                               wandb_project=str(self.config.train.wandb_project), run_config=self.config.to_dict())
+        writer = MetricsWriter(self.workdir, total_steps=run.train.steps, log_every=run.train.log_every,
+                               progress_bar=run.train.progress_bar, initial_step=self.step,
+                               wandb_project=run.train.wandb_project, run_config=run.to_dict())
         try:
-            with _StopSignals(int(self.config.train.stop_check_every)) as stop:
+            with _StopSignals(run.train.stop_check_every) as stop:
                 self._steps(step_fn, writer, stop)
                 if stop.requested(self.step, force=True):
                     self._save(writer, force=True)
@@ -340,7 +333,7 @@ class _Trainer:
             self._save(writer, force=True)
             self._evaluate(writer)
             params_dir = None
-            if self.config.train.export_params:
+            if run.train.export_params:
                 params_dir = os.fspath(self.workdir / "params")
                 save_params(params_dir, self.program.model_cfg, self.state.params)
             self.checkpointer.wait()
@@ -353,21 +346,23 @@ class _Trainer:
 
 
 def train(config, workdir: paths.PathLike, explicit_model_fields: Collection[str] = ()) -> TrainResult:
-    """Runs (or resumes) the training of `config` in `workdir` (local or `gs://...`); `explicit_model_fields`:
-    the config.model fields set on the command line (see `adopt_checkpoint_shape`)."""
+    """Runs (or resumes) the training of `config` (a training ConfigDict, narrowed here once to
+    RunSettings, or the RunSettings) in `workdir` (local or `gs://...`); `explicit_model_fields`: the
+    config.model fields set on the command line (see `adopt_checkpoint_shape`)."""
+    run = RunSettings.of(config)
     workdir = paths.as_path(workdir)
     paths.check_bucket(workdir)
-    check_training(config)
-    check_starting_point(config)
-    check_fits(config)
-    if config.init_from:
-        adopt_checkpoint_shape(config, config.init_from, explicit_model_fields)
-    cache_dir = compilation_cache_dir(config.train.compilation_cache_dir, workdir)
-    with compilation_cache(cache_dir, float(config.train.compilation_cache_min_secs)):
+    check_training(run)
+    check_starting_point(run)
+    check_fits(run)
+    if run.init_from:
+        run = adopt_checkpoint_shape(run, run.init_from, explicit_model_fields)
+    cache_dir = compilation_cache_dir(run.train.compilation_cache_dir, workdir)
+    with compilation_cache(cache_dir, run.train.compilation_cache_min_secs):
         if jax.process_index() != 0:
-            return _Trainer(config, workdir).run()
+            return _Trainer(run, workdir).run()
         with WorkdirLock(workdir):
-            return _Trainer(config, workdir).run()
+            return _Trainer(run, workdir).run()
 
 
 def model_fields_summary(cfg: OuroConfig) -> str:

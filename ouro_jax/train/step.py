@@ -29,11 +29,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ouro_jax import sharding as shd
 from ouro_jax import validate
 from ouro_jax.config import OuroConfig
+from ouro_jax.errors import ConfigError
 from ouro_jax.exit import exit_entropy, exit_pdf
 from ouro_jax.losses import objective_token_loss
 from ouro_jax.model import Ouro, init_boxed_params, init_params
-from ouro_jax.train.config import check_training, model_config
+from ouro_jax.train.config import check_training
 from ouro_jax.train.optim import beta_schedule, lr_schedule, make_optimizer
+from ouro_jax.train.settings import RunSettings
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
 # Which top-level param groups an objective trains.
@@ -128,7 +130,7 @@ class _LossSettings(NamedTuple):
     ce_chunk_size: int
 
 
-def _weight_gatherer(config, model_cfg: OuroConfig, param_shardings) -> Callable[[Any], Any]:
+def _weight_gatherer(gather_once: bool, model_cfg: OuroConfig, param_shardings) -> Callable[[Any], Any]:
     """params -> params with the looped weights gathered whole (train.gather_weights_once), else as is.
 
     FSDP gathers each weight where it is used: inside the recurrent loop, T times per pass. Gathering
@@ -136,7 +138,7 @@ def _weight_gatherer(config, model_cfg: OuroConfig, param_shardings) -> Callable
     float32) makes T x fewer all-gathers, at the cost of holding those weights and their gradients
     whole on every chip. The embedding is used once anyway.
     """
-    if not config.train.gather_weights_once:
+    if not gather_once:
         return lambda params: params
     in_loop = [k for k in param_shardings if k != "embed_tokens"]
     gathered = {k: shd.without_axis(param_shardings[k], "fsdp") for k in in_loop}
@@ -162,12 +164,12 @@ def _loss_and_grads(grad_fn, trainable, batch, accum: int):
     return jax.lax.scan(accumulate, zeros, microbatches)[0]
 
 
-def _make_train_step(config, model_cfg: OuroConfig, mesh: Mesh, optimizer, losses: _LossSettings, gather):
+def _make_train_step(run: RunSettings, mesh: Mesh, optimizer, losses: _LossSettings, gather):
     """(state, batch) -> (state, metrics): one optimizer update, skipped when the loss, the gradient or the
     updated parameters are non-finite."""
-    accum = int(config.train.grad_accum)
-    learning_rate = lr_schedule(config.optim, int(config.train.steps))
-    beta_at = beta_schedule(config.loss)
+    model_cfg, accum = run.model, run.train.grad_accum
+    learning_rate = lr_schedule(run.optim, run.train.steps)
+    beta_at = beta_schedule(run.loss)
 
     def train_step(state: TrainState, batch):
         with shd.activation_rules(mesh):
@@ -221,18 +223,19 @@ def _make_eval_step(model_cfg: OuroConfig, mesh: Mesh, ce_chunk_size: int):
 
 
 def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | None = None) -> TrainProgram:
-    """Jitted init / train step / eval step of `config` on `mesh`, with the state's shardings.
+    """Jitted init / train step / eval step of `config` (a training ConfigDict or its RunSettings) on
+    `mesh`, with the state's shardings.
 
     `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0} compiles faster on CPU).
     """
-    model_cfg, objective = model_config(config), check_training(config)
-    accum, batch_size, seq_len = int(config.train.grad_accum), int(config.data.batch_size), int(config.data.seq_len)
-    if accum < 1 or batch_size % accum:
-        raise ValueError(f"data.batch_size ({batch_size}) must be divisible by train.grad_accum ({accum})")
+    run = RunSettings.of(config)
+    model_cfg, objective = run.model, check_training(run)
+    accum, batch_size, seq_len = run.train.grad_accum, run.data.batch_size, run.data.seq_len
+    if batch_size % accum:
+        raise ConfigError(f"data.batch_size ({batch_size}) must be divisible by train.grad_accum ({accum})")
     shd.check_batch_divisible(batch_size // accum, mesh)
-    optimizer = make_optimizer(config.optim, int(config.train.steps))
-    losses = _LossSettings(objective, float(config.loss.gate_k), float(config.loss.gate_gamma),
-                           int(config.train.ce_chunk_size))
+    optimizer = make_optimizer(run.optim, run.train.steps)
+    losses = _LossSettings(objective, run.loss.gate_k, run.loss.gate_gamma, run.train.ce_chunk_size)
 
     abstract_boxed = jax.eval_shape(lambda rng: _fresh_state(optimizer, objective, init_boxed_params(model_cfg, rng)),
                                     jax.random.key(0))
@@ -242,8 +245,8 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
                                               sharding=batch_sharding) for k in BATCH_KEYS}
-    gather = _weight_gatherer(config, model_cfg, state_shardings.params)
-    train_step = _make_train_step(config, model_cfg, mesh, optimizer, losses, gather)
+    gather = _weight_gatherer(run.train.gather_weights_once, model_cfg, state_shardings.params)
+    train_step = _make_train_step(run, mesh, optimizer, losses, gather)
     eval_step = _make_eval_step(model_cfg, mesh, losses.ce_chunk_size)
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
     return TrainProgram(

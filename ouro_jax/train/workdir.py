@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Collection
 
 from ouro_jax import paths
 from ouro_jax.errors import CheckpointError, OuroError
@@ -47,9 +48,10 @@ def _differences(old: dict, new: dict) -> list[str]:
     return found
 
 
-def check_resume_config(config, workdir: paths.PathLike) -> None:
-    """Refuses to resume the run in `workdir` with a config that differs from its stored one in
-    RESUME_FIELDS, naming the differences, unless `train.allow_changes` (comma-separated) lists each."""
+def check_resume_config(config: dict, allowed: Collection[str], workdir: paths.PathLike) -> None:
+    """Refuses to resume the run in `workdir` with `config` (the run's settings as a dict) when it differs
+    from the stored one in RESUME_FIELDS, naming the differences, unless `allowed` (train.allow_changes)
+    lists each."""
     path = paths.as_path(workdir) / RUN_CONFIG
     if not path.exists():
         return
@@ -57,8 +59,7 @@ def check_resume_config(config, workdir: paths.PathLike) -> None:
         old = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ResumeConfigError(f"{path}: not readable JSON ({e})") from None
-    new = json.loads(config.to_json())
-    allowed = {a.strip() for a in str(config.train.get("allow_changes", "")).split(",") if a.strip()}
+    new = json.loads(json.dumps(config))
     changed = [k for k in _differences(old, new) if k not in allowed and k.split(".")[0] not in allowed]
     if changed:
         shown = ", ".join(f"{k} {_field(old, k)!r} -> {_field(new, k)!r}" for k in changed)
