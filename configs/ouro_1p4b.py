@@ -1,16 +1,24 @@
-"""Ouro-1.4B pre-training, the released recipe (SPEC 6), one config per stage.
+"""Ouro-1.4B pre-training, the released recipe (SPEC 6), one config per stage of one continuous run.
 
-    --config configs/ouro_1p4b.py            stage 1a: T=8, beta 0.1, 4K context, 4M-token batches, warmup + 3e-4
+    --config configs/ouro_1p4b.py            stage 1a: T=8, beta 0.1, 4K context, 4M -> 8M-token batches,
+                                             warmup + 3e-4
     --config configs/ouro_1p4b.py:stage1b    stage 1b: T=4, beta 0.05, 8M-token batches, constant 3e-4
     --config configs/ouro_1p4b.py:stage2     CT annealing: 16K context, RoPE theta 40K, cosine 3e-4 -> 3e-5
     --config configs/ouro_1p4b.py:stage3     long context: 64K, theta 1M, constant 3e-5
     --config configs/ouro_1p4b.py:stage4     mid-training: 32K, theta 1M, cosine 3e-5 -> 1e-5
     --config configs/ouro_1p4b.py:sft        chat SFT: 32K, theta 1M, T=4, beta 0.05, cosine 2e-5 -> 2e-6
 
-Set `--config.data.sources=DIR` (token shards from `ouro-prepare`); start each stage
-after 1a from the previous one with `--config.init_from=PREVIOUS_RUN/params` (the params only: a fresh
-optimizer state, hence a 200-step warmup). The paper ramps the stage-1a batch from 4M to 8M tokens;
-one run keeps one batch size (its data iterator state depends on it).
+Set `--config.data.sources=DIR` (token shards from `ouro-prepare`); start each stage after 1a from the
+previous one's workdir, `--config.init_from=PREVIOUS_RUN`: the stages form one warmup-stable-decay
+schedule with the optimizer state carried across them (`train.carry_optimizer=True`: params, AdamW moments
+and update count of the previous run's newest checkpoint; T, context and RoPE theta change, the parameters
+do not). Each stage's `optim.schedule_offset` is the optimizer steps of the stages before it (from their
+token budgets and batches), so the rate at stage-k step s is the recipe's at offset + s: the warmup only at
+the start of 1a, constant 3e-4 through 1a and 1b, the decays of stages 2 and 4, no re-warmup. To restart a
+stage from params alone (a fresh optimizer), pass `--config.train.carry_optimizer=False
+--config.optim.schedule_offset=0 --config.optim.warmup_steps=200`. Stage 1a ramps its batch from 4M to 8M
+tokens (`data.batch_ramp="71525:2048"`, after 300B tokens: SPEC 6 gives no ramp point): the micro-batch
+stays and the accumulation count doubles, so the data iterator and resume are unaffected.
 
 SFT (`:sft`): `--config.data.sources=DIR` of chats from `ouro-prepare --chat` (the assistant-only target
 mask rides in the shards, so only what an assistant writes is learned; "auto" packing keeps each chat in

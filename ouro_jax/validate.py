@@ -95,6 +95,23 @@ def positive(name: str, value) -> int:
     return integer(name, value, 1)
 
 
+def batch_ramp(text: str, batch_size: int, name: str = "data.batch_ramp") -> list[tuple[int, int]]:
+    """`"STEP:BATCH,..."` as [(step, batch)]: from optimizer step STEP on (0-based, ascending, >= 1), BATCH
+    sequences per step, each a multiple of `batch_size` (the fixed micro-batch stream); "" = none."""
+    ramp = []
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        step, sep, batch = part.partition(":")
+        if not (sep and step.strip().isdigit() and batch.strip().isdigit()):
+            raise ConfigError(f"{name} must be 'STEP:BATCH,...' (e.g. '1000:64'), got {text!r}")
+        step, batch = int(step), int(batch)
+        if step < 1 or (ramp and step <= ramp[-1][0]):
+            raise ConfigError(f"{name} steps must be >= 1 and ascending, got {text!r}")
+        if batch < batch_size or batch % batch_size:
+            raise ConfigError(f"{name} batch {batch} must be a multiple of data.batch_size ({batch_size})")
+        ramp.append((step, batch))
+    return ramp
+
+
 def positions(name: str, length: int, max_position_embeddings: int) -> int:
     """A sequence length that the model's positions cover (the model never saw beyond them)."""
     length = positive(name, length)

@@ -23,14 +23,15 @@ from ouro_jax.train.step import build_train_program
 
 
 def tiny_stage(stage):
-    """The released recipe's `stage` scaled down to a tiny model on Mano, two steps on one device."""
+    """The released recipe's `stage` scaled down to a tiny model on Mano, two steps on one device, started
+    from params alone (a fresh optimizer: no carried state, no schedule offset)."""
     c = pretraining_config(model_presets.tiny(vocab_size=64, hidden_size=32, intermediate_size=64,
                                               num_attention_heads=2, num_key_value_heads=2), stage)
     c.execution.update(dtype="float32", remat_policy="none")
     c.mesh.update(data=-1, fsdp=1)
     c.data.update(sources="mano:max_len=3", seq_len=16, batch_size=8)
-    c.optim.update(warmup_steps=1)
-    c.train.update(steps=2, ce_chunk_size=16, checkpoint_every=100, async_checkpointing=False,
+    c.optim.update(warmup_steps=1, schedule_offset=0)
+    c.train.update(steps=2, carry_optimizer=False, ce_chunk_size=16, checkpoint_every=100, async_checkpointing=False,
                    compiler_options={"xla_backend_optimization_level": 0})
     return c
 

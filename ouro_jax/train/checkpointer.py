@@ -69,6 +69,19 @@ def _mismatch(stored: Any, expected: Any) -> str | None:
     return "; ".join(problems[:3]) + more
 
 
+def restore_train_state(step_dir: paths.PathLike, abstract_state: Any) -> tuple[str | None, Any]:
+    """(None, state) of the training step `step_dir` (WORKDIR/checkpoints/STEP) read as `abstract_state`
+    (shapes, dtypes, shardings), read-only; (the first differences, None) when it does not fit."""
+    state_dir = paths.as_path(step_dir) / "state"
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(state_dir)
+        stored = getattr(stored, "item_metadata", stored)
+        problem = _mismatch(getattr(stored, "tree", stored), abstract_state)
+        if problem:
+            return problem, None
+        return None, checkpointer.restore(state_dir, abstract_state)
+
+
 def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 

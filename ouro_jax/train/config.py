@@ -73,10 +73,18 @@ def check_fits(run: RunSettings) -> None:
 
 
 def check_starting_point(run: RunSettings) -> None:
-    """Stage II trains only the exit gate of a trained model: it needs `init_from`."""
+    """Stage II trains only the exit gate of a trained model: it needs `init_from`. Carrying an optimizer
+    state needs one to carry, and a schedule offset continues only a carried state."""
     if run.loss.objective == "stage2" and not run.init_from:
         raise ConfigError("loss.objective='stage2' trains only the exit gate of a trained model: set init_from "
                           "to the Stage I checkpoint")
+    if run.train.carry_optimizer and not run.init_from:
+        raise ConfigError("train.carry_optimizer=True carries the optimizer state of init_from: set init_from to "
+                          "the previous stage's workdir")
+    if run.optim.schedule_offset and not run.train.carry_optimizer:
+        raise ConfigError(f"optim.schedule_offset={run.optim.schedule_offset} continues a carried optimizer state: "
+                          "set train.carry_optimizer=True, or for a fresh optimizer optim.schedule_offset=0 "
+                          f"(and a restart warmup, e.g. optim.warmup_steps={RESTART_WARMUP_STEPS})")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -99,22 +107,29 @@ class PretrainingStage(NamedTuple):
     total_ut_steps: int
     beta: float
     seq_len: int
-    batch_tokens: int        # tokens per optimizer step
+    batch_tokens: int        # tokens per optimizer step (after the ramp, if any)
     tokens: float            # tokens of the whole stage
     rope_theta: float
     peak_lr: float
     end_lr: float            # reached by a cosine decay over the stage; = peak_lr: constant
-    warmup_steps: int
+    warmup_steps: int        # when the stage starts a fresh optimizer state
+    ramp_tokens: float = 0.0       # tokens trained at `ramp_batch_tokens` per step before `batch_tokens`
+    ramp_batch_tokens: int = 0
+
+    @property
+    def steps(self) -> int:
+        return (int(self.ramp_tokens // self.ramp_batch_tokens) if self.ramp_tokens else 0) + \
+            int((self.tokens - self.ramp_tokens) // self.batch_tokens)
 
 
-# A stage that starts from the previous one's params (`init_from`) starts with a fresh AdamW state:
-# a short warmup lets its moment estimates settle before the full rate (b2 = 0.95: a ~20-step horizon).
+# A stage that starts from the previous one's params alone (`init_from`, train.carry_optimizer=False) starts
+# with a fresh AdamW state: a short warmup lets its moment estimates settle (b2 = 0.95: a ~20-step horizon).
 RESTART_WARMUP_STEPS = 200
 _M = 2**20
-# The released recipe (SPEC 6). The paper ramps the stage-1a batch from 4M to 8M tokens; a run here keeps
-# one batch size (its data iterator state is per batch), so stage 1a runs at 4M tokens throughout.
+# The released recipe (SPEC 6). Stage 1a ramps its batch from 4M to 8M tokens; SPEC 6 gives no ramp point,
+# so it comes after the first 10% of the stage's tokens (300B), past the warmup's 8B.
 PRETRAINING_STAGES = {
-    "stage1a": PretrainingStage(8, 0.1, 4096, 4 * _M, 3e12, 1e4, 3e-4, 3e-4, 2000),
+    "stage1a": PretrainingStage(8, 0.1, 4096, 8 * _M, 3e12, 1e4, 3e-4, 3e-4, 2000, 3e11, 4 * _M),
     "stage1b": PretrainingStage(4, 0.05, 4096, 8 * _M, 3e12, 1e4, 3e-4, 3e-4, RESTART_WARMUP_STEPS),
     "stage2": PretrainingStage(4, 0.05, 16384, 8 * _M, 1.4e12, 4e4, 3e-4, 3e-5, RESTART_WARMUP_STEPS),
     "stage3": PretrainingStage(4, 0.05, 65536, 8 * _M, 20e9, 1e6, 3e-5, 3e-5, RESTART_WARMUP_STEPS),
@@ -123,29 +138,48 @@ PRETRAINING_STAGES = {
     # stage 4's context and theta, 4M-token batches, 2 epochs of a nominal 4B-token chat set.
     "sft": PretrainingStage(4, 0.05, 32768, 4 * _M, 2 * 4e9, 1e6, 2e-5, 2e-6, RESTART_WARMUP_STEPS),
 }
+# The continuous recipe: one schedule over these stages, the optimizer state carried from each to the next.
+RECIPE_ORDER = ("stage1a", "stage1b", "stage2", "stage3", "stage4")
 
 
-def pretraining_config(model: OuroConfig, stage: str) -> ml_collections.ConfigDict:
+def recipe_offset(stage: str, first_stage: str = "stage1a") -> int:
+    """The optimizer steps of the recipe before `stage` when it starts at `first_stage` (0 for that one)."""
+    chain = RECIPE_ORDER[RECIPE_ORDER.index(first_stage):RECIPE_ORDER.index(stage)]
+    return sum(PRETRAINING_STAGES[name].steps for name in chain)
+
+
+def _stage_optim(c: ml_collections.ConfigDict, s: PretrainingStage, carried: bool, offset: int) -> None:
+    """The stage's piece of the warmup-stable-decay schedule: a warmup only where the optimizer is fresh,
+    a cosine decay over the whole stage where the rate falls."""
+    cosine, warmup = s.end_lr != s.peak_lr, 0 if carried else s.warmup_steps
+    c.optim.update(peak_lr=s.peak_lr, init_lr=0.0, warmup_steps=warmup, decay="cosine" if cosine else "none",
+                   decay_steps=s.steps - warmup if cosine else 0, end_lr=s.end_lr, b1=0.9, b2=0.95, eps=1e-8,
+                   weight_decay=0.1, clip_norm=1.0, schedule_offset=offset)
+    c.train.carry_optimizer = carried
+
+
+def pretraining_config(model: OuroConfig, stage: str, first_stage: str = "stage1a") -> ml_collections.ConfigDict:
     """The released recipe's `stage` for `model` (its T, beta, sequence length, batch, RoPE theta and
     learning rate, SPEC 6): AdamW (0.9, 0.95), wd 0.1, clip 1.0, bf16 compute over float32 master
-    weights, full remat, FSDP over every device. Stages after 1a start from the previous stage's
-    params (`init_from`) with a fresh optimizer state, hence a short warmup; stage 4 decays from
-    stage 3's 3e-5. "sft" is chat SFT after stage 4 (chat shards with their target mask)."""
+    weights, full remat, FSDP over every device. The stages from `first_stage` on form one continuous
+    run: each later stage starts from the previous one's workdir (`init_from`) with its optimizer state
+    carried (`train.carry_optimizer`) and continues the one schedule (`optim.schedule_offset`): the
+    warmup only at `first_stage`'s start, the decays of stages 2 and 4. Stage 1a ramps its batch (4M -> 8M
+    tokens, `data.batch_ramp`). "sft" is chat SFT after stage 4 (a fresh optimizer, chat shards)."""
     if stage not in PRETRAINING_STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose from {sorted(PRETRAINING_STAGES)}")
     s = PRETRAINING_STAGES[stage]
-    batch = s.batch_tokens // s.seq_len
-    steps = int(s.tokens // s.batch_tokens)
-    cosine = s.end_lr != s.peak_lr
+    carried = stage in RECIPE_ORDER and RECIPE_ORDER.index(stage) > RECIPE_ORDER.index(first_stage)
+    first_batch = (s.ramp_batch_tokens or s.batch_tokens) // s.seq_len
     c = base_config()
     c.model = model_fields(model.replace(total_ut_steps=s.total_ut_steps, rope_theta=s.rope_theta))
     c.execution.update(dtype="bfloat16", param_dtype="float32", remat_policy="full")
     c.mesh.update(data=1, fsdp=-1, tensor=1)
-    c.data.update(sources="", seq_len=s.seq_len, batch_size=batch, eval_examples=0)
-    c.optim.update(peak_lr=s.peak_lr, init_lr=0.0, warmup_steps=s.warmup_steps, decay="cosine" if cosine else "none",
-                   decay_steps=steps - s.warmup_steps if cosine else 0, end_lr=s.end_lr, b1=0.9, b2=0.95, eps=1e-8,
-                   weight_decay=0.1, clip_norm=1.0)
+    c.data.update(sources="", seq_len=s.seq_len, batch_size=first_batch, eval_examples=0)
+    if s.ramp_tokens:
+        c.data.batch_ramp = f"{int(s.ramp_tokens // s.ramp_batch_tokens)}:{s.batch_tokens // s.seq_len}"
+    _stage_optim(c, s, carried, recipe_offset(stage, first_stage) if carried else 0)
     c.loss.update(objective="stage1", beta=s.beta, beta_schedule="constant")
-    c.train.update(steps=steps, ce_chunk_size=512, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
+    c.train.update(steps=s.steps, ce_chunk_size=512, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
                    progress_bar=False)
     return c

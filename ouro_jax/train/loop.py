@@ -36,13 +36,21 @@ from ouro_jax.config import ARCHITECTURE_FIELDS, OuroConfig
 from ouro_jax.data import make_batch_iterator, make_source
 from ouro_jax.errors import CheckpointError, ConfigError, OuroError
 from ouro_jax.evaluation.training import TaskEvaluation, make_evaluations  # noqa: F401 -- re-exported
+from ouro_jax.model_source import resolve_model
 from ouro_jax.params_io import load_model, load_model_config, save_params
-from ouro_jax.train.checkpointer import TrainCheckpointer
+from ouro_jax.train.checkpointer import TrainCheckpointer, restore_train_state
 from ouro_jax.train.config import check_fits, check_starting_point, check_training
 from ouro_jax.train.instrument import StepProfiler, compilation_cache, compilation_cache_dir
 from ouro_jax.train.metrics import MetricsWriter, model_flops_per_token, peak_flops
 from ouro_jax.train.settings import DataSettings, RunSettings
-from ouro_jax.train.step import TrainProgram, TrainState, as_model_batch, build_train_program, place_params
+from ouro_jax.train.step import (
+    TrainProgram,
+    TrainState,
+    as_model_batch,
+    build_train_program,
+    place_params,
+    updates_applied,
+)
 from ouro_jax.train.workdir import RUN_CONFIG, WorkdirLock, check_resume_config, move_run_aside
 
 # Fault injection: `OURO_JAX_FAULT_KILL_AFTER_STEP=N` kills the run (SIGKILL) right after step N, once every
@@ -85,12 +93,19 @@ def make_sources(data: DataSettings, model_cfg: OuroConfig) -> list[Any]:
 
 
 def make_train_iterator(data: DataSettings, sources: list[Any]):
-    """This process's grain iterator of training batches (global batch / process count rows)."""
+    """This process's grain iterator of training batches (global batch / process count rows); a step of a
+    `data.batch_ramp` batch takes several (`next_batch`), so the iterator never depends on the ramp."""
     count = jax.process_count()
     if data.batch_size % count:
         raise ConfigError(f"data.batch_size ({data.batch_size}) must be divisible by the {count} processes")
     return make_batch_iterator(sources, seq_len=data.seq_len, batch_size=data.batch_size // count,
                                weights=data.mixture_weights, seed=data.seed, num_workers=data.num_workers)
+
+
+def next_batch(iterator, multiple: int) -> dict[str, np.ndarray]:
+    """The rows of one step: `multiple` batches of the iterator, concatenated."""
+    chunks = [as_model_batch(next(iterator)) for _ in range(multiple)]
+    return chunks[0] if multiple == 1 else {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 # ---- model initialization ---------------------------------------------------------------------
@@ -168,7 +183,6 @@ class _StopSignals:
 
 @dataclasses.dataclass(frozen=True)
 class _Throughput:
-    tokens_per_step: int
     flops_per_token: float
     peak: float         # FLOP/s of all devices
     peak_source: str    # where that number comes from
@@ -181,12 +195,36 @@ def _initial_state(run: RunSettings, program: TrainProgram, checkpointer: TrainC
     if restored is not None:
         print(f"[train] resumed from step {restored[0]} ({checkpointer.directory})", flush=True)
         return (*restored, True)
+    if run.init_from and run.train.carry_optimizer:
+        print(f"[train] initialized from {run.init_from} with its optimizer state", flush=True)
+        return 0, carried_state(run, program), False
     if run.init_from:
         _, params = load_model(run.init_from, param_dtype=program.model_cfg.execution.param_dtype)
         print(f"[train] initialized from {run.init_from}", flush=True)
         return 0, place_params(program, params), False
     print(f"[train] no finished checkpoint in {checkpointer.directory}: starting from scratch", flush=True)
     return 0, program.init(jax.random.key(run.seed)), False
+
+
+def carried_state(run: RunSettings, program: TrainProgram) -> TrainState:
+    """The params and optimizer state (AdamW moments, update count) of the newest step of the workdir
+    `init_from` names, as step 0 of this run (train.carry_optimizer); refused in one line when that is not a
+    training run or its state does not fit this run's (other parameter shapes, another objective)."""
+    source = resolve_model(run.init_from)
+    if source.kind != "train_step":
+        raise ConfigError(f"train.carry_optimizer=True: init_from {run.init_from} holds params only, no optimizer "
+                          "state; point it at the previous stage's workdir, or set train.carry_optimizer=False")
+    problem, state = restore_train_state(source.path, program.abstract_state)
+    if problem:
+        raise ConfigError(f"train.carry_optimizer=True: the train state of {source.describe()} does not fit this "
+                          f"run ({problem}); AdamW moments carry only where the parameter shapes stay (an upcycled "
+                          "model cannot carry them): set train.carry_optimizer=False for a fresh optimizer state")
+    count = int(jax.device_get(updates_applied(state.opt_state)))
+    if count != run.optim.schedule_offset:
+        print(f"[train] the carried optimizer counted {count} updates, optim.schedule_offset is "
+              f"{run.optim.schedule_offset}: the schedule goes by the count", flush=True)
+    zero = lambda: jax.device_put(np.int32(0), program.state_shardings.step)  # noqa: E731 -- one buffer each: donated
+    return state.replace(step=zero(), nonfinite_total=zero(), nonfinite_streak=zero())
 
 
 def _write_run_config(run: RunSettings, workdir: paths.Path) -> None:
@@ -208,7 +246,10 @@ class _Trainer:
         self.run_settings, self.workdir = run, workdir
         self.profiler = StepProfiler(run.train.profile_steps, workdir)
         self.mesh = shd.make_mesh(dict(run.mesh))
-        self.program = build_train_program(run, self.mesh, dict(run.train.compiler_options) or None)
+        options = dict(run.train.compiler_options) or None
+        self.program = build_train_program(run, self.mesh, options)
+        self.ramp_programs = {m: build_train_program(run.at_batch_multiple(m), self.mesh, options)
+                              for m in run.data.batch_multiples[1:]}
         self.sources = make_sources(run.data, self.program.model_cfg)
         self.evaluations = make_evaluations(run.data, run.model.vocab_size, self.sources, self.mesh)
         self.checkpoint_dir = workdir / "checkpoints"
@@ -237,12 +278,14 @@ class _Trainer:
         self.step, self.state, resumed = _initial_state(run, self.program, self.checkpointer, self.data)
         return resumed
 
-    def _compile(self):
+    def _compile(self) -> dict[int, Any]:
+        """The compiled step of each batch multiple (1 and those of `data.batch_ramp`)."""
         start = time.perf_counter()
-        step_fn = self.program.step.lower(self.program.abstract_state, self.program.abstract_batch).compile()
+        step_fns = {m: program.step.lower(program.abstract_state, program.abstract_batch).compile()
+                    for m, program in {1: self.program, **self.ramp_programs}.items()}
         print(f"[train] objective {self.program.objective}, model {model_fields_summary(self.program.model_cfg)}, "
               f"mesh {dict(self.mesh.shape)}, compiled in {time.perf_counter() - start:.1f}s", flush=True)
-        return step_fn
+        return step_fns
 
     def _evaluate(self, writer: MetricsWriter) -> None:
         for name, evaluation in self.evaluations.items():
@@ -275,7 +318,7 @@ class _Trainer:
             return window_start
         rows = jax.device_get([metrics for _, metrics in pending])
         now = time.perf_counter()
-        tokens_per_s = rate.tokens_per_step * len(rows) / (now - window_start)
+        tokens_per_s = sum(float(metrics["batch_tokens"]) for metrics in rows) / (now - window_start)
         for (step, _), metrics in zip(pending, rows):
             metrics.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * rate.flops_per_token / rate.peak)
             writer.write(step, metrics)
@@ -283,12 +326,11 @@ class _Trainer:
         pending.clear()
         return now
 
-    def _steps(self, step_fn, writer: MetricsWriter, stop: _StopSignals) -> None:
+    def _steps(self, step_fns: dict[int, Any], writer: MetricsWriter, stop: _StopSignals) -> None:
         """Trains until the last step or a stop signal: step, log, checkpoint, evaluate."""
         data, train = self.run_settings.data, self.run_settings.train
         total = train.steps
-        rate = _Throughput(data.batch_size * data.seq_len,
-                           model_flops_per_token(self.program.model_cfg, data.seq_len,
+        rate = _Throughput(model_flops_per_token(self.program.model_cfg, data.seq_len,
                                                  stage=2 if self.program.objective == "stage2" else 1),
                            *peak_flops(dtype=self.program.model_cfg.execution.dtype))
         print(f"[train] {rate.flops_per_token / 1e6:.2f} MFLOP/token; peak {rate.peak / 1e12:.3f} TFLOP/s "
@@ -297,9 +339,10 @@ class _Trainer:
         pending, window_start = [], time.perf_counter()
         kill_after = int(os.environ.get(FAULT_KILL_ENV, "0"))
         while self.step < total and not stop.requested(self.step):
-            batch = shd.global_batch(as_model_batch(next(self.data)), self.mesh)
+            multiple = data.batch_at(self.step) // data.batch_size
+            batch = shd.global_batch(next_batch(self.data, multiple), self.mesh)
             self.profiler.before(self.step + 1)
-            self.state, metrics = step_fn(self.state, batch)
+            self.state, metrics = step_fns[multiple](self.state, batch)
             self.profiler.after(self.step + 1, metrics)
             for leaf in jax.tree.leaves(metrics):
                 leaf.copy_to_host_async()
@@ -319,13 +362,13 @@ class _Trainer:
     def run(self) -> TrainResult:
         run = self.run_settings
         _write_run_config(run, self.workdir)
-        step_fn = self._compile()
+        step_fns = self._compile()
         writer = MetricsWriter(self.workdir, total_steps=run.train.steps, log_every=run.train.log_every,
                                progress_bar=run.train.progress_bar, initial_step=self.step,
                                wandb_project=run.train.wandb_project, run_config=run.to_dict())
         try:
             with _StopSignals(run.train.stop_check_every) as stop:
-                self._steps(step_fn, writer, stop)
+                self._steps(step_fns, writer, stop)
                 if stop.requested(self.step, force=True):
                     self._save(writer, force=True)
                     self.checkpointer.wait()

@@ -21,7 +21,9 @@ NO_DECAY_LEAVES = frozenset({"scale", "bias"})  # RMSNorm gains and the exit gat
 
 def lr_schedule(optim: OptimSettings, total_steps: int) -> optax.Schedule:
     """Warmup-stable-decay: linear warmup to peak_lr, constant, then a decay ('none' | 'linear' |
-    'cosine') over the last `decay_steps` to end_lr."""
+    'cosine') over the last `decay_steps` to end_lr. The schedule is a function of the optimizer's update
+    count; a stage whose carried optimizer state has counted `optim.schedule_offset` updates before it
+    starts its own schedule there (so the stages of a recipe form one continuous schedule)."""
     warmup, decay_steps = optim.warmup_steps, optim.decay_steps if optim.decay != "none" else 0
     if warmup + decay_steps > total_steps:
         raise ConfigError(f"optim.warmup_steps ({warmup}) + optim.decay_steps ({decay_steps}) must fit in "
@@ -34,7 +36,8 @@ def lr_schedule(optim: OptimSettings, total_steps: int) -> optax.Schedule:
                  else optax.cosine_decay_schedule(optim.peak_lr, decay_steps, alpha=optim.end_lr / optim.peak_lr))
         schedules.append(decay)
         boundaries.append(total_steps - decay_steps)
-    return optax.join_schedules(schedules, boundaries)
+    schedule, offset = optax.join_schedules(schedules, boundaries), optim.schedule_offset
+    return schedule if not offset else lambda count: schedule(count - offset)
 
 
 def beta_schedule(loss: LossSettings) -> optax.Schedule:

@@ -30,7 +30,9 @@ class DataSettings:
     weights: str = ""                 # comma-separated mixture weights ('' = uniform)
     num_workers: int = 0              # grain worker processes
     seq_len: int = 64
-    batch_size: int = 32              # global, in sequences
+    batch_size: int = 32              # global, in sequences (the first steps' batch with batch_ramp)
+    batch_ramp: str = ""              # "STEP:BATCH,...": BATCH sequences per step from step STEP on (a multiple
+                                      # of batch_size: the accumulation count grows, the micro-batch stays)
     seed: int = 0                     # order and sampling of the training stream
     eval_examples: int = 256          # held-out examples per evaluation (tasks)
     eval_batch_size: int = 64
@@ -44,6 +46,19 @@ class DataSettings:
         for name in ("num_workers", "eval_examples"):
             validate.integer(f"data.{name}", getattr(self, name), 0)
         _mixture(self.weights)  # refused here, not at the first batch
+        validate.batch_ramp(self.batch_ramp, self.batch_size)
+
+    def batch_at(self, step: int) -> int:
+        """The global batch (sequences) of the update after `step` updates (`batch_ramp`)."""
+        batch = self.batch_size
+        for start, size in validate.batch_ramp(self.batch_ramp, self.batch_size):
+            batch = size if step >= start else batch
+        return batch
+
+    @property
+    def batch_multiples(self) -> list[int]:
+        """Each batch of the ramp as a multiple of batch_size (1 first)."""
+        return [1] + [size // self.batch_size for _, size in validate.batch_ramp(self.batch_ramp, self.batch_size)]
 
     @property
     def source_specs(self) -> list[str]:
@@ -76,6 +91,8 @@ class OptimSettings:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float | None = 1.0     # None: no clipping
+    schedule_offset: int = 0          # a stage of a continuous recipe: the schedule steps before it; the rate
+                                      # at optimizer count c is this stage's schedule at c - schedule_offset
 
     def __post_init__(self):
         for name in ("peak_lr", "init_lr", "end_lr"):
@@ -90,6 +107,7 @@ class OptimSettings:
         validate.choice("optim.decay", self.decay, DECAY_SHAPES)
         validate.integer("optim.warmup_steps", self.warmup_steps, 0)
         validate.integer("optim.decay_steps", self.decay_steps, 0)
+        validate.integer("optim.schedule_offset", self.schedule_offset, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +148,7 @@ class TrainSettings:
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     restart_incompatible: bool = False  # checkpoints that do not fit / restore: move the old run aside, start over
+    carry_optimizer: bool = False     # with init_from=PREVIOUS_WORKDIR: its optimizer state too (moments, count)
     allow_changes: str = ""           # resume despite these config changes, e.g. "data.batch_size,model.total_ut_steps"
     max_consecutive_nonfinite: int = 5
     export_params: bool = True        # params-only export to WORKDIR/params at the end
@@ -195,6 +214,13 @@ class RunSettings:
 
     def replace(self, **changes) -> RunSettings:
         return dataclasses.replace(self, **changes)
+
+    def at_batch_multiple(self, multiple: int) -> RunSettings:
+        """This run with `multiple` x data.batch_size sequences per step and as many more micro-batches
+        (the micro-batch stays): the program of a `data.batch_ramp` batch."""
+        data = dataclasses.replace(self.data, batch_size=self.data.batch_size * multiple, batch_ramp="")
+        train = dataclasses.replace(self.train, grad_accum=self.train.grad_accum * multiple)
+        return self.replace(data=data, train=train)
 
 
 def defaults(kind) -> dict[str, Any]:

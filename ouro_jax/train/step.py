@@ -100,7 +100,7 @@ def _microbatches(batch: dict[str, jax.Array], num: int) -> dict[str, jax.Array]
     return jax.tree.map(split, batch)
 
 
-def _updates_applied(opt_state) -> jax.Array:
+def updates_applied(opt_state) -> jax.Array:
     """The schedule's step count inside the optimizer state (skipped updates do not advance it)."""
     counts = [v for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
               if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"]
@@ -195,10 +195,11 @@ def _make_train_step(run: RunSettings, mesh: Mesh, optimizer, losses: _LossSetti
                                    nonfinite_streak=(state.nonfinite_streak + 1) * skipped)
             tokens = jnp.maximum(stats["tokens"], 1.0)
             metrics = {
-                "loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(_updates_applied(state.opt_state)),
+                "loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate(updates_applied(state.opt_state)),
                 "beta": jnp.asarray(beta, jnp.float32), "step_ce": stats["step_ce_sum"] / tokens,
                 "exit_p": stats["exit_p_sum"] / tokens, "entropy": stats["entropy_sum"] / tokens,
-                "loss_tokens": stats["tokens"], "skipped": skipped,
+                "loss_tokens": stats["tokens"], "batch_tokens": jnp.float32(batch["input_ids"].size),
+                "skipped": skipped,
                 "nonfinite_total": new_state.nonfinite_total, "nonfinite_streak": new_state.nonfinite_streak,
             }
             return new_state, metrics

@@ -23,8 +23,8 @@ LOCK_FILE = ".lock"
 RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "tb", "config.json", "params")
 RUN_CONFIG = "config.json"
 # What a resumed run must share with its checkpoints: the model, what one step sees, the data, the objective.
-RESUME_FIELDS = ("model", "data.batch_size", "data.seq_len", "data.sources", "data.weights", "data.seed",
-                 "loss.objective", "train.grad_accum")
+RESUME_FIELDS = ("model", "data.batch_size", "data.batch_ramp", "data.seq_len", "data.sources", "data.weights",
+                 "data.seed", "loss.objective", "train.grad_accum")
 
 
 class ResumeConfigError(CheckpointError):
