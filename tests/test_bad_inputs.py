@@ -321,6 +321,10 @@ TRAIN_CASES = [
     ("train-init-from-int32-weights", dict(init_from="{root}/hf_int32"), "stored as int32"),
     ("train-init-from-flipped-params", dict(init_from="{root}/params_flipped"), "params_flipped: "),
     ("train-init-from-wrong-sums", dict(init_from="{root}/params_wrong_sums"), "saved checksums"),
+    ("train-carry-from-params", dict(init_from="{root}/params", train__carry_optimizer=True),
+     "holds params only, no optimizer state"),
+    ("train-batch-ramp-not-multiple", dict(data__batch_ramp="2:12"), "must be a multiple of data.batch_size (8)"),
+    ("train-negative-schedule-offset", dict(optim__schedule_offset=-1), "optim.schedule_offset must be an integer"),
 ]
 
 

@@ -198,4 +198,7 @@ class TrainCheckpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        # orbax's close() does not wait for the clean-up of unfinished saves it starts on opening: a process
+        # that exits right after (an error before the first save) would end that thread with a traceback.
+        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._manager.close()
