@@ -72,6 +72,7 @@ def test_kv_policies_quick(tmp_path):
     assert (tmp_path / "kv_policies.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # its training runs under make test-all; its tables render in test_results_md_tables_*
 def test_multihop_efficiency_quick(tmp_path):
     multihop_efficiency.main(["--quick", "--out", str(tmp_path), "--fractions", "0.5"])
     result = json.loads((tmp_path / "results.json").read_text())
@@ -83,6 +84,7 @@ def test_multihop_efficiency_quick(tmp_path):
     assert "| looped 1x4 |" in results_tables.multihop_efficiency(result)
 
 
+@pytest.mark.slow  # its training runs under make test-all; its tables render in test_results_md_tables_*
 def test_capo_capacity_quick(tmp_path):
     result = capo_capacity.main(["--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -139,6 +141,7 @@ def test_refresh_numbers_quick(tmp_path):
     assert refresh_numbers.eval_paragraph(saved["demo_eval"]).startswith("16 held-out Mano examples")
 
 
+@pytest.mark.slow  # its training runs under make test-all; its tables render in test_results_md_tables_*
 def test_real_text_quick(tmp_path):
     result = real_text.main(["--quick", "--out", str(tmp_path)])
     corpus = result["corpus"]
