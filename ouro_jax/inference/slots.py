@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ouro_jax import sharding as shd
 from ouro_jax.config import OuroConfig
-from ouro_jax.inference.cache import KVCache, cache_shape, init_cache, step_view, write_chunk
+from ouro_jax.inference.cache import KVCache, init_cache, step_view, write_chunk
 from ouro_jax.inference.sampling import SamplingParams, sample_tokens
 from ouro_jax.inference.settings import apply_model, exit_reached
 from ouro_jax.model import Ouro
@@ -181,6 +181,3 @@ def commit_prefill(cache: KVCache, scratch: KVCache, slot: jax.Array, depth: jax
         c, _reduce_scratch(setup.policy, x, depth).astype(c.dtype), (zero, zero, slot, zero, zero, zero))
         for c, x in zip(cache, scratch))))
 
-
-def cache_rows_shape(setup: SlotSetup) -> tuple[int, ...]:
-    return cache_shape(setup.cfg, setup.policy, setup.depth, setup.slots, setup.cache_length)

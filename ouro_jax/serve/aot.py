@@ -34,6 +34,7 @@ class ServeReport:
     bytes_per_chip: int   # arguments + outputs - donated aliases + temporaries (0 when XLA refused it)
     hbm_bytes: int
     refused: str = ""     # XLA's out-of-memory message, when it refused to compile the program
+    temp_bytes: int = 0   # of bytes_per_chip, the compiler's temporaries
 
     @property
     def fits(self) -> bool:
@@ -76,30 +77,35 @@ def _programs(setup: SlotSetup, chunk: int):
             ("commit_prefill", commit_prefill.lower(cache, scratch, scalar, scalar, setup=setup))]
 
 
-def _compiled_bytes(lowered) -> tuple[int, str]:
-    """(bytes per chip, "") of a lowered program, or (0, XLA's message) when it runs out of memory."""
+def _compiled_bytes(lowered) -> tuple[int, int, str]:
+    """(bytes per chip, of them temporaries, "") of a lowered program, or (0, 0, XLA's message) when it runs
+    out of memory."""
     try:
         memory = lowered.compile().memory_analysis()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
             raise
-        return 0, str(e).strip().splitlines()[0][:240]
+        return 0, 0, str(e).strip().splitlines()[0][:240]
     return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-               + memory.temp_size_in_bytes), ""
+               + memory.temp_size_in_bytes), int(memory.temp_size_in_bytes), ""
 
 
 def compile_serve_programs(cfg: OuroConfig, topology: str, mesh_shape: dict[str, int], *, slots: int,
                            cache_length: int, policy: str = "full", prefill_chunk_size: int = 512,
-                           depth: int | None = None, compact: bool = True) -> list[ServeReport]:
-    """Compiles the serving programs for `topology`: a report each (one that XLA refuses for memory says so)."""
+                           depth: int | None = None, compact: bool = True,
+                           programs: tuple[str, ...] | None = None) -> list[ServeReport]:
+    """Compiles the serving programs (those named in `programs` by prefix, default all) for `topology`: a
+    report each (one that XLA refuses for memory says so)."""
     devices = topology_devices(topology)
     mesh = shd.make_mesh(mesh_shape, devices)
     setup = slot_setup(cfg, policy, depth or cfg.total_ut_steps, slots, cache_length, compact, mesh)
     reports = []
     for name, lowered in _programs(setup, prefill_chunk_size):
-        used, refused = _compiled_bytes(lowered)
+        if programs is not None and not name.startswith(programs):
+            continue
+        used, temp, refused = _compiled_bytes(lowered)
         reports.append(ServeReport(name, topology, dict(mesh.shape), slots, cache_length, policy, used,
-                                   HBM_BYTES[topology.split(":")[0]], refused))
+                                   HBM_BYTES[topology.split(":")[0]], refused, temp))
     return reports
 
 
