@@ -12,7 +12,20 @@ import pytest  # noqa: E402
 
 chex.set_n_cpu_devices(8)
 
+from helpers import TEST_CACHE_ENV  # noqa: E402
+
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden" / "ouro_tiny"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the training runs of the whole session (both xdist workers):
+    a program the tiny config compiled once is loaded, not compiled again (see helpers.tiny_train_config)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ[TEST_CACHE_ENV] = str(root / "compilation_cache")
+    yield
+    os.environ.pop(TEST_CACHE_ENV, None)
 
 
 @pytest.fixture(scope="session")

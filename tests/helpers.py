@@ -20,6 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tests compile many small programs: XLA's backend optimizations would dominate their run time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# The session's shared persistent compilation cache (set by conftest), where tiny_train_config's runs cache.
+TEST_CACHE_ENV = "OURO_JAX_TEST_COMPILATION_CACHE"
 
 
 def tiny_train_config(**model_overrides):
@@ -29,7 +31,8 @@ def tiny_train_config(**model_overrides):
                                               num_key_value_heads=2, total_ut_steps=3, **model_overrides))
     c.data.update(sources="mano:max_len=3", seq_len=16, batch_size=8, eval_examples=16, eval_batch_size=16)
     c.optim.update(peak_lr=1e-2, init_lr=1e-3, warmup_steps=2, decay="cosine", decay_steps=5, end_lr=1e-3)
-    c.train.update(steps=20, ce_chunk_size=8, progress_bar=False, log_every=5, checkpoint_every=5)
+    c.train.update(steps=20, ce_chunk_size=8, progress_bar=False, log_every=5, checkpoint_every=5,
+                   compilation_cache_dir=os.environ.get(TEST_CACHE_ENV, ""), compilation_cache_min_secs=0.0)
     return c
 
 

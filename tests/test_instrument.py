@@ -17,7 +17,7 @@ def _config(steps, **train):
     config.data.eval_examples = 0
     config.optim.update(warmup_steps=1, decay="none", decay_steps=0)
     config.train.update(steps=steps, checkpoint_every=2, export_params=False, compiler_options=FAST_COMPILE,
-                        compilation_cache_min_secs=0.0, **train)
+                        compilation_cache_dir="", compilation_cache_min_secs=0.0, **train)  # the workdir's
     return config
 
 

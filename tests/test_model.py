@@ -16,6 +16,14 @@ def _ids(key, shape, vocab=128):
     return jax.random.randint(jax.random.key(key), shape, 0, vocab)
 
 
+def _forward(cfg, params, ids, **kwargs):
+    """`Ouro(cfg).apply` as one compiled program (op-by-op dispatch would dominate these tests' time);
+    integer keyword arguments are static."""
+    static = {k: v for k, v in kwargs.items() if isinstance(v, int)}
+    arrays = {k: v for k, v in kwargs.items() if k not in static}
+    return jax.jit(lambda p, i, a: Ouro(cfg).apply({"params": p}, i, **a, **static))(params, ids, arrays)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = config.tiny(num_hidden_layers=3, total_ut_steps=3)
@@ -28,7 +36,7 @@ def _loss(cfg, params, ids):
 
 
 def _loss_and_grads(cfg, params, ids):
-    return jax.value_and_grad(lambda p: _loss(cfg, p, ids))(params)
+    return jax.jit(jax.value_and_grad(lambda p: _loss(cfg, p, ids)))(params)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +83,7 @@ def test_unrolled_scans_match_rolled_scans(tiny, rolled_reference):
 def test_scan_over_steps_matches_a_python_loop_of_model_step(tiny):
     cfg, params = tiny
     ids = _ids(2, (2, 9))
-    out = Ouro(cfg).apply({"params": params}, ids)
+    out = _forward(cfg, params, ids)
 
     def python_loop(p):
         m = Ouro(cfg).bind({"params": p})
@@ -88,19 +96,19 @@ def test_scan_over_steps_matches_a_python_loop_of_model_step(tiny):
             gates.append(gate)
         return jnp.stack(hidden), jnp.stack(gates)
 
-    hidden, gates = python_loop(params)
+    hidden, gates = jax.jit(python_loop)(params)
     chex.assert_trees_all_close((out.hidden_states, out.gate_logits), (hidden, gates), atol=1e-6)
     probe = jax.random.normal(jax.random.key(3), hidden.shape)  # a loss that is not invariant to the norms
-    grads_scan = jax.grad(lambda p: jnp.sum(Ouro(cfg).apply({"params": p}, ids).hidden_states * probe))(params)
-    grads_loop = jax.grad(lambda p: jnp.sum(python_loop(p)[0] * probe))(params)
+    grads_scan = jax.jit(jax.grad(lambda p: jnp.sum(Ouro(cfg).apply({"params": p}, ids).hidden_states * probe)))(params)
+    grads_loop = jax.jit(jax.grad(lambda p: jnp.sum(python_loop(p)[0] * probe)))(params)
     for a, b in zip(jax.tree.leaves(grads_scan), jax.tree.leaves(grads_loop)):  # float32 sums in another order
         assert jnp.max(jnp.abs(a - b)) <= 1e-4 * max(jnp.max(jnp.abs(a)), 1e-3)
 
 
 def _saved_residual_bytes(cfg, params, ids):
-    """Bytes the backward pass keeps from the forward (the VJP's residuals, beyond the params)."""
-    _, vjp = jax.vjp(lambda p: _loss(cfg, p, ids), params)
-    return sum(x.nbytes for x in jax.tree.leaves(vjp)) - sum(x.nbytes for x in jax.tree.leaves(params))
+    """Bytes the backward pass keeps from the forward (the VJP's residuals, beyond the params), from shapes."""
+    vjp = jax.eval_shape(lambda p: jax.vjp(lambda q: _loss(cfg, q, ids), p)[1], params)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp)) - sum(x.nbytes for x in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "save_proj"])
@@ -119,9 +127,7 @@ def test_remat_policies_keep_gradients_and_save_less(tiny, rolled_reference, pol
 def test_num_steps_override(tiny):
     cfg, params = tiny
     ids = _ids(4, (1, 6))
-    full = Ouro(cfg).apply({"params": params}, ids)
-    short = Ouro(cfg).apply({"params": params}, ids, num_steps=2)
-    longer = Ouro(cfg).apply({"params": params}, ids, num_steps=5)
+    full, short, longer = (_forward(cfg, params, ids, num_steps=n) for n in (3, 2, 5))
     assert short.hidden_states.shape[0] == 2 and longer.hidden_states.shape[0] == 5
     np.testing.assert_allclose(short.hidden_states, full.hidden_states[:2], atol=1e-6)
     np.testing.assert_allclose(longer.gate_logits[:3], full.gate_logits, atol=1e-6)
@@ -133,8 +139,7 @@ def test_causality(tiny):
     cfg, params = tiny
     ids = _ids(5, (1, 10))
     changed = ids.at[0, 7].set((ids[0, 7] + 1) % cfg.vocab_size)
-    a = Ouro(cfg).apply({"params": params}, ids).hidden_states
-    b = Ouro(cfg).apply({"params": params}, changed).hidden_states
+    a, b = (_forward(cfg, params, x).hidden_states for x in (ids, changed))
     np.testing.assert_array_equal(a[:, :, :7], b[:, :, :7])
     assert not np.allclose(a[:, :, 7:], b[:, :, 7:])
 
@@ -144,9 +149,8 @@ def test_packed_documents_do_not_attend_to_each_other(tiny):
     doc_a, doc_b = _ids(6, (1, 5)), _ids(7, (1, 4))
     packed = jnp.concatenate([doc_a, doc_b, jnp.zeros((1, 2), jnp.int32)], axis=1)
     segments = jnp.array([[1] * 5 + [2] * 4 + [0] * 2])
-    out = Ouro(cfg).apply({"params": params}, packed, segment_ids=segments)
-    alone_a = Ouro(cfg).apply({"params": params}, doc_a)
-    alone_b = Ouro(cfg).apply({"params": params}, doc_b)
+    out = _forward(cfg, params, packed, segment_ids=segments)
+    alone_a, alone_b = _forward(cfg, params, doc_a), _forward(cfg, params, doc_b)
     np.testing.assert_allclose(out.hidden_states[:, :, :5], alone_a.hidden_states, atol=1e-5)
     np.testing.assert_allclose(out.hidden_states[:, :, 5:9], alone_b.hidden_states, atol=1e-5)
     np.testing.assert_allclose(out.gate_logits[:, :, 5:9], alone_b.gate_logits, atol=1e-5)
@@ -171,7 +175,7 @@ def test_xla_cpu_forms_equal_the_others(tiny):
     def loss_and_grads(cfg):
         out = lambda p: Ouro(cfg).apply({"params": p}, ids, attention_mask=attention_mask).hidden_states
         loss = lambda p: jnp.sum(out(p) ** 2 * attention_mask[:, :, None])
-        return jax.value_and_grad(loss)(params)
+        return jax.jit(jax.value_and_grad(loss))(params)
 
     assert model.on_xla_cpu(cfg.execution)
     tpu_forms = cfg.with_execution(platform="tpu", attention_impl="xla", cross_entropy_impl="xla")
@@ -194,7 +198,7 @@ def test_query_blocked_causal_attention_equals_one_block():
 
     blocked = lambda q, k, v: flash.xla_attention(q, k, v, mask, "cpu", query_block=8)
     whole = lambda q, k, v: flash.attend(q, [(k, v, mask)], "cpu")
-    value_and_grad = lambda fn: jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2))(q, k, v)
+    value_and_grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2)))(q, k, v)
     chex.assert_trees_all_close(value_and_grad(blocked), value_and_grad(whole), rtol=1e-5, atol=1e-5)
     assert flash.query_bounds(length, 8) == [0, 9, 18, 27, 37]
     reference = flash.reference_attention(q, k, v, segments)
@@ -210,8 +214,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     mha_attn = {**attn, "k_proj": repeat(attn["k_proj"]), "v_proj": repeat(attn["v_proj"])}
     mha_params = {**params, "decoder": {"layers": {**params["decoder"]["layers"], "self_attn": mha_attn}}}
     ids = _ids(9, (2, 7))
-    a = Ouro(gqa).apply({"params": params}, ids)
-    b = Ouro(mha).apply({"params": mha_params}, ids)
+    a, b = _forward(gqa, params, ids), _forward(mha, mha_params, ids)
     np.testing.assert_allclose(a.hidden_states, b.hidden_states, atol=1e-5)
 
 
@@ -220,7 +223,7 @@ def test_step_ce_equals_cross_entropy_of_full_logits(tiny):
     ids = _ids(10, (2, 11))
     targets = jnp.roll(ids, -1, axis=1)
     m = Ouro(cfg)
-    out = m.apply({"params": params}, ids, targets=targets, ce_chunk_size=4)
+    out = _forward(cfg, params, ids, targets=targets, ce_chunk_size=4)
     logits = m.apply({"params": params}, out.hidden_states, method=Ouro.logits)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     expected = -jnp.take_along_axis(log_probs, jnp.broadcast_to(targets[None, ..., None], (3, 2, 11, 1)), -1)[..., 0]
@@ -230,8 +233,7 @@ def test_step_ce_equals_cross_entropy_of_full_logits(tiny):
 def test_bfloat16_compute_tracks_float32(tiny):
     cfg, params = tiny
     ids = _ids(11, (2, 8))
-    f32 = Ouro(cfg).apply({"params": params}, ids)
-    bf16 = Ouro(cfg.with_execution(dtype="bfloat16")).apply({"params": params}, ids)
+    f32, bf16 = _forward(cfg, params, ids), _forward(cfg.with_execution(dtype="bfloat16"), params, ids)
     assert bf16.hidden_states.dtype == jnp.bfloat16 and bf16.gate_logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(bf16.hidden_states, np.float32), f32.hidden_states, atol=0.15)
 

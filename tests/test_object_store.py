@@ -100,7 +100,7 @@ def test_train_resume_and_export_on_gcs(gcs_bucket, tmp_path, capsys):
     config.model.vocab_size = shards.vocab_size
     config.data.update(sources=data, eval_examples=0)
     config.train.update(steps=10, checkpoint_every=5, keep_checkpoints=3, compiler_options=FAST_COMPILE,
-                        compilation_cache_min_secs=0.0)
+                        compilation_cache_dir="", compilation_cache_min_secs=0.0)   # the workdir's
     loop.train(config, run)
     config.train.steps = 20
     result = loop.train(config, run)
