@@ -36,6 +36,22 @@ def tiny_train_config(**model_overrides):
     return c
 
 
+def forward(cfg, params, ids, method=None, **kwargs):
+    """`Ouro(cfg).apply` (or one of its methods) as one compiled program: op-by-op dispatch would dominate
+    the tests' time. Integer keyword arguments are static."""
+    import jax
+
+    from ouro_jax.model import Ouro
+
+    static = {k: v for k, v in kwargs.items() if isinstance(v, int)}
+    static.update({"method": method} if method else {})
+    arrays = {k: v for k, v in kwargs.items() if k not in static}
+
+    def apply(p, x, a):
+        return Ouro(cfg).apply({"params": p}, x, **a, **static)
+    return jax.jit(apply)(params, ids, arrays)
+
+
 def random_batch(cfg, seed=0, vocab=None):
     """A batch of the data contract: two packed documents per row, random tokens, random loss mask."""
     rng = np.random.default_rng(seed)

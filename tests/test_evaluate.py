@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import golden_with_tokenizer
+from helpers import forward, golden_with_tokenizer
 
 from ouro_jax import Ouro, exit_pdf, q_exit_step
 from ouro_jax.cli.eval import main as cli_main
@@ -48,9 +48,8 @@ def text_file(tmp_path_factory):
 
 def _reference_step_ce(cfg, params, ids):
     """Per-step next-token CE from materialized per-step logits (the slow, obvious way)."""
-    model = Ouro(cfg)
-    out = model.apply({"params": params}, ids[None, :-1])
-    logits = model.apply({"params": params}, out.hidden_states, method=Ouro.logits)[:, 0]   # [T, S, V]
+    out = forward(cfg, params, ids[None, :-1])
+    logits = forward(cfg, params, out.hidden_states, method=Ouro.logits)[:, 0]   # [T, S, V]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     ce = -np.take_along_axis(np.asarray(log_probs), ids[None, 1:, None], axis=-1)[..., 0]
     return ce, np.asarray(out.gate_logits[:, 0])
@@ -96,13 +95,13 @@ def test_task_accuracy_per_step_and_second_gate(golden_model):
     cfg, params = golden_model
     task = make_eval_task("mano:max_len=2,modulus=5", cfg.vocab_size)
     other_gate = jax.tree.map(lambda x: -x + 0.3, params["exit_gate"])
-    forward = StepForward(cfg, gates={"trained": other_gate}, predictions=True)
-    scores = score_task(forward, params, task, num_examples=20, batch_size=8, progress=False)
+    step_forward = StepForward(cfg, gates={"trained": other_gate}, predictions=True)
+    scores = score_task(step_forward, params, task, num_examples=20, batch_size=8, progress=False)
     ev = task.eval_set(20)
     ids = np.concatenate([ev.prompts, ev.answers], axis=1)
     model = Ouro(cfg)
-    out = model.apply({"params": params}, ids)
-    logits = model.apply({"params": params}, out.hidden_states, method=Ouro.logits)
+    out = forward(cfg, params, ids)
+    logits = forward(cfg, params, out.hidden_states, method=Ouro.logits)
     answer = slice(ev.prompts.shape[1] - 1, ids.shape[1] - 1)
     want = np.asarray(logits.argmax(-1))[:, :, answer]
     np.testing.assert_array_equal(scores.predictions, want)
@@ -119,10 +118,14 @@ def test_decode_task_generates_answers_token_by_token(golden_model):
     task = make_eval_task("mano:max_len=2,modulus=5,answer_base=2", cfg.vocab_size)
     ev = task.eval_set(6)
     ids = ev.prompts
-    for _ in range(task.answer_len):
+
+    @jax.jit
+    def next_token(ids):   # the full forward pass, as one program per length
         out = Ouro(cfg).apply({"params": params}, ids)
-        logits = Ouro(cfg).apply({"params": params}, out.hidden_states[-1], method=Ouro.logits)
-        ids = np.concatenate([ids, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
+        return Ouro(cfg).apply({"params": params}, out.hidden_states[-1, :, -1], method=Ouro.logits).argmax(-1)
+
+    for _ in range(task.answer_len):
+        ids = np.concatenate([ids, np.asarray(next_token(ids))[:, None]], axis=1)
     tokens = ids[:, ev.prompts.shape[1]:]
     want = np.stack([task.solve(p) for p in ev.prompts])
     full = decode_task(cfg, params, task, num_examples=6, batch_size=3)
@@ -220,7 +223,7 @@ def test_exit_pdf_of_sweep_inputs_is_a_distribution(golden_model):
     batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "segment_ids": np.ones_like(ids),
              "positions": np.arange(16, dtype=np.int32)[None]}
     out = StepForward(cfg)(params, batch)
-    want = Ouro(cfg).apply({"params": params}, ids).gate_logits
+    want = forward(cfg, params, ids).gate_logits
     np.testing.assert_allclose(out["gate_logits"][MODEL_GATE], want, atol=1e-5)
     np.testing.assert_allclose(np.asarray(exit_pdf(out["gate_logits"][MODEL_GATE])).sum(0), 1.0, atol=1e-5)
 

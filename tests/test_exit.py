@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from helpers import forward
 
 from ouro_jax import exit as ex
 from ouro_jax.inference import generate
@@ -90,9 +91,8 @@ def test_select_logits_and_the_engine_agree_on_q_one(golden_model, golden):
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 40.0 if "exit_gate" in jax.tree_util.keystr(path) and x.ndim == 1 else x, params)
     ids = golden["input_ids"][:1]
-    model = Ouro(cfg)
-    out = model.apply({"params": params}, ids)
-    step_logits = model.apply({"params": params}, out.hidden_states, method=Ouro.logits)
+    out = forward(cfg, params, ids)
+    step_logits = forward(cfg, params, out.hidden_states, method=Ouro.logits)
     assert (np.asarray(ex.exit_cdf(out.gate_logits))[0] == 1.0).all()
     np.testing.assert_array_equal(ex.select_logits(step_logits, out.gate_logits, exit_threshold=1.0), step_logits[-1])
     np.testing.assert_array_equal(

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import forward
 
 from ouro_jax import config, model
 from ouro_jax.kernels import flash
@@ -14,14 +15,6 @@ from ouro_jax.model import Ouro
 
 def _ids(key, shape, vocab=128):
     return jax.random.randint(jax.random.key(key), shape, 0, vocab)
-
-
-def _forward(cfg, params, ids, **kwargs):
-    """`Ouro(cfg).apply` as one compiled program (op-by-op dispatch would dominate these tests' time);
-    integer keyword arguments are static."""
-    static = {k: v for k, v in kwargs.items() if isinstance(v, int)}
-    arrays = {k: v for k, v in kwargs.items() if k not in static}
-    return jax.jit(lambda p, i, a: Ouro(cfg).apply({"params": p}, i, **a, **static))(params, ids, arrays)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +76,7 @@ def test_unrolled_scans_match_rolled_scans(tiny, rolled_reference):
 def test_scan_over_steps_matches_a_python_loop_of_model_step(tiny):
     cfg, params = tiny
     ids = _ids(2, (2, 9))
-    out = _forward(cfg, params, ids)
+    out = forward(cfg, params, ids)
 
     def python_loop(p):
         m = Ouro(cfg).bind({"params": p})
@@ -127,7 +120,7 @@ def test_remat_policies_keep_gradients_and_save_less(tiny, rolled_reference, pol
 def test_num_steps_override(tiny):
     cfg, params = tiny
     ids = _ids(4, (1, 6))
-    full, short, longer = (_forward(cfg, params, ids, num_steps=n) for n in (3, 2, 5))
+    full, short, longer = (forward(cfg, params, ids, num_steps=n) for n in (3, 2, 5))
     assert short.hidden_states.shape[0] == 2 and longer.hidden_states.shape[0] == 5
     np.testing.assert_allclose(short.hidden_states, full.hidden_states[:2], atol=1e-6)
     np.testing.assert_allclose(longer.gate_logits[:3], full.gate_logits, atol=1e-6)
@@ -139,7 +132,7 @@ def test_causality(tiny):
     cfg, params = tiny
     ids = _ids(5, (1, 10))
     changed = ids.at[0, 7].set((ids[0, 7] + 1) % cfg.vocab_size)
-    a, b = (_forward(cfg, params, x).hidden_states for x in (ids, changed))
+    a, b = (forward(cfg, params, x).hidden_states for x in (ids, changed))
     np.testing.assert_array_equal(a[:, :, :7], b[:, :, :7])
     assert not np.allclose(a[:, :, 7:], b[:, :, 7:])
 
@@ -149,8 +142,8 @@ def test_packed_documents_do_not_attend_to_each_other(tiny):
     doc_a, doc_b = _ids(6, (1, 5)), _ids(7, (1, 4))
     packed = jnp.concatenate([doc_a, doc_b, jnp.zeros((1, 2), jnp.int32)], axis=1)
     segments = jnp.array([[1] * 5 + [2] * 4 + [0] * 2])
-    out = _forward(cfg, params, packed, segment_ids=segments)
-    alone_a, alone_b = _forward(cfg, params, doc_a), _forward(cfg, params, doc_b)
+    out = forward(cfg, params, packed, segment_ids=segments)
+    alone_a, alone_b = forward(cfg, params, doc_a), forward(cfg, params, doc_b)
     np.testing.assert_allclose(out.hidden_states[:, :, :5], alone_a.hidden_states, atol=1e-5)
     np.testing.assert_allclose(out.hidden_states[:, :, 5:9], alone_b.hidden_states, atol=1e-5)
     np.testing.assert_allclose(out.gate_logits[:, :, 5:9], alone_b.gate_logits, atol=1e-5)
@@ -214,7 +207,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     mha_attn = {**attn, "k_proj": repeat(attn["k_proj"]), "v_proj": repeat(attn["v_proj"])}
     mha_params = {**params, "decoder": {"layers": {**params["decoder"]["layers"], "self_attn": mha_attn}}}
     ids = _ids(9, (2, 7))
-    a, b = _forward(gqa, params, ids), _forward(mha, mha_params, ids)
+    a, b = forward(gqa, params, ids), forward(mha, mha_params, ids)
     np.testing.assert_allclose(a.hidden_states, b.hidden_states, atol=1e-5)
 
 
@@ -223,7 +216,7 @@ def test_step_ce_equals_cross_entropy_of_full_logits(tiny):
     ids = _ids(10, (2, 11))
     targets = jnp.roll(ids, -1, axis=1)
     m = Ouro(cfg)
-    out = _forward(cfg, params, ids, targets=targets, ce_chunk_size=4)
+    out = forward(cfg, params, ids, targets=targets, ce_chunk_size=4)
     logits = m.apply({"params": params}, out.hidden_states, method=Ouro.logits)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     expected = -jnp.take_along_axis(log_probs, jnp.broadcast_to(targets[None, ..., None], (3, 2, 11, 1)), -1)[..., 0]
@@ -233,7 +226,7 @@ def test_step_ce_equals_cross_entropy_of_full_logits(tiny):
 def test_bfloat16_compute_tracks_float32(tiny):
     cfg, params = tiny
     ids = _ids(11, (2, 8))
-    f32, bf16 = _forward(cfg, params, ids), _forward(cfg.with_execution(dtype="bfloat16"), params, ids)
+    f32, bf16 = forward(cfg, params, ids), forward(cfg.with_execution(dtype="bfloat16"), params, ids)
     assert bf16.hidden_states.dtype == jnp.bfloat16 and bf16.gate_logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(bf16.hidden_states, np.float32), f32.hidden_states, atol=0.15)
 
