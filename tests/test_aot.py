@@ -88,6 +88,7 @@ def test_gather_weights_once_moves_fsdp_gathers_out_of_the_loops():
     assert "in loops" in str(once)
 
 
+@pytest.mark.slow   # trains twice on 8 devices (make test-all); its compiled form is checked above
 def test_gather_weights_once_trains_identically_on_8_devices():
     import jax
     import numpy as np

@@ -50,6 +50,7 @@ def test_iso_mano_reports_the_best_run_and_the_mean_beside_it():
     np.testing.assert_allclose(entry["mean_step_accuracy"], [0.7 / 3, 0.5])
 
 
+@pytest.mark.slow  # its training runs under make test-all; its tables render in test_results_md_tables_*
 def test_adaptive_exit_quick(tmp_path):
     adaptive_exit.main(["--quick", "--out", str(tmp_path)])
     seed = json.loads((tmp_path / "results.json").read_text())["seeds"]["0"]
@@ -59,7 +60,7 @@ def test_adaptive_exit_quick(tmp_path):
     assert os.path.getsize(seed["plot"]) > 0
 
 
-@pytest.mark.slow  # looped_stage1 runs in test_adaptive_exit_quick, the KV policies in test_generate_decode.py
+@pytest.mark.slow  # (make test-all) the KV policies themselves run in test_generate_decode.py
 def test_kv_policies_quick(tmp_path):
     kv_policies.main(["--quick", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "kv_policies.json").read_text())

@@ -81,6 +81,7 @@ def test_exit_settings_select_the_released_modes(dirs, golden):
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow   # the lm_eval command in a subprocess (make test-all); the backend itself runs in-process above
 def test_lm_eval_cli_finds_the_backend(dirs, tmp_path):
     """`lm_eval --model ouro_jax` works: the package's .pth hook registers the backend."""
     source, _ = dirs

@@ -46,6 +46,7 @@ def test_ouro_serve_aot_prints_the_memory_per_chip(capsys):
 
 
 @pytest.mark.aot
+@pytest.mark.slow   # a 45 s compile (make test-all); the CLI test above is the default suite's AOT representative
 def test_the_decode_step_keeps_the_cache_in_place_on_tpu():
     """Ouro-1.4B's layer shape (16 KV heads of 128, 4 per chip), 8 layers, 64 slots: the decode step's
     temporaries stay a fraction of its cache (gathers / scatters over rows made XLA copy the whole cache into
