@@ -15,12 +15,12 @@ import numpy as np
 import openai
 import pytest
 import requests
-from helpers import golden_with_tokenizer
+from helpers import golden_with_tokenizer, with_chat_template
 from jax.sharding import PartitionSpec
 from lm_eval.tasks import TaskManager
 
 from ouro_jax.cli import serve as cli
-from ouro_jax.data.chatml import encode_chat
+from ouro_jax.data.chat_template import encode_chat_prompt
 from ouro_jax.data.tokenizer import load_tokenizer
 from ouro_jax.inference import generate
 from ouro_jax.inference.slot_decode import decode_step
@@ -39,15 +39,16 @@ TASK_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_task"
 @pytest.fixture(scope="module")
 def model(golden_dir, tmp_path_factory):
     directory = golden_with_tokenizer(golden_dir, tmp_path_factory.mktemp("serve") / "model")
+    with_chat_template(directory, eos_ids=())   # a Thinking model's template; no extra stop ids
     cfg, params = load_model(directory)
     return directory, cfg, params, load_tokenizer(directory)
 
 
 @pytest.fixture(scope="module")
 def server(model):
-    _, cfg, params, tokenizer = model
+    directory, cfg, params, tokenizer = model
     running = Running(build_server(cfg, params, tokenizer, model_name="tiny", slots=SLOTS, max_len=MAX_LEN,
-                                   prefill_chunk=CHUNK, max_queue=MAX_QUEUE))
+                                   prefill_chunk=CHUNK, max_queue=MAX_QUEUE, tokenizer_dir=directory))
     yield running
     running.close()
 
@@ -107,13 +108,18 @@ def test_sampling_seed_stop_strings_and_logprobs(model, client):
     assert all(t == max(top.values()) for t, top in zip(lp.token_logprobs, lp.top_logprobs))   # greedy = argmax
 
 
+def _chat(model, messages, **kwargs) -> list[int]:
+    """A chat's prompt ids as `ouro-generate --chat` renders them: the model's own template."""
+    return encode_chat_prompt(model[3], messages, model[0], add_generation_prompt=True, **kwargs)
+
+
 def test_chat_and_streaming(model, client):
     tokenizer = model[3]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
-    ids = encode_chat(tokenizer, messages, add_generation_prompt=True)[0]
     stops = [tokenizer.im_end_id, tokenizer.eos_id]
-    assert out.choices[0].message.content == _expected(model, ids, 10, stops)
+    assert out.choices[0].message.content == _expected(model, _chat(model, messages), 10, stops)
+    assert out.usage.prompt_tokens == len(_chat(model, messages))
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
                                                  stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
@@ -213,10 +219,29 @@ def test_bad_requests_get_400_with_one_line(server, body, needle):
     assert response.status_code == 400 and needle in message and "\n" not in message, message
 
 
+def test_chat_template_switches_thinking_per_request(model, client):
+    """`chat_template_kwargs.enable_thinking` reaches the model's template: off, the prompt closes an empty
+    think block (as `ouro-generate --chat --no-enable-thinking` renders it); the default leaves it open."""
+    tokenizer, messages = model[3], [{"role": "user", "content": "1+1?"}]
+    stops = [tokenizer.im_end_id, tokenizer.eos_id]
+    for thinking in (None, False, True):
+        extra = {} if thinking is None else {"chat_template_kwargs": {"enable_thinking": thinking}}
+        out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                             extra_body=extra)
+        ids = _chat(model, messages, **({} if thinking is None else {"enable_thinking": thinking}))
+        assert tokenizer.decode(ids).endswith("</think>\n\n" if thinking is False else "<think>\n")
+        assert out.usage.prompt_tokens == len(ids)
+        assert out.choices[0].message.content == _expected(model, ids, 6, stops)
+
+
 def test_bad_chat_requests_and_the_server_keeps_serving(server, client):
     for messages in ([], [{"role": "wizard", "content": "hi"}], [{"role": "user", "content": 3}], "hi"):
         response = requests.post(server.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
         assert response.status_code == 400, response.text
+    for kwargs in ({"enable_thinking": "yes"}, {"reasoning": True}):
+        response = requests.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": kwargs})
+        assert response.status_code == 400 and "enable_thinking" in response.json()["error"]["message"], response.text
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=-2)
     assert client.completions.create(model="tiny", prompt="abc", max_tokens=3, temperature=0).usage.completion_tokens
@@ -318,7 +343,7 @@ def test_lm_eval_local_chat_completions_equals_generate(model, server, lm_eval_o
     samples = served["samples"]["ouro_tiny_gen"]
     chats = [json.loads(s["arguments"][0][0][0]) for s in samples]   # [((messages JSON,), gen_kwargs)]
     stops = [tokenizer.im_end_id, tokenizer.eos_id]
-    want = _expected_all(model, [encode_chat(tokenizer, m, add_generation_prompt=True)[0] for m in chats], 6, stops)
+    want = _expected_all(model, [_chat(model, m) for m in chats], 6, stops)
     assert [s["resps"][0][0] for s in samples] == [text.split("\n")[0] for text in want] and any(want)
 
 

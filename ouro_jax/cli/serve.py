@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None
                               args.model, slots=args.slots, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
                               policy=args.policy, depth=args.depth, exit_threshold=args.exit_threshold,
                               timeout=args.timeout, max_queue=args.max_queue, compact=not args.no_compact,
-                              mesh=mesh)
+                              mesh=mesh, tokenizer_dir=source.tokenizer_dir)
         running = Running(server, args.host, args.port)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -18,6 +18,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ouro_jax.errors import one_line
+from ouro_jax.paths import PathLike
 from ouro_jax.serve.events import Finished, QueueFull, Token
 from ouro_jax.serve.protocol import Call, envelope, parse_chat, parse_completion
 from ouro_jax.serve.scheduler import Scheduler
@@ -30,6 +31,7 @@ class Server:
     tokenizer: Any
     model_name: str
     defaults: dict[str, Any]   # policy, exit_threshold, timeout, context: what a request gets unless it says
+    tokenizer_dir: PathLike | None = None   # the chat template and generation config of chats
 
 
 class ApiError(Exception):
@@ -174,8 +176,9 @@ async def _body(http: HTTPRequest) -> dict:
 async def _generate(server: Server, http: HTTPRequest, chat: bool):
     if not server.scheduler.running:
         raise ApiError(503, "the server is shutting down or not started; retry later", "unavailable")
-    parse = parse_chat if chat else parse_completion
-    call = parse(await _body(http), server.tokenizer, server.defaults)
+    body = await _body(http)
+    call = (parse_chat(body, server.tokenizer, server.defaults, server.tokenizer_dir) if chat
+            else parse_completion(body, server.tokenizer, server.defaults))
     runs = _submit(server, call, http)
     kind = "chat.completion" if chat else "text_completion"
     if call.stream:

@@ -10,7 +10,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ouro_jax.data.chatml import encode_chat
+from ouro_jax.data.chat_template import encode_chat_prompt, stop_token_ids
+from ouro_jax.paths import PathLike
 from ouro_jax.serve.request import Request
 
 
@@ -85,20 +86,32 @@ def parse_completion(body: Mapping, tokenizer, server: Mapping[str, Any]) -> Cal
     return Call(requests, _stop_strings(body), _get(body, "stream", bool, False), logprobs)
 
 
-def chat_ids(tokenizer, messages) -> tuple[int, ...]:
-    """The prompt of a chat: the messages rendered in the model's chat format, ready for the reply."""
+def _enable_thinking(body: Mapping) -> bool | None:
+    """`chat_template_kwargs.enable_thinking` (the Thinking models' switch; None: the template's default)."""
+    kwargs = _get(body, "chat_template_kwargs", dict, {})
+    unknown = sorted(set(kwargs) - {"enable_thinking"})
+    if unknown:
+        raise ValueError(f"chat_template_kwargs: only enable_thinking is supported, got {unknown}")
+    return _get(kwargs, "enable_thinking", bool, None)
+
+
+def chat_ids(tokenizer, messages, tokenizer_dir: PathLike | None = None,
+             enable_thinking: bool | None = None) -> tuple[int, ...]:
+    """The prompt of a chat: the messages rendered by the model's own chat template (ChatML without one),
+    ready for the reply, as `ouro-generate --chat` renders it."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     plain = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m for m in messages]
-    return tuple(encode_chat(tokenizer, plain, add_generation_prompt=True)[0].tolist())
+    return tuple(encode_chat_prompt(tokenizer, plain, tokenizer_dir, add_generation_prompt=True,
+                                    enable_thinking=enable_thinking))
 
 
-def parse_chat(body: Mapping, tokenizer, server: Mapping[str, Any]) -> Call:
-    """A /v1/chat/completions body."""
-    prompt = chat_ids(tokenizer, body.get("messages"))
+def parse_chat(body: Mapping, tokenizer, server: Mapping[str, Any], tokenizer_dir: PathLike | None = None) -> Call:
+    """A /v1/chat/completions body (`tokenizer_dir`: where the model's chat template and generation config
+    are)."""
+    prompt = chat_ids(tokenizer, body.get("messages"), tokenizer_dir, _enable_thinking(body))
     logprobs = _get(body, "top_logprobs", int, 0) if _get(body, "logprobs", bool, False) else None
-    ends = [t for t in (tokenizer.im_end_id, tokenizer.eos_id) if t is not None]
-    options = _options(body, ends, server)
+    options = _options(body, stop_token_ids(tokenizer, tokenizer_dir, chat=True), server)
     max_tokens = _get(body, "max_completion_tokens", int, None) or _get(body, "max_tokens", int, None)
     max_tokens = max_tokens or server["context"] - len(prompt)
     return Call((Request(prompt, max_tokens=max_tokens, logprobs=logprobs, **options),), _stop_strings(body),

@@ -15,6 +15,7 @@ from ouro_jax.inference.cache import check_policy
 from ouro_jax.inference.settings import resolve_exit_threshold
 from ouro_jax.inference.slots import slot_setup
 from ouro_jax.model import abstract_params
+from ouro_jax.paths import PathLike
 from ouro_jax.serve.app import Server, create_app
 from ouro_jax.serve.scheduler import Scheduler
 
@@ -27,11 +28,12 @@ def cache_length(max_len: int, prefill_chunk: int) -> int:
 def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: int = 8, max_len: int = 2048,
                  prefill_chunk: int = 64, policy: str = "full", depth: int | None = None,
                  exit_threshold: float | None = None, timeout: float = 600.0, max_queue: int = 64,
-                 compact: bool = True, mesh: Mesh | None = None) -> Server:
+                 compact: bool = True, mesh: Mesh | None = None, tokenizer_dir: PathLike | None = None) -> Server:
     """A server (not yet started) for `slots` sequences of up to `max_len` tokens each (prompt and
     generated); a request's depth may be at most `depth` (default T), its KV policy is `policy`.
     On a `mesh` the weights are sharded by the model's logical axes and the cache's slots over
-    ('data', 'fsdp'), its KV heads over 'tensor'."""
+    ('data', 'fsdp'), its KV heads over 'tensor'. Chats are rendered by `tokenizer_dir`'s chat template
+    (ChatML without one) and also stop at its generation config's eos ids."""
     check_policy(policy)
     depth = validate.num_steps(cfg.total_ut_steps if depth is None else depth, "depth")
     slots, prefill_chunk, max_queue = (validate.positive(name, value) for name, value in (
@@ -44,7 +46,7 @@ def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: 
     scheduler = Scheduler(params, setup, prefill_chunk=prefill_chunk, max_queue=max_queue)
     defaults = dict(policy=policy, exit_threshold=resolve_exit_threshold(cfg, exit_threshold), timeout=timeout,
                     context=max_len)
-    return Server(scheduler, tokenizer, model_name, defaults)
+    return Server(scheduler, tokenizer, model_name, defaults, tokenizer_dir)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
