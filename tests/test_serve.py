@@ -2,6 +2,7 @@
 raw HTTP and lm-eval's API backends; continuous batching and per-row early exit at the library level."""
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import pathlib
@@ -396,6 +397,8 @@ def test_sharded_over_8_devices_decodes_like_generate(model):
     scheduler = server.scheduler
     keys = scheduler.cache.keys
     assert scheduler.setup.tile == 2
+    assert scheduler.setup.rows_sharded   # the slots split over 'data': row gathers (no per-row slices)
+    assert not dataclasses.replace(scheduler.setup, mesh=make_mesh(parse_mesh("tensor=8"))).rows_sharded
     assert keys.sharding.spec == PartitionSpec(None, None, ("data", "fsdp"), None, "tensor", None)
     assert keys.addressable_shards[0].data.shape == (4, 2, 8, 64, 1, 16)
     assert len({s.device for s in scheduler.params["decoder"]["layers"]["self_attn"]["q_proj"].addressable_shards}) == 8

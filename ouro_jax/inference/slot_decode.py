@@ -30,14 +30,18 @@ class Work(NamedTuple):
     live_steps: jax.Array  # [] rows that had not exited, summed over the steps (the least possible)
 
 
-# The decode step reads and writes the cache a row at a time (dynamic slices in a loop), not by gathers and
-# scatters over rows: on TPU those made XLA copy the whole cache into another layout (Ouro-2.6B at 64 slots x
-# 4K needed 2.5x its cache in temporaries; see README "Serve").
+# On one device (or slots not split over devices) the decode step reads and writes the cache a row at a time
+# (`by_row`: dynamic slices in a loop), not by gathers and scatters over rows: on TPU those made XLA copy the
+# whole cache into another layout (Ouro-2.6B at 64 slots x 4K needed 2.5x its cache in temporaries; see
+# README "Serve"). With the slots split over devices a slice at a traced row would gather the whole cache
+# onto every device, so there the gathers stay.
 
 
-def _read_columns(cache: jax.Array, positions: jax.Array) -> jax.Array:
+def _read_columns(cache: jax.Array, positions: jax.Array, by_row: bool) -> jax.Array:
     """Each row's K/V at its position: [slots, N, B, L, KVH, hd] -> [slots, N, B, KVH, hd]."""
     slots, n, rows, _, heads, dim = cache.shape
+    if not by_row:
+        return cache[:, :, jnp.arange(rows), positions]
 
     def one(b, column):
         cell = jax.lax.dynamic_slice(cache, (0, 0, b, positions[b], 0, 0), (slots, n, 1, 1, heads, dim))
@@ -45,16 +49,22 @@ def _read_columns(cache: jax.Array, positions: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, rows, one, jnp.zeros((slots, n, rows, heads, dim), cache.dtype))
 
 
-def _write_columns(cache: jax.Array, column: jax.Array, positions: jax.Array) -> jax.Array:
+def _write_columns(cache: jax.Array, column: jax.Array, positions: jax.Array, by_row: bool) -> jax.Array:
     """`_read_columns` inverted: each row's column written in place at its position."""
+    if not by_row:
+        return cache.at[:, :, jnp.arange(cache.shape[2]), positions].set(column)
+
     def one(b, cache):
         cell = jax.lax.dynamic_slice_in_dim(column, b, 1, axis=2)[:, :, :, None]
         return jax.lax.dynamic_update_slice(cache, cell, (0, 0, b, positions[b], 0, 0))
     return jax.lax.fori_loop(0, cache.shape[2], one, cache)
 
 
-def _take_rows(view: jax.Array, rows: jax.Array) -> jax.Array:
-    """Rows `rows` [m] of a cache view [N, B, L, KVH, hd], a slice per row."""
+def _take_rows(view: jax.Array, rows: jax.Array, by_row: bool) -> jax.Array:
+    """Rows `rows` [m] of a cache view [N, B, L, KVH, hd]."""
+    if not by_row:
+        return jnp.take(view, rows, axis=1)
+
     def one(i, out):
         row = jax.lax.dynamic_slice_in_dim(view, rows[i], 1, axis=1)
         return jax.lax.dynamic_update_slice_in_dim(out, row, i, axis=1)
@@ -65,7 +75,7 @@ def _take_rows(view: jax.Array, rows: jax.Array) -> jax.Array:
 def _run_rows(setup: SlotSetup, params, view, h, mask, positions, rows):
     """One recurrent step of slots `rows` [m] on their gathered cache `view` -> (h [m, 1, d], gate [m, 1],
     their K/V [N, m, 1, KVH, hd] each)."""
-    view = tuple(_take_rows(x, rows) for x in view)
+    view = tuple(_take_rows(x, rows, not setup.rows_sharded) for x in view)
     return apply_model(setup.cfg, params, h[rows], positions[rows][:, None], mask[rows], kv_cache=view,
                        cache_index=setup.cache_length - 1, method=Ouro.step)
 
@@ -128,11 +138,12 @@ def decode_step(params, cache: KVCache, batch: SlotBatch, rows: RowSettings, *,
 
     h = apply_model(cfg, params, batch.tokens[:, None], method=Ouro.embed)
     zeros = jnp.zeros((setup.slots,), jnp.int32)
-    column = KVCache(*(_read_columns(c, batch.positions) for c in cache))
+    by_row = not setup.rows_sharded
+    column = KVCache(*(_read_columns(c, batch.positions, by_row) for c in cache))
     init = (jnp.int32(0), h, ~batch.live, zeros, jnp.zeros((setup.depth, setup.slots), jnp.float32), column,
             jnp.int32(0), jnp.int32(0))
     t, h, _, exit_step, _, column, row_steps, live_steps = jax.lax.while_loop(
         lambda s: (s[0] < setup.depth) & jnp.any(~s[2]), one_step, init)
-    cache = KVCache(*(_write_columns(c, col, batch.positions) for c, col in zip(cache, column)))
+    cache = KVCache(*(_write_columns(c, col, batch.positions, by_row) for c, col in zip(cache, column)))
     logits = apply_model(cfg, params, h[:, 0], method=Ouro.logits)
     return constrain(setup, cache), jax.vmap(sample_row)(logits, rows, exit_step), Work(t, row_steps, live_steps)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -57,6 +58,14 @@ class SlotSetup:
         """Rows the decode step gathers and runs together when it compacts live rows: an eighth of the
         slots (at least 1), so a step pads at most tile - 1 rows and gathers an eighth of the cache."""
         return max(1, self.slots // 8)
+
+    @property
+    def rows_sharded(self) -> bool:
+        """The slots (cache rows) are split over devices (the mesh's 'data' / 'fsdp' axes)."""
+        if self.mesh is None:
+            return False
+        axes = cache_sharding(self, (1, 1, self.slots, 1, 1, 1)).spec[2] or ()
+        return math.prod(self.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) > 1
 
 
 def slot_setup(cfg: OuroConfig, policy: str, depth: int, slots: int, cache_length: int,
