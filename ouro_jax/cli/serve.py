@@ -14,13 +14,12 @@ import threading
 from collections.abc import Sequence
 
 from ouro_jax import config as presets
-from ouro_jax import validate
 from ouro_jax.config import Execution
 from ouro_jax.errors import OneLineParser, cli_errors, fail
 from ouro_jax.inference import POLICIES
 from ouro_jax.model_source import model_tokenizer, resolve_model
 from ouro_jax.params_io import load_model, load_model_config
-from ouro_jax.serve.server import Running, build_server, cache_length, parse_mesh
+from ouro_jax.serve.server import Running, build_server, cache_length, checked_shape, parse_mesh
 from ouro_jax.sharding import make_mesh
 
 __all__ = ["build_parser", "main", "run"]
@@ -61,9 +60,7 @@ def _aot(args) -> int:
     dtype = args.dtype or "bfloat16"
     cfg = (presets.preset(args.model) if args.model in presets.PRESETS else
            load_model_config(args.model)).with_execution(dtype=dtype, param_dtype=dtype)
-    slots, chunk = validate.positive("slots", args.slots), validate.positive("prefill_chunk", args.prefill_chunk)
-    max_len = validate.positions("max_len", validate.integer("max_len", args.max_len, 2), cfg.max_position_embeddings)
-    depth = validate.num_steps(cfg.total_ut_steps if args.depth is None else args.depth, "depth")
+    slots, max_len, chunk, depth = checked_shape(cfg, args.slots, args.max_len, args.prefill_chunk, args.depth)
     options = dict(slots=slots, cache_length=cache_length(max_len, chunk), policy=args.policy, depth=depth)
     print(f"{args.model} ({dtype}), one device: {serve_memory(cfg, **options)}", flush=True)
     reports = compile_serve_programs(cfg, args.aot, parse_mesh(args.mesh or "tensor=-1"), prefill_chunk_size=chunk,

@@ -25,6 +25,14 @@ def cache_length(max_len: int, prefill_chunk: int) -> int:
     return -(-(max_len + 1) // prefill_chunk) * prefill_chunk
 
 
+def checked_shape(cfg: OuroConfig, slots, max_len, prefill_chunk, depth) -> tuple[int, int, int, int]:
+    """(slots, max_len, prefill_chunk, depth) of a server, each checked (depth None: the model's T)."""
+    depth = validate.num_steps(cfg.total_ut_steps if depth is None else depth, "depth")
+    slots, prefill_chunk = validate.positive("slots", slots), validate.positive("prefill_chunk", prefill_chunk)
+    max_len = validate.positions("max_len", validate.integer("max_len", max_len, 2), cfg.max_position_embeddings)
+    return slots, max_len, prefill_chunk, depth
+
+
 def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: int = 8, max_len: int = 2048,
                  prefill_chunk: int = 64, policy: str = "full", depth: int | None = None,
                  exit_threshold: float | None = None, timeout: float = 600.0, max_queue: int = 64,
@@ -35,10 +43,8 @@ def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: 
     ('data', 'fsdp'), its KV heads over 'tensor'. Chats are rendered by `tokenizer_dir`'s chat template
     (ChatML without one) and also stop at its generation config's eos ids."""
     check_policy(policy)
-    depth = validate.num_steps(cfg.total_ut_steps if depth is None else depth, "depth")
-    slots, prefill_chunk, max_queue = (validate.positive(name, value) for name, value in (
-        ("slots", slots), ("prefill_chunk", prefill_chunk), ("max_queue", max_queue)))
-    max_len = validate.positions("max_len", validate.integer("max_len", max_len, 2), cfg.max_position_embeddings)
+    slots, max_len, prefill_chunk, depth = checked_shape(cfg, slots, max_len, prefill_chunk, depth)
+    max_queue = validate.positive("max_queue", max_queue)
     timeout = validate.number("timeout", timeout, 0.0, low_open=True, what=" seconds")
     setup = slot_setup(cfg, policy, depth, slots, cache_length(max_len, prefill_chunk), compact, mesh)
     if mesh is not None:
