@@ -319,7 +319,13 @@ def init_params(cfg: OuroConfig, rng: Array) -> dict[str, Any]:
 
 
 def abstract_params(cfg: OuroConfig) -> dict[str, Any]:
-    """Shapes and dtypes of the parameters, with their logical partitioning; nothing is materialized."""
+    """Shapes and dtypes of the parameters, with their logical partitioning; nothing is materialized.
+    The model init is traced once per config (each call gets its own copy of the tree)."""
+    return jax.tree.map(lambda leaf: leaf, _traced_abstract_params(cfg))
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_abstract_params(cfg: OuroConfig) -> dict[str, Any]:
     return jax.eval_shape(functools.partial(init_boxed_params, cfg), jax.random.key(0))
 
 

@@ -32,7 +32,7 @@ from ouro_jax.config import OuroConfig
 from ouro_jax.errors import ConfigError
 from ouro_jax.exit import exit_entropy, exit_pdf
 from ouro_jax.losses import objective_token_loss
-from ouro_jax.model import Ouro, init_boxed_params, init_params
+from ouro_jax.model import Ouro, abstract_params, init_params
 from ouro_jax.train.config import check_training
 from ouro_jax.train.optim import beta_schedule, lr_schedule, make_optimizer
 from ouro_jax.train.settings import RunSettings
@@ -238,8 +238,8 @@ def build_train_program(config, mesh: Mesh, compiler_options: dict[str, Any] | N
     optimizer = make_optimizer(run.optim, run.train.steps)
     losses = _LossSettings(objective, run.loss.gate_k, run.loss.gate_gamma, run.train.ce_chunk_size)
 
-    abstract_boxed = jax.eval_shape(lambda rng: _fresh_state(optimizer, objective, init_boxed_params(model_cfg, rng)),
-                                    jax.random.key(0))
+    abstract_boxed = jax.eval_shape(lambda params: _fresh_state(optimizer, objective, params),
+                                    abstract_params(model_cfg))
     state_shardings = shd.tree_shardings(abstract_boxed, mesh)
     abstract_state = shd.with_shardings(shd.unbox_abstract(abstract_boxed), state_shardings)
     batch_sharding = NamedSharding(mesh, shd.batch_spec(mesh))
