@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile hundreds of small programs: XLA's backend optimizations would dominate their run time.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 import pathlib  # noqa: E402
 
@@ -19,12 +21,16 @@ GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden" / "ouro_tiny"
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the training runs of the whole session (both xdist workers):
-    a program the tiny config compiled once is loaded, not compiled again (see helpers.tiny_train_config)."""
+    """One persistent compilation cache for the whole session (both xdist workers, in-process programs and
+    the tiny config's training runs, see helpers.tiny_train_config): a program compiled once anywhere is
+    loaded, not compiled again."""
+    from ouro_jax.train.instrument import compilation_cache
+
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    os.environ[TEST_CACHE_ENV] = str(root / "compilation_cache")
-    yield
+    os.environ[TEST_CACHE_ENV] = directory = str(root / "compilation_cache")
+    with compilation_cache(directory, min_compile_secs=0.0):
+        yield
     os.environ.pop(TEST_CACHE_ENV, None)
 
 

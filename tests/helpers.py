@@ -16,6 +16,7 @@ from ouro_jax import config as model_presets
 from ouro_jax.train.config import base_config, model_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LM_EVAL_TASKS = pathlib.Path(__file__).resolve().parent / "lm_eval_task"  # the tiny lm-eval tasks of the tests
 
 
 # Tests compile many small programs: XLA's backend optimizations would dominate their run time.
@@ -52,6 +53,13 @@ def forward(cfg, params, ids, method=None, **kwargs):
     return jax.jit(apply)(params, ids, arrays)
 
 
+def task_manager():
+    """lm-eval's TaskManager of the tests' tasks only: indexing all of lm-eval's own takes ~10 s."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False)
+
+
 def random_batch(cfg, seed=0, vocab=None):
     """A batch of the data contract: two packed documents per row, random tokens, random loss mask."""
     rng = np.random.default_rng(seed)
@@ -67,10 +75,13 @@ def random_batch(cfg, seed=0, vocab=None):
 
 
 def subprocess_env(devices=1):
-    """Environment of a training subprocess: CPU, `devices` fake devices, fast XLA compilation."""
+    """Environment of a subprocess: CPU, `devices` fake devices, fast XLA compilation, the session's cache."""
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+    if os.environ.get(TEST_CACHE_ENV):  # programs outside the training loop share the session's cache
+        env.update(JAX_COMPILATION_CACHE_DIR=os.environ[TEST_CACHE_ENV], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 

@@ -27,11 +27,11 @@ def _cache_entries(workdir):
 
 
 def test_rerun_loads_compiled_programs_from_the_cache_and_profiles_its_steps(tmp_path):
-    workdir = tmp_path / "run"
+    workdir, outside = tmp_path / "run", jax.config.jax_compilation_cache_dir
     loop.train(_config(2), str(workdir))
     written = _cache_entries(workdir)
     assert written, "the first run wrote no compiled program"
-    assert jax.config.jax_compilation_cache_dir is None  # restored after the run
+    assert jax.config.jax_compilation_cache_dir == outside  # restored after the run
 
     loads = []
     jax.monitoring.register_event_listener(lambda event, **kw: loads.append(event))

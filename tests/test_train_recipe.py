@@ -19,20 +19,13 @@ from ouro_jax.train.step import build_train_program
 from ouro_jax.train.workdir import RUN_CONFIG, ResumeConfigError, check_resume_config
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for the runs of this module: each program compiles once."""
-    return str(tmp_path_factory.mktemp("compilation_cache"))
-
-
-def tiny(steps, cache="none", **data):
+def tiny(steps, **data):
     """A one-layer d=32 model on Mano, 16-token rows, a constant rate after a 2-step warmup."""
     c = tiny_train_config(num_hidden_layers=1)
     c.data.update(eval_examples=0, **data)
     c.optim.update(peak_lr=1e-2, init_lr=1e-3, warmup_steps=2, decay="none", decay_steps=0)
     c.train.update(steps=steps, log_every=1, checkpoint_every=2, keep_checkpoints=10, async_checkpointing=False,
-                   compilation_cache_dir=cache, compilation_cache_min_secs=0.0, export_params=True,
-                   compiler_options={"xla_backend_optimization_level": 0})
+                   export_params=True)
     return c
 
 
@@ -45,20 +38,20 @@ RAMP = dict(batch_size=8, batch_ramp="3:16")  # from step 3 on (after 3 updates)
 
 
 @pytest.fixture(scope="module")
-def ramped_run(tmp_path_factory, compile_cache):
+def ramped_run(tmp_path_factory):
     """An uninterrupted 6-step run with the batch ramp (also the first stage of the carry tests)."""
     workdir = tmp_path_factory.mktemp("ramped") / "run"
-    return workdir, train(tiny(6, compile_cache, **RAMP), workdir)
+    return workdir, train(tiny(6, **RAMP), workdir)
 
 
-def test_batch_ramp_doubles_the_tokens_per_step_and_resumes_exactly_across_it(tmp_path, ramped_run, compile_cache):
+def test_batch_ramp_doubles_the_tokens_per_step_and_resumes_exactly_across_it(tmp_path, ramped_run):
     """A run stopped before the ramp and again after it resumes to the params of an uninterrupted run, bit
     for bit; the ramp step doubles the tokens per step."""
     straight_dir, straight = ramped_run
     rows = train_rows(straight_dir)
     assert [r["batch_tokens"] for r in rows] == [8 * 16] * 3 + [16 * 16] * 3
     for stop in (2, 4, 6):  # the same workdir: stopped before the ramp, after it, then to the end
-        result = train(tiny(stop, compile_cache, **RAMP), tmp_path / "resumed")
+        result = train(tiny(stop, **RAMP), tmp_path / "resumed")
     assert result.step == 6
     _, params = load_params(result.params_dir)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.state.params), jax.device_get(params))
@@ -83,9 +76,9 @@ def test_batch_ramp_is_checked_and_a_changed_ramp_is_a_config_change(tmp_path):
     check_resume_config(changed, {"data.batch_ramp"}, tmp_path)
 
 
-def next_stage(first_workdir, steps, offset, cache="none", **changes):
+def next_stage(first_workdir, steps, offset, **changes):
     """The next stage of a continuous run: T changes, the optimizer state carries, the schedule continues."""
-    c = tiny(steps, cache)
+    c = tiny(steps)
     c.model.total_ut_steps = 2
     c.init_from = str(first_workdir)
     c.optim.update(warmup_steps=0, schedule_offset=offset, **changes)
@@ -94,9 +87,9 @@ def next_stage(first_workdir, steps, offset, cache="none", **changes):
 
 
 @pytest.mark.slow  # a second program and a short run: ~30 s of CPU
-def test_a_stage_carries_the_optimizer_state_and_continues_the_schedule(tmp_path, ramped_run, compile_cache):
+def test_a_stage_carries_the_optimizer_state_and_continues_the_schedule(tmp_path, ramped_run):
     first_dir, first = ramped_run
-    config = next_stage(first_dir, 2, 6, compile_cache, peak_lr=5e-3, decay="cosine", decay_steps=2, end_lr=1e-3)
+    config = next_stage(first_dir, 2, 6, peak_lr=5e-3, decay="cosine", decay_steps=2, end_lr=1e-3)
     run = RunSettings.of(config)
     program = build_train_program(run, shd.make_mesh(dict(run.mesh)))
     carried = jax.device_get(carried_state(run, program))
