@@ -9,12 +9,10 @@ import jax
 import lm_eval
 import numpy as np
 import pytest
-from helpers import golden_with_tokenizer, subprocess_env
-from lm_eval.tasks import TaskManager
+from helpers import LM_EVAL_TASKS, golden_with_tokenizer, subprocess_env, task_manager
 
 from ouro_jax.evaluation.lm_eval_adapter import OuroJaxLM  # noqa: E402
 
-TASK_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_task"
 TASKS = ["ouro_tiny_mc", "ouro_tiny_ppl", "ouro_tiny_gen"]
 
 
@@ -29,7 +27,7 @@ def dirs(golden_dir, tmp_path_factory):
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    monkeypatch.chdir(TASK_DIR)  # the task YAMLs name their JSONL files relative to it
+    monkeypatch.chdir(LM_EVAL_TASKS)  # the task YAMLs name their JSONL files relative to it
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -43,10 +41,11 @@ def _scores(resps) -> list[float]:
     return flat
 
 
+@pytest.mark.slow  # lm-eval's hf backend in torch (make test-all); test_exit_settings_* runs our backend by default
 @pytest.mark.torch
 def test_loglikelihoods_and_metrics_match_hf_backend(dirs, offline):
     source, export = dirs
-    manager = TaskManager(include_path=str(TASK_DIR))
+    manager = task_manager()
     ours = lm_eval.simple_evaluate(model="ouro_jax", model_args=f"pretrained={source},batch_size=4", tasks=TASKS,
                                    task_manager=manager, log_samples=True)
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export},trust_remote_code=True,dtype=float32",
@@ -88,10 +87,10 @@ def test_lm_eval_cli_finds_the_backend(dirs, tmp_path):
     cli = pathlib.Path(sys.executable).parent / "lm_eval"
     env = {**subprocess_env(devices=8), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(TASK_DIR.parents[1]), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(LM_EVAL_TASKS.parents[1]), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([str(cli), "--model", "ouro_jax", "--model_args",
                            f"pretrained={source},exit_threshold=0.5,depth=4", "--batch_size", "4",
-                           "--tasks", "ouro_tiny_mc", "--include_path", str(TASK_DIR)],
-                          capture_output=True, text=True, cwd=TASK_DIR, env=env, timeout=600)
+                           "--tasks", "ouro_tiny_mc", "--include_path", str(LM_EVAL_TASKS)],
+                          capture_output=True, text=True, cwd=LM_EVAL_TASKS, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ouro_tiny_mc" in proc.stdout and "acc" in proc.stdout

@@ -1,14 +1,12 @@
 """The lm-eval backend's model args, chat templates, sampling, stop strings, auto batch size and data
 parallelism, and the Ouro-Thinking recipe (chat template, few-shot as turns, thinking, pass@k) on a tiny task."""
 
-import pathlib
 
 import lm_eval
 import numpy as np
 import pytest
-from helpers import golden_with_tokenizer, with_chat_template
+from helpers import LM_EVAL_TASKS, golden_with_tokenizer, task_manager, with_chat_template
 from lm_eval.api.instance import Instance
-from lm_eval.tasks import TaskManager
 
 from ouro_jax.evaluation import until as until_module
 from ouro_jax.evaluation.batching import auto_batch_size
@@ -16,7 +14,6 @@ from ouro_jax.evaluation.lm_eval_adapter import OuroJaxLM
 from ouro_jax.evaluation.pass_at_k import pass_at_k
 from ouro_jax.evaluation.until import answer_text
 
-TASK_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_task"
 GREEDY = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
 
 
@@ -118,14 +115,15 @@ def test_model_args_dtype_length_tokenizer_policy_exit(lm, model_dir):
 def test_thinking_recipe_chat_template_fewshot_turns_pass_at_k(model_dir, monkeypatch, tmp_path):
     """The documented Ouro-Thinking command on a tiny task: the prompt is the model's chat template with the
     few-shot examples as turns, 4 samples per question at temperature 1.0, pass@k from them."""
-    monkeypatch.chdir(TASK_DIR)
+    monkeypatch.chdir(LM_EVAL_TASKS)
     for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                        "HF_DATASETS_CACHE": str(tmp_path / "datasets")}.items():
         monkeypatch.setenv(key, value)
     out = lm_eval.simple_evaluate(
         model="ouro_jax",
         model_args=f"pretrained={model_dir},think_end_token=</think>,enable_thinking=true,seed=1,data_parallel=1",
-        tasks=["ouro_tiny_think"], task_manager=TaskManager(include_path=str(TASK_DIR)), num_fewshot=2,
+        tasks=["ouro_tiny_think"], task_manager=task_manager(),
+        num_fewshot=2,
         apply_chat_template=True, fewshot_as_multiturn=True, log_samples=True, batch_size=8)
     samples = out["samples"]["ouro_tiny_think"]
     prompt = samples[0]["arguments"][0][0]

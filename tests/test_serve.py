@@ -5,7 +5,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -16,9 +15,8 @@ import numpy as np
 import openai
 import pytest
 import requests
-from helpers import golden_with_tokenizer, with_chat_template
+from helpers import LM_EVAL_TASKS, golden_with_tokenizer, task_manager, with_chat_template
 from jax.sharding import PartitionSpec
-from lm_eval.tasks import TaskManager
 
 from ouro_jax.cli import serve as cli
 from ouro_jax.data.chat_template import encode_chat_prompt
@@ -34,7 +32,6 @@ from ouro_jax.serve.server import Running, build_server, parse_mesh
 from ouro_jax.sharding import make_mesh
 
 SLOTS, MAX_LEN, CHUNK, MAX_QUEUE = 4, 120, 8, 8
-TASK_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_task"
 
 
 @pytest.fixture(scope="module")
@@ -305,19 +302,14 @@ def test_stopped_scheduler_answers_503(server):
         scheduler.start()
 
 
-@pytest.fixture(scope="module")
-def task_manager():
-    return TaskManager(include_path=str(TASK_DIR))   # indexing lm-eval's tasks takes long: once per module
-
-
 @pytest.fixture
-def lm_eval_offline(monkeypatch, tmp_path, task_manager):
-    monkeypatch.chdir(TASK_DIR)  # the task YAMLs name their JSONL files relative to it
+def lm_eval_offline(monkeypatch, tmp_path):
+    monkeypatch.chdir(LM_EVAL_TASKS)  # the task YAMLs name their JSONL files relative to it
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
-    return task_manager
+    return task_manager()
 
 
 def _api_args(server, path: str) -> str:
