@@ -220,6 +220,7 @@ def test_resume_gives_identical_batches(kind):
     fresh.close()
 
 
+@pytest.mark.slow  # grain worker processes (make test-all); test_resume_gives_identical_batches is the default's
 def test_resume_with_workers_through_orbax(tmp_path):
     import grain.checkpoint
     import orbax.checkpoint as ocp

@@ -132,6 +132,7 @@ def test_the_demo_prints_the_readme_line(tmp_path):
     assert f"`{printed}`" == refresh_numbers.marked((pathlib.Path(REPO) / "README.md").read_text(), "demo")
 
 
+@pytest.mark.slow  # a demo and a Stage II run (make test-all); the marked spans and the README line are checked above
 def test_refresh_numbers_quick(tmp_path):
     numbers = refresh_numbers.main(["--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "numbers.json").read_text())

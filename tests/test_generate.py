@@ -94,7 +94,7 @@ def test_one_compilation_serves_other_prompts_lengths_and_settings(golden_model,
     assert generate_program._cache_size() == compiled
 
 
-@pytest.mark.parametrize("draft_tokens", [0, 3])
+@pytest.mark.parametrize("draft_tokens", [0, pytest.param(3, marks=pytest.mark.slow)])  # 3: make test-all
 def test_a_cache_of_exactly_the_written_positions_suffices(golden_model, prompt, draft_tokens):
     """The last new token is never fed, so bucket + max_new_tokens - 1 (+ a verified chunk) positions give the
     tokens a roomier cache gives; the default length is the power of two that holds them."""

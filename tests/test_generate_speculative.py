@@ -68,7 +68,8 @@ def _assert_same_decode(spec, plain, fed_positions):
                                    atol=1e-4)
 
 
-@pytest.mark.parametrize("draft_tokens,draft_depth,exit_threshold", [(3, 1, 1.0), (4, 3, 0.6)])
+@pytest.mark.parametrize("draft_tokens,draft_depth,exit_threshold",
+                         [pytest.param(3, 1, 1.0, marks=pytest.mark.slow), (4, 3, 0.6)])  # the first: make test-all
 def test_speculative_greedy_equals_plain_decoding_on_the_golden_model(golden_model, draft_tokens, draft_depth,
                                                                       exit_threshold):
     cfg, params = golden_model

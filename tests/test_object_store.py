@@ -88,6 +88,7 @@ def _rows(path):
     return [json.loads(line) for line in paths.as_path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow  # three runs on gs:// (make test-all); test_tpu_scripts trains on the fake bucket by default
 def test_train_resume_and_export_on_gcs(gcs_bucket, tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text("hello world\n\nsecond document\n" * 30)

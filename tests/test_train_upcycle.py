@@ -4,6 +4,7 @@ import subprocess
 
 import jax
 import numpy as np
+import pytest
 from helpers import PYTHON, REPO, subprocess_env, tiny_train_config
 
 from ouro_jax import config, model, upcycle
@@ -35,6 +36,7 @@ def test_upcycle_repeats_the_whole_stack():
                                   params["decoder"]["layers"]["mlp"]["up_proj"][1])
 
 
+@pytest.mark.slow  # a CLI process and a run (make test-all); the upcycle itself is tested above
 def test_upcycle_cli_and_training_adopts_the_checkpoint_shape(tmp_path):
     train_config = tiny_train_config()
     cfg = model_config(train_config)
