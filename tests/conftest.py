@@ -3,7 +3,7 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Tests compile hundreds of small programs: XLA's backend optimizations would dominate their run time.
+# helpers.FAST_COMPILE for every program of the test processes (their subprocesses: helpers.subprocess_env).
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 import pathlib  # noqa: E402
