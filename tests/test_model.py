@@ -47,6 +47,16 @@ def test_released_parameter_counts_without_materializing():
     assert model.count_params(model.abstract_params(config.ouro_2p6b())) == 2_667_974_657
 
 
+def test_abstract_params_are_traced_once_per_config_and_each_caller_owns_its_tree():
+    cfg = config.ouro_1p4b()
+    first = model.abstract_params(cfg)
+    hits = model._traced_abstract_params.cache_info().hits
+    first.pop("lm_head")
+    again = model.abstract_params(cfg)
+    assert model._traced_abstract_params.cache_info().hits == hits + 1
+    assert "lm_head" in again and again is not first
+
+
 def test_every_param_has_logical_names_and_one_copy_of_the_stack():
     cfg = config.tiny(num_hidden_layers=3)
     boxed = model.abstract_params(cfg)
