@@ -3,7 +3,7 @@
     python -m experiments.results_tables runs/experiments      # rewrites the marked tables of docs/results.md
 
 Each table sits between `<!--numbers:NAME-->` and `<!--/numbers-->` in docs/results.md; NAME is the driver
-(iso_mano, multihop_efficiency, capo_capacity, real_text). Its RUNS/<directory>/results.json (`SOURCES`) is
+(iso_mano and iso_mano_f5, multihop_efficiency, capo_capacity, real_text). Its RUNS/<directory>/results.json (`SOURCES`) is
 copied to docs/results/NAME.json, and the table is rendered from that copy; a test re-renders every table
 from the copies and compares. A driver without results leaves its table as it was.
 """
@@ -18,7 +18,8 @@ import sys
 from experiments.refresh_numbers import REPO, replace_marked
 
 RESULTS_DIR = os.path.join(REPO, "docs", "results")
-SOURCES = {"iso_mano": "iso_f23", "multihop_efficiency": "multihop", "capo_capacity": "capo", "real_text": "text"}
+SOURCES = {"iso_mano": "iso_f23", "iso_mano_f5": "iso_f5", "multihop_efficiency": "multihop", "capo_capacity": "capo",
+           "real_text": "text"}
 
 
 def _row(cells) -> str:
@@ -86,8 +87,8 @@ def real_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"iso_mano": iso_mano, "multihop_efficiency": multihop_efficiency, "capo_capacity": capo_capacity,
-             "real_text": real_text}
+RENDERERS = {"iso_mano": iso_mano, "iso_mano_f5": iso_mano, "multihop_efficiency": multihop_efficiency,
+             "capo_capacity": capo_capacity, "real_text": real_text}
 
 
 def render_docs(text: str) -> tuple[str, list[str]]:
