@@ -2,10 +2,10 @@
 
     python -m experiments.results_tables runs/experiments      # rewrites the marked tables of docs/results.md
 
-Each table sits between `<!--numbers:NAME-->` and `<!--/numbers-->` in docs/results.md; NAME is the driver
-(iso_mano and iso_mano_f5, multihop_efficiency, capo_capacity, real_text). Its RUNS/<directory>/results.json (`SOURCES`) is
-copied to docs/results/NAME.json, and the table is rendered from that copy; a test re-renders every table
-from the copies and compares. A driver without results leaves its table as it was.
+Each table sits between `<!--numbers:NAME-->` and `<!--/numbers-->` in docs/results.md; NAME is a driver's
+table (iso_mano, iso_mano_f5, multihop_efficiency, capo_capacity, real_text). Its RUNS/<directory>/results.json
+(`SOURCES`) is copied to docs/results/NAME.json, and the table is rendered from that copy; a test re-renders
+every table from the copies and compares. A driver without results leaves its table as it was.
 """
 
 from __future__ import annotations
