@@ -5,6 +5,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from ouro_jax.inference.slot_decode import decode_step
 from ouro_jax.inference.slots import commit_prefill, prefill_chunk
 from ouro_jax.params_io import load_model
 from ouro_jax.serve.events import QueueFull, Token
+from ouro_jax.serve.protocol import chat_format, chat_ids
 from ouro_jax.serve.request import Request
 from ouro_jax.serve.scheduler import Scheduler
 from ouro_jax.serve.server import Running, build_server, parse_mesh
@@ -230,6 +232,17 @@ def test_chat_template_switches_thinking_per_request(model, client):
         assert tokenizer.decode(ids).endswith("</think>\n\n" if thinking is False else "<think>\n")
         assert out.usage.prompt_tokens == len(ids)
         assert out.choices[0].message.content == _expected(model, ids, 6, stops)
+
+
+def test_the_chat_format_is_read_once_not_per_request(model, tmp_path):
+    """The server reads the template and the stop ids when it is built: requests touch no file."""
+    tokenizer, messages = model[3], [{"role": "user", "content": "1+1?"}]
+    directory = shutil.copytree(model[0], tmp_path / "model")
+    chat = chat_format(tokenizer, directory)
+    rendered = chat_ids(tokenizer, messages, chat)
+    shutil.rmtree(directory)
+    assert chat_ids(tokenizer, messages, chat) == rendered and tokenizer.decode(rendered).endswith("<think>\n")
+    assert chat.stop_ids == (tokenizer.eos_id, tokenizer.im_end_id)
 
 
 def test_bad_chat_requests_and_the_server_keeps_serving(server, client):

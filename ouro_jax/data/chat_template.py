@@ -87,7 +87,8 @@ def render_chat(messages: Sequence[Mapping[str, str]], tokenizer_dir: PathLike |
                 continue_final_message: bool = False, template: str | None = None,
                 specials: Mapping[str, str] | None = None) -> str:
     """The chat as prompt text: `template` (a Jinja source, with the special tokens `specials` it may name),
-    else the tokenizer directory's, else ChatML.
+    else the tokenizer directory's, else ChatML. `specials` given means the caller has already loaded the
+    directory (`load_chat_template`): a None `template` is then ChatML, nothing is read again.
 
     enable_thinking (None: the template's default) is passed to the template; ChatML has no thinking
     switch, so there it must stay None. continue_final_message ends the text right after the last
@@ -98,9 +99,8 @@ def render_chat(messages: Sequence[Mapping[str, str]], tokenizer_dir: PathLike |
                            template=template, specials=specials)
         return _cut_after_final_message(text, messages)
     check_messages(messages)
-    specials = dict(specials or {})
-    if template is None:
-        template, specials = load_chat_template(tokenizer_dir)
+    if specials is None:
+        template, specials = (template, {}) if template is not None else load_chat_template(tokenizer_dir)
     if template is None:
         if enable_thinking is not None:
             raise ValueError(f"enable_thinking needs a chat template with a thinking switch; {tokenizer_dir} has "

@@ -41,7 +41,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm.auto import tqdm
 
 from ouro_jax import validate
-from ouro_jax.data.chat_template import render_chat
+from ouro_jax.data.chat_template import load_chat_template, render_chat
 from ouro_jax.data.tokenizer import HFTokenizer
 from ouro_jax.evaluation.batching import (
     DataParallel,
@@ -100,6 +100,7 @@ class OuroJaxLM(TemplateLM):
         self.batch_size = self._round_to_devices(8 if self.auto_batch else int(batch_size))
         self.last_batch_size = self.batch_size  # what the last scoring / generation pass used (auto: chosen)
         self.enable_thinking, self.think_end_token = _flag(enable_thinking), _optional(think_end_token, str)
+        self.template, self.specials = load_chat_template(self.source.tokenizer_dir)  # read once, not per request
         self.generator = UntilGenerator(self.cfg, self.parallel, int(seed), int(stop_check_tokens), self.policy,
                                         self.think_end_token)
 
@@ -134,12 +135,14 @@ class OuroJaxLM(TemplateLM):
         return f"{self.source.path}:{self.tokenizer.sha256[:12]}"
 
     def chat_template(self, chat_template: bool | str = False) -> str:
-        return render_chat([{"role": "user", "content": "{content}"}], self.source.tokenizer_dir)
+        return render_chat([{"role": "user", "content": "{content}"}], self.source.tokenizer_dir,
+                           template=self.template, specials=self.specials)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The model's own chat template (ChatML when it has none); few-shot examples arrive as turns."""
         return render_chat(chat_history, self.source.tokenizer_dir, add_generation_prompt=add_generation_prompt,
-                           continue_final_message=not add_generation_prompt, enable_thinking=self.enable_thinking)
+                           continue_final_message=not add_generation_prompt, enable_thinking=self.enable_thinking,
+                           template=self.template, specials=self.specials)
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         # a rendered chat template holds special tokens as text: they must become their ids

@@ -18,9 +18,8 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ouro_jax.errors import one_line
-from ouro_jax.paths import PathLike
 from ouro_jax.serve.events import Finished, QueueFull, Token
-from ouro_jax.serve.protocol import Call, envelope, parse_chat, parse_completion
+from ouro_jax.serve.protocol import Call, ChatFormat, envelope, parse_chat, parse_completion
 from ouro_jax.serve.scheduler import Scheduler
 from ouro_jax.serve.text import TextStream, decode
 
@@ -31,7 +30,7 @@ class Server:
     tokenizer: Any
     model_name: str
     defaults: dict[str, Any]   # policy, exit_threshold, timeout, context: what a request gets unless it says
-    tokenizer_dir: PathLike | None = None   # the chat template and generation config of chats
+    chat: ChatFormat   # the model's chat template and its reply's stop ids, read once
 
 
 class ApiError(Exception):
@@ -177,7 +176,7 @@ async def _generate(server: Server, http: HTTPRequest, chat: bool):
     if not server.scheduler.running:
         raise ApiError(503, "the server is shutting down or not started; retry later", "unavailable")
     body = await _body(http)
-    call = (parse_chat(body, server.tokenizer, server.defaults, server.tokenizer_dir) if chat
+    call = (parse_chat(body, server.tokenizer, server.defaults, server.chat) if chat
             else parse_completion(body, server.tokenizer, server.defaults))
     runs = _submit(server, call, http)
     kind = "chat.completion" if chat else "text_completion"

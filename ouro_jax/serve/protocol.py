@@ -8,9 +8,9 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from ouro_jax.data.chat_template import encode_chat_prompt, stop_token_ids
+from ouro_jax.data.chat_template import encode_chat_prompt, load_chat_template, stop_token_ids
 from ouro_jax.paths import PathLike
 from ouro_jax.serve.request import Request
 
@@ -95,23 +95,37 @@ def _enable_thinking(body: Mapping) -> bool | None:
     return _get(kwargs, "enable_thinking", bool, None)
 
 
-def chat_ids(tokenizer, messages, tokenizer_dir: PathLike | None = None,
-             enable_thinking: bool | None = None) -> tuple[int, ...]:
+class ChatFormat(NamedTuple):
+    """How a model's chats are rendered, read once from its tokenizer directory: the chat template (None:
+    ChatML), the special tokens it may name, and the token ids a reply stops at (generation config's eos)."""
+
+    tokenizer_dir: PathLike | None
+    template: str | None
+    specials: dict[str, str]
+    stop_ids: tuple[int, ...]
+
+
+def chat_format(tokenizer, tokenizer_dir: PathLike | None = None) -> ChatFormat:
+    template, specials = load_chat_template(tokenizer_dir)
+    return ChatFormat(tokenizer_dir, template, specials, tuple(stop_token_ids(tokenizer, tokenizer_dir, chat=True)))
+
+
+def chat_ids(tokenizer, messages, chat: ChatFormat, enable_thinking: bool | None = None) -> tuple[int, ...]:
     """The prompt of a chat: the messages rendered by the model's own chat template (ChatML without one),
     ready for the reply, as `ouro-generate --chat` renders it."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     plain = [{"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m for m in messages]
-    return tuple(encode_chat_prompt(tokenizer, plain, tokenizer_dir, add_generation_prompt=True,
+    return tuple(encode_chat_prompt(tokenizer, plain, chat.tokenizer_dir, template=chat.template,
+                                    specials=chat.specials, add_generation_prompt=True,
                                     enable_thinking=enable_thinking))
 
 
-def parse_chat(body: Mapping, tokenizer, server: Mapping[str, Any], tokenizer_dir: PathLike | None = None) -> Call:
-    """A /v1/chat/completions body (`tokenizer_dir`: where the model's chat template and generation config
-    are)."""
-    prompt = chat_ids(tokenizer, body.get("messages"), tokenizer_dir, _enable_thinking(body))
+def parse_chat(body: Mapping, tokenizer, server: Mapping[str, Any], chat: ChatFormat) -> Call:
+    """A /v1/chat/completions body, rendered in the model's `chat` format."""
+    prompt = chat_ids(tokenizer, body.get("messages"), chat, _enable_thinking(body))
     logprobs = _get(body, "top_logprobs", int, 0) if _get(body, "logprobs", bool, False) else None
-    options = _options(body, stop_token_ids(tokenizer, tokenizer_dir, chat=True), server)
+    options = _options(body, chat.stop_ids, server)
     max_tokens = _get(body, "max_completion_tokens", int, None) or _get(body, "max_tokens", int, None)
     max_tokens = max_tokens or server["context"] - len(prompt)
     return Call((Request(prompt, max_tokens=max_tokens, logprobs=logprobs, **options),), _stop_strings(body),

@@ -17,6 +17,7 @@ from ouro_jax.inference.slots import slot_setup
 from ouro_jax.model import abstract_params
 from ouro_jax.paths import PathLike
 from ouro_jax.serve.app import Server, create_app
+from ouro_jax.serve.protocol import chat_format
 from ouro_jax.serve.scheduler import Scheduler
 
 
@@ -52,7 +53,7 @@ def build_server(cfg: OuroConfig, params, tokenizer, *, model_name: str, slots: 
     scheduler = Scheduler(params, setup, prefill_chunk=prefill_chunk, max_queue=max_queue)
     defaults = dict(policy=policy, exit_threshold=resolve_exit_threshold(cfg, exit_threshold), timeout=timeout,
                     context=max_len)
-    return Server(scheduler, tokenizer, model_name, defaults, tokenizer_dir)
+    return Server(scheduler, tokenizer, model_name, defaults, chat_format(tokenizer, tokenizer_dir))
 
 
 def parse_mesh(text: str) -> dict[str, int]:
