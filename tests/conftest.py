@@ -3,8 +3,12 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# helpers.FAST_COMPILE for every program of the test processes (their subprocesses: helpers.subprocess_env).
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+from helpers import TEST_CACHE_ENV, TEST_XLA_FLAGS  # noqa: E402
+
+# Fast compiles for every program of the test processes (their subprocesses: helpers.subprocess_env): no
+# backend optimizations (helpers.FAST_COMPILE) and XLA:CPU's classic emitters, which compile the tiny
+# training step 2.3x faster than the fusion emitters (same results up to float32 rounding).
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *TEST_XLA_FLAGS]).strip()
 
 import pathlib  # noqa: E402
 
@@ -13,8 +17,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 chex.set_n_cpu_devices(8)
-
-from helpers import TEST_CACHE_ENV  # noqa: E402
 
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden" / "ouro_tiny"
 

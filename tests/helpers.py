@@ -21,6 +21,8 @@ LM_EVAL_TASKS = pathlib.Path(__file__).resolve().parent / "lm_eval_task"  # the 
 
 # Tests compile many small programs: XLA's backend optimizations would dominate their run time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# XLA_FLAGS of the test processes and their subprocesses (conftest): FAST_COMPILE and the classic emitters.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 # The session's shared persistent compilation cache (set by conftest), where tiny_train_config's runs cache.
 TEST_CACHE_ENV = "OURO_JAX_TEST_COMPILATION_CACHE"
 
@@ -78,7 +80,7 @@ def subprocess_env(devices=1):
     """Environment of a subprocess: CPU, `devices` fake devices, fast XLA compilation, the session's cache."""
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+               XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *TEST_XLA_FLAGS]))
     if os.environ.get(TEST_CACHE_ENV):  # programs outside the training loop share the session's cache
         env.update(JAX_COMPILATION_CACHE_DIR=os.environ[TEST_CACHE_ENV], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

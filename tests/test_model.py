@@ -175,15 +175,27 @@ def test_xla_cpu_forms_equal_the_others(tiny):
     ids = _ids(4, (2, 9))
     attention_mask = jnp.array([[0, 0, 0] + [1] * 6, [1] * 9])
 
+    # A random projection of the (normalized) states: their sum of squares is constant, its gradient rounding noise.
+    weights = jax.random.normal(jax.random.key(5), (cfg.total_ut_steps, 2, 9, cfg.hidden_size))
+
     def loss_and_grads(cfg):
         out = lambda p: Ouro(cfg).apply({"params": p}, ids, attention_mask=attention_mask).hidden_states
-        loss = lambda p: jnp.sum(out(p) ** 2 * attention_mask[:, :, None])
+        loss = lambda p: jnp.sum(out(p) * weights * attention_mask[:, :, None])
         return jax.jit(jax.value_and_grad(loss))(params)
 
     assert model.on_xla_cpu(cfg.execution)
     tpu_forms = cfg.with_execution(platform="tpu", attention_impl="xla", cross_entropy_impl="xla")
     assert not model.on_xla_cpu(tpu_forms.execution)
-    chex.assert_trees_all_close(loss_and_grads(cfg), loss_and_grads(tpu_forms), rtol=1e-5, atol=1e-5)
+    (loss, grads), (tpu_loss, tpu_grads) = loss_and_grads(cfg), loss_and_grads(tpu_forms)
+    np.testing.assert_allclose(loss, tpu_loss, rtol=1e-5)
+    for path, a, b in zip(*_paths_and_leaves(grads), jax.tree.leaves(tpu_grads)):
+        # float32 rounding through 9 layer applications: single elements differ by ~1e-4, each leaf by ~1e-6
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), path
+
+
+def _paths_and_leaves(tree):
+    pairs = jax.tree_util.tree_leaves_with_path(tree)
+    return [jax.tree_util.keystr(p) for p, _ in pairs], [np.asarray(x) for _, x in pairs]
 
 
 def test_query_blocked_causal_attention_equals_one_block():
