@@ -2,9 +2,12 @@
 nothing re-uploaded), and the optional Weights & Biases logging (offline) with its one-line error when absent."""
 
 import builtins
+import subprocess
+import sys
 import time
 
 import pytest
+from helpers import subprocess_env
 
 from ouro_jax import paths
 from ouro_jax.errors import ConfigError
@@ -58,3 +61,17 @@ def test_wandb_requested_but_missing_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ConfigError, match=r"train.wandb_project needs Weights & Biases.*ouro_jax\[wandb\]"):
         MetricsWriter(tmp_path / "run", total_steps=1, progress_bar=False, wandb_project="p")
+
+
+@pytest.mark.subprocess
+def test_the_tensorboard_writer_starts_without_importing_torch(tmp_path):
+    """tensorboardX imports torch when installed (~2 s of every run's start); the writer keeps it out, and
+    torch still imports afterwards."""
+    script = ("import sys; from ouro_jax.train.metrics import MetricsWriter; "
+              f"w = MetricsWriter({str(tmp_path)!r}, total_steps=1, progress_bar=False); "
+              "w.write(1, {'loss': 1.0}); w.close(); assert 'torch' not in sys.modules, 'torch imported'; "
+              "import torch; print('ok', torch.__name__)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())
+    assert proc.returncode == 0 and "ok torch" in proc.stdout, proc.stderr
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())

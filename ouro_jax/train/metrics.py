@@ -184,6 +184,21 @@ class _ObjectStoreEvents:
         del path  # object stores have no directories to create
 
 
+def _tensorboardx():
+    """(SummaryWriter, register_writer_factory), imported without torch: tensorboardX's writer imports torch
+    when it is installed (~2 s of every run's start) only to accept torch tensors; we log floats."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+        from tensorboardX.record_writer import register_writer_factory
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter, register_writer_factory
+
+
 class MetricsWriter:
     """Every step to `metrics.jsonl` and TensorBoard (`tb/`) in the workdir; a progress bar and a
     line every `log_every` steps on stdout. Only process 0 writes. On an object store (`gs://`)
@@ -206,9 +221,7 @@ class MetricsWriter:
         if resumed:
             drop_rows_after(jsonl, initial_step)
         self._jsonl = jsonl.open("a") if paths.is_local(jsonl) else ObjectStoreLog(jsonl, interval=60.0)
-        from tensorboardX import SummaryWriter
-        from tensorboardX.record_writer import register_writer_factory
-
+        SummaryWriter, register_writer_factory = _tensorboardx()
         if not paths.is_local(workdir):  # the same credentials as every other file (not tensorboardX's own)
             register_writer_factory(os.fspath(workdir).split("://", 1)[0], _ObjectStoreEvents())
 
