@@ -25,6 +25,7 @@ def test_fsdp_train_step_compiles_for_v5p_and_reports_memory_and_collectives():
     assert "fits" in str(report)
 
 
+@pytest.mark.slow  # make test-all; the default suite's TPU compile is the v5p FSDP one above
 def test_data_parallel_train_step_compiles_for_v6e():
     report = aot.compile_train_step(_config(data=-1, fsdp=1, tensor=1), "v6e:2x2", batch_per_chip=1)
     assert report.chips == 4 and report.hbm_bytes == 32 * 2**30

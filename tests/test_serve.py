@@ -379,15 +379,30 @@ def test_cli_serves_until_stopped(model, server):
         assert status.result(timeout=60) == 0
 
 
-@pytest.mark.subprocess
-@pytest.mark.parametrize("args, needle", [(["--model", "/nonexistent/model"], "cannot load --model"),
-                                           (["--slots", "0"], "slots must be an integer >= 1"),
-                                           (["--policy", "most"], "unknown --policy"),
-                                           (["--max-len", "100000"], "max_position_embeddings")])
-def test_cli_bad_input_is_one_line(model, args, needle):
-    argv = args if args[0] == "--model" else ["--model", str(model[0]), *args]
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ouro-serve"), *argv], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+BAD_ARGS = [(["--model", "/nonexistent/model"], "cannot load --model"),
+            (["--slots", "0"], "slots must be an integer >= 1"),
+            (["--policy", "most"], "unknown --policy"),
+            (["--max-len", "100000"], "max_position_embeddings")]
+
+
+def _argv(model, args):
+    return args if args[0] == "--model" else ["--model", str(model[0]), *args]
+
+
+@pytest.mark.parametrize("args, needle", BAD_ARGS)
+def test_cli_bad_input_is_one_line(model, capsys, args, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_argv(model, args))
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and needle in err and err.strip().count("\n") == 0, err
+
+
+@pytest.mark.subprocess  # one process per case (~4 s of imports): the default suite runs one, make test-all all
+@pytest.mark.parametrize("args, needle", [BAD_ARGS[0], *(pytest.param(*case, marks=pytest.mark.slow)
+                                                         for case in BAD_ARGS[1:])])
+def test_ouro_serve_process_bad_input_is_one_line(model, args, needle):
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ouro-serve"), *_argv(model, args)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr, proc.stderr
 
