@@ -40,17 +40,21 @@ def main(argv=None) -> dict:
         p.add_argument("--layers", type=int, default=1)
         p.add_argument("--loops", type=int, default=4)
         p.add_argument("--lr", type=float, default=3e-3)
+        p.add_argument("--hidden", type=int, default=64, help="model width d (SwiGLU 2d, heads of 16): a "
+                       "narrower model holds fewer bits than the biographies, so it is measured at capacity")
 
     a, seeds = experiment_args(__doc__, argv, out="runs/experiments/capo", task=BIOGRAPHIES,
                                steps_help="training steps", quick_help="4 steps", add=add)
     if a.quick:
         a.task = a.task.replace("num_people=2000", "num_people=50")
     archs = {f"looped {a.layers}x{a.loops}": (a.layers, a.loops), f"non-looped {a.layers}x1": (a.layers, 1)}
-    result = {"task": a.task, "steps": a.steps, "lr": a.lr, "seeds": seeds, "runs": {name: {} for name in archs}}
+    result = {"task": a.task, "steps": a.steps, "lr": a.lr, "hidden": a.hidden, "seeds": seeds,
+              "runs": {name: {} for name in archs}}
     for seed in seeds:
         for name, (layers, loops) in archs.items():
             workdir = os.path.join(a.out, f"{layers}x{loops}_seed{seed}")
-            config = mano_config(a.task, layers=layers, loops=loops, steps=a.steps, seed=seed, lr=a.lr)
+            config = mano_config(a.task, layers=layers, loops=loops, steps=a.steps, seed=seed, lr=a.lr,
+                                 hidden=a.hidden)
             params_dir, wall = train_run(config, workdir)
             run = {**stored_bits(params_dir, a.task), "params": count_params(params_dir), "wall_s": round(wall, 1)}
             run["bits_per_param"] = [b / run["params"] for b in run["bits"]]

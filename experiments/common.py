@@ -37,14 +37,17 @@ def experiment_args(doc: str, argv, *, out: str, task: str, steps_help: str, qui
 
 
 def mano_config(task: str, *, layers: int, loops: int, steps: int, seed: int, objective: str = "last_step",
-                lr: float | None = None):
-    """The demo recipe (d=64, 32 x 32 tokens, AdamW 1e-3 or `lr`) with `layers` shared layers looped `loops` times;
-    a task with longer examples or more tokens gets rows of 64 tokens (half as many) and a larger vocabulary."""
+                lr: float | None = None, hidden: int = 64):
+    """The demo recipe (d=64, 32 x 32 tokens, AdamW 1e-3 or `lr`) with `layers` shared layers looped `loops` times
+    (`hidden` != 64: width d, SwiGLU 2d, heads of 16); a task with longer examples or more tokens gets rows of 64
+    tokens (half as many) and a larger vocabulary."""
     c = demo.get_config()
     c.seed = seed
     source = make_source(task)
     model = model_config(c).replace(num_hidden_layers=layers, total_ut_steps=loops,
-                                    vocab_size=max(64, -(-source.vocab_size // 64) * 64))
+                                    vocab_size=max(64, -(-source.vocab_size // 64) * 64), hidden_size=hidden,
+                                    intermediate_size=2 * hidden, num_attention_heads=hidden // 16,
+                                    num_key_value_heads=hidden // 16)
     c.model = model_fields(model)
     if source.max_example_len > c.data.seq_len:
         c.data.update(seq_len=64, batch_size=16)

@@ -56,7 +56,8 @@ def multihop_efficiency(r: dict) -> str:
 
 
 def capo_capacity(r: dict) -> str:
-    lines = [f"Task `{r['task']}`, {r['steps']} steps, lr {r['lr']:g}, seeds {r['seeds']}.", "",
+    lines = [f"Task `{r['task']}`, d = {r.get('hidden', 64)}, {r['steps']} steps, lr {r['lr']:g}, "
+             f"seeds {r['seeds']}.", "",
              _row(["model", "seed", "params", "stored bits by step (of total)", "bits / param (final)",
                    "accuracy by step", "train wall"]), _row(["---"] * 7)]
     for name, seeds in r["runs"].items():
