@@ -87,10 +87,11 @@ def test_multihop_efficiency_quick(tmp_path):
 
 @pytest.mark.slow  # its training runs under make test-all; its tables render in test_results_md_tables_*
 def test_capo_capacity_quick(tmp_path):
-    result = capo_capacity.main(["--quick", "--out", str(tmp_path)])
+    result = capo_capacity.main(["--quick", "--out", str(tmp_path), "--hidden", "32"])
     saved = json.loads((tmp_path / "results.json").read_text())
     looped, flat = saved["runs"]["looped 1x4"]["0"], saved["runs"]["non-looped 1x1"]["0"]
     assert looped["params"] == flat["params"] and len(looped["bits"]) == 4 and len(flat["bits"]) == 1
+    assert saved["hidden"] == 32 and "d = 32" in results_tables.capo_capacity(saved)
     assert 0 <= looped["bits"][-1] <= looped["total_bits"] == 50 * 4 * 5
     assert looped["bits_per_param"][-1] == looped["bits"][-1] / looped["params"]
     assert result["runs"]["looped 1x4"]["0"]["value_loss"] == looped["value_loss"]
