@@ -365,23 +365,17 @@ def test_train_locked_workdir(env, tmp_path, capsys):
     _expect_one_line(capsys, exit_info, "in use by another training run", {}, env)
 
 
-# One process per case (~4 s of imports each): the default suite runs one, make test-all every case; the
-# in-process cases above reach the same messages.
-_SLOW = pytest.mark.slow
-
-
+# One process per case (~4 s of imports each). nan-lr runs in make test-all only: train-nan-lr above reaches
+# its message in-process; the config-file cases have no in-process twin and stay in the default suite.
 @pytest.mark.subprocess
 @pytest.mark.parametrize("args,text", [
-    pytest.param(["--config", "nope.py", "--workdir", "W"], "nope.py", marks=_SLOW, id="missing-config-file"),
-    pytest.param(["--config", "configs/tiny.py", "--workdir", "W", "--config.mesh.data=64"], "needs 64 devices",
-                 id="mesh-too-large"),
+    (["--config", "nope.py", "--workdir", "W"], "nope.py"),
+    (["--config", "configs/tiny.py", "--workdir", "W", "--config.mesh.data=64"], "needs 64 devices"),
     pytest.param(["--config", "configs/tiny.py", "--workdir", "W", "--config.optim.peak_lr=nan"], "optim.peak_lr",
-                 marks=_SLOW, id="nan-lr"),
-    pytest.param(["--config", "configs/tiny.py", "--workdir", "W", "--config.model.total_ut_steps=2.7"],
-                 "total_ut_steps", marks=_SLOW, id="fractional-steps"),
-    pytest.param(["--config", "configs/ouro_1p4b.py:stage9", "--workdir", "W"], "unknown stage 'stage9'",
-                 marks=_SLOW, id="unknown-stage"),
-])
+                 marks=pytest.mark.slow, id="nan-lr"),
+    (["--config", "configs/tiny.py", "--workdir", "W", "--config.model.total_ut_steps=2.7"], "total_ut_steps"),
+    (["--config", "configs/ouro_1p4b.py:stage9", "--workdir", "W"], "unknown stage 'stage9'"),
+], ids=["missing-config-file", "mesh-too-large", "nan-lr", "fractional-steps", "unknown-stage"])
 def test_train_command_line(tmp_path, args, text):
     args = [str(tmp_path / "w") if a == "W" else a for a in args]
     proc = subprocess.run([PYTHON, "-m", "ouro_jax.cli.train", *args], cwd=REPO, env=subprocess_env(),
