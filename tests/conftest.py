@@ -21,6 +21,11 @@ chex.set_n_cpu_devices(8)
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden" / "ouro_tiny"
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that start processes (the longest) run first, so the two xdist workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("subprocess") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
     """One persistent compilation cache for the whole session (both xdist workers, in-process programs and

@@ -17,12 +17,18 @@ def _config(**mesh):
     return c
 
 
-def test_fsdp_train_step_compiles_for_v5p_and_reports_memory_and_collectives():
-    report = aot.compile_train_step(_config(data=1, fsdp=-1, tensor=1), "v5p:2x2x1", batch_per_chip=2)
-    assert report.chips == 4 and report.global_batch == 8
-    assert 0 < report.bytes_per_chip < report.hbm_bytes and report.fits
-    assert report.collectives["all-gather"] > 0      # FSDP gathers the sharded weights
-    assert "fits" in str(report)
+def test_fsdp_train_step_compiles_for_v5p_and_gathers_the_weights_per_layer_or_once():
+    per_layer = aot.compile_train_step(_config(data=1, fsdp=-1, tensor=1), "v5p:2x2x1", batch_per_chip=2)
+    assert per_layer.chips == 4 and per_layer.global_batch == 8
+    assert 0 < per_layer.bytes_per_chip < per_layer.hbm_bytes and per_layer.fits
+    assert per_layer.collectives["all-gather"] > 0      # FSDP gathers the sharded weights
+    assert "fits" in str(per_layer)
+    assert per_layer.collectives_in_loops["all-gather"] > 0   # gathered inside the step and layer loops
+    config = _config(data=1, fsdp=-1, tensor=1)
+    config.train.gather_weights_once = True
+    once = aot.compile_train_step(config, "v5p:2x2x1", batch_per_chip=2)
+    assert once.collectives_in_loops["all-gather"] == 0 and once.collectives["all-gather"] > 0
+    assert "in loops" in str(once)
 
 
 @pytest.mark.slow  # make test-all; the default suite's TPU compile is the v5p FSDP one above
@@ -77,16 +83,6 @@ def test_dcn_all_reduce_is_found_in_a_cpu_program_over_two_slices():
 def test_unknown_generation_is_named():
     with pytest.raises(ValueError, match="unknown TPU generation 'v9x'"):
         aot.topology_devices("v9x:2x2")
-
-
-def test_gather_weights_once_moves_fsdp_gathers_out_of_the_loops():
-    per_layer = aot.compile_train_step(_config(data=1, fsdp=-1, tensor=1), "v5p:2x2x1", batch_per_chip=1)
-    config = _config(data=1, fsdp=-1, tensor=1)
-    config.train.gather_weights_once = True
-    once = aot.compile_train_step(config, "v5p:2x2x1", batch_per_chip=1)
-    assert per_layer.collectives_in_loops["all-gather"] > 0   # gathered inside the step and layer loops
-    assert once.collectives_in_loops["all-gather"] == 0 and once.collectives["all-gather"] > 0
-    assert "in loops" in str(once)
 
 
 @pytest.mark.slow   # trains twice on 8 devices (make test-all); its compiled form is checked above

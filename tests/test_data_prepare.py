@@ -96,6 +96,7 @@ def test_hf_tokenizer_and_no_eos(corpus, tmp_path):
     assert [hf.decode(d) for d in docs] == PARQUET_DOCS
 
 
+@pytest.mark.subprocess
 def test_cli_progress_and_manifest(corpus, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "ouro_jax.cli.prepare", str(corpus / "a.txt"), str(corpus / "c.parquet"),

@@ -57,6 +57,7 @@ def test_loss_counts_assistant_targets_only(chat_shards):
     assert 0 < mask.sum() < (seg > 0).sum()  # the batch holds prompts and answers
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name,layers", [("ouro_1p4b", 24), ("ouro_2p6b", 48)])
 def test_sft_stage_of_the_released_models(name, layers):
     from ouro_jax import sharding as shd

@@ -49,6 +49,7 @@ def remote_shards(gcs_bucket, tmp_path_factory):
     return data
 
 
+@pytest.mark.subprocess
 def test_two_processes_stream_disjoint_shards_with_a_bounded_cache(remote_shards):
     src = TokenShards(remote_shards)
     assert src.streamed and len(src.paths) >= 8

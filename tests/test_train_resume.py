@@ -19,6 +19,8 @@ from ouro_jax.train.checkpointer import TrainCheckpointer
 from ouro_jax.train.config import model_config
 from ouro_jax.train.loop import FAULT_KILL_ENV
 
+pytestmark = pytest.mark.subprocess
+
 ARGS = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--config.data.batch_size=16",
         "--config.data.seq_len=32", "--config.data.eval_examples=0", "--config.train.checkpoint_every=5",
         "--config.train.keep_checkpoints=10"]

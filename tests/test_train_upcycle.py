@@ -36,6 +36,7 @@ def test_upcycle_repeats_the_whole_stack():
                                   params["decoder"]["layers"]["mlp"]["up_proj"][1])
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # a CLI process and a run (make test-all); the upcycle itself is tested above
 def test_upcycle_cli_and_training_adopts_the_checkpoint_shape(tmp_path):
     train_config = tiny_train_config()
