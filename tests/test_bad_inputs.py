@@ -285,7 +285,7 @@ CASES += [
     ("eval-params-flipped", "eval", ["{root}/params_flipped", "--task", "mano"], "params_flipped: "),
     ("eval-params-wrong-sums", "eval", ["{root}/params_wrong_sums", "--task", "mano"], "saved checksums"),
 ]
-MAINS = {"generate": generate_cli.run, "export": export_cli.main, "prepare": prepare_cli.main,
+MAINS = {"generate": generate_cli.main, "export": export_cli.main, "prepare": prepare_cli.main,
          "upcycle": upcycle_cli.main, "eval": eval_cli.main}
 
 TRAIN_CASES = [

@@ -197,18 +197,21 @@ def test_cli_errors_name_the_problem(golden_dir, capsys):
     _fails(cli.main, ["--model", str(golden_dir), "--prompt", "café"], "outside the vocabulary", capsys)  # 'é' -> 198
     _fails(cli.main, ["--model", str(golden_dir), "--prompt-ids", " "], "prompt 0 is empty", capsys)
     _fails(cli.main, ["--model", str(golden_dir), "--prompt-ids", "1,x"], "--prompt-ids must be integers", capsys)
-    _fails(cli.run, ["--model", str(golden_dir / "missing"), "--prompt-ids", "1,2"], "error: cannot load --model",
+    _fails(cli.main, ["--model", str(golden_dir / "missing"), "--prompt-ids", "1,2"], "error: cannot load --model",
            capsys)
-    _fails(cli.run, ["--model", str(golden_dir), "--prompt-ids", "1,2", "--draft-tokens", "2", "--draft-depth", "9"],
+    _fails(cli.main, ["--model", str(golden_dir), "--prompt-ids", "1,2", "--draft-tokens", "2", "--draft-depth", "9"],
            "draft_depth must be an integer", capsys)
 
 
 @pytest.mark.slow
-def test_console_script_run_returns_0_and_prints_speculation(golden_dir, golden_model, capsys):
-    args = ["--model", str(golden_dir), "--prompt-ids", "5,77,3,19", "--max-new-tokens", "6", "--no-stream"]
-    assert cli.run(args + ["--draft-tokens", "3", "--draft-depth", "2"]) == 0
+def test_console_script_run_prints_speculation(golden_dir, golden_model, capsys, monkeypatch):
+    args = ["ouro-generate", "--model", str(golden_dir), "--prompt-ids", "5,77,3,19", "--max-new-tokens", "6",
+            "--no-stream"]
+    monkeypatch.setattr("sys.argv", args + ["--draft-tokens", "3", "--draft-depth", "2"])
+    cli.run()
     speculative = capsys.readouterr().out
-    assert cli.run(args + ["--exit-mode", "select", "--exit-threshold", "0.6"]) == 0
+    monkeypatch.setattr("sys.argv", args + ["--exit-mode", "select", "--exit-threshold", "0.6"])
+    cli.run()
     select = capsys.readouterr().out
     cfg, params = golden_model
     full = generate(cfg, params, [[5, 77, 3, 19]], max_new_tokens=6)

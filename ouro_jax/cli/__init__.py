@@ -1,7 +1,8 @@
 """Command-line entry points, one module per command: `ouro-NAME` = `python -m ouro_jax.cli.NAME`.
 
 Each module only parses arguments, calls the library and turns expected errors (`OuroError`, `OSError`, bad
-values) into one line on stderr and a non-zero exit (`ouro_jax.errors.cli_errors`); `main` is callable in-process.
+values) into one line on stderr and a non-zero exit (`ouro_jax.errors.cli_errors`); `main` is callable in-process,
+`run()` is the console script (the command line of `sys.argv`, exiting with `main`'s status).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def main(config, topology: str, batch_per_chip: int, find_max_batch: bool, with_
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """The `ouro-aot` console script."""
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=False)
     flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology of one slice, e.g. v5p:2x2x1, v6e:2x4, v5p:4x4x4 "
                         "(--config.mesh.slices=N: N of them)")

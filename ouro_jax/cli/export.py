@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """The `ouro-export` console script."""
     sys.exit(main())
 
 

@@ -172,11 +172,10 @@ def _generate(args, source, cfg, params) -> GenerationResult:
     return result
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """The `ouro-generate` console script: 0 on success; bad input exits non-zero with one line on stderr."""
-    main(argv)
-    return 0
+def run() -> None:
+    """The `ouro-generate` console script."""
+    main()
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    run()

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point (`ouro-prepare`)."""
+    """The `ouro-prepare` console script."""
     sys.exit(main())
 
 

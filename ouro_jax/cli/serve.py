@@ -105,10 +105,10 @@ def main(argv: Sequence[str] | None = None, ready: threading.Event | None = None
     return 0
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def run() -> None:
     """The `ouro-serve` console script."""
-    return main(argv)
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    run()

@@ -59,7 +59,7 @@ def _initialize_distributed() -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """The `ouro-train` console script."""
     config_flags.DEFINE_config_file("config", None, "training config file (configs/<name>.py)", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported params")
     flags.DEFINE_boolean("debug", False, "show the traceback of an expected error")

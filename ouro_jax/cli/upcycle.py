@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """The `ouro-upcycle` console script."""
     main()
 
 
