@@ -1,6 +1,7 @@
 """The repository passes ruff (configured in pyproject.toml: line length 120, pyflakes, isort, bugbear)."""
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -29,6 +30,10 @@ def test_console_scripts_are_installed_and_answer_help(capsys):
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert {s.split(":")[0].rsplit(".", 1)[0] for s in scripts.values()} <= {"ouro_jax.cli"}  # one home for commands
+    for target in scripts.values():   # one convention: run() reads sys.argv, main(argv) is the in-process call
+        module = importlib.import_module(target.split(":")[0])
+        assert target.endswith(":run") and not inspect.signature(module.run).parameters, target
+        assert "argv" in inspect.signature(module.main).parameters or target.endswith((".train:run", ".aot:run"))
     assert all(os.access(os.path.join(bindir, script), os.X_OK) for script in scripts)
     as_process = (*ABSL_SCRIPTS, "ouro-prepare")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
