@@ -5,7 +5,8 @@
                                                                   # the paper's appendix setting (F_23, L = 10)
 
 Every model is trained at every learning rate of `--lrs` and every seed; each model reports its best run
-(the paper reports the best of its learning-rate runs) and the mean over its runs beside it.
+(the paper reports the best of its learning-rate runs), its best learning rate with the mean over seeds there,
+and the mean over all its runs.
 
 All three are trained with the "last_step" objective (CE of the last step, no exit gate) on the same
 stream; each is evaluated by `ouro_jax.evaluation.evaluate_model` (held-out expressions of the hardest
@@ -55,14 +56,18 @@ def main(argv=None) -> dict:
 
 
 def summarize(result: dict) -> dict:
-    """Per model: the best run (the paper's best of its learning-rate runs), the mean over runs beside it."""
+    """Per model: the best run (the paper's best of its learning-rate runs); the best learning rate (the highest
+    mean over seeds) and that mean; the mean over all runs."""
     for entry in result["runs"].values():
         runs = list(entry["runs"].values())
         if not runs:
             continue
         best = max(runs, key=lambda r: r["step_accuracy"][-1])
+        by_lr = {f"{lr:g}": np.mean([r["step_accuracy"] for r in runs if r["lr"] == lr], 0).tolist()
+                 for lr in dict.fromkeys(r["lr"] for r in runs)}
+        best_lr = max(by_lr, key=lambda lr: by_lr[lr][-1])
         entry.update(params=runs[0]["params"], best_run=f"lr={best['lr']:g},seed={best['seed']}",
-                     best_step_accuracy=best["step_accuracy"],
+                     best_step_accuracy=best["step_accuracy"], lr_mean_step_accuracy=by_lr, best_lr=best_lr,
                      mean_step_accuracy=np.mean([r["step_accuracy"] for r in runs], 0).tolist())
     return result
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 
+from experiments import iso_mano as iso_mano_driver
 from experiments.refresh_numbers import REPO, replace_marked
 
 RESULTS_DIR = os.path.join(REPO, "docs", "results")
@@ -31,15 +32,19 @@ def _steps(values, fmt="{:.3f}") -> str:
 
 
 def iso_mano(r: dict) -> str:
+    r = iso_mano_driver.summarize(r)
     lines = [f"Task `{r['task']}`, {r['steps']} steps, learning rates {r['lrs']}, seeds {r['seeds']}, "
-             f"{r['examples']} held-out expressions; accuracy read after each loop (t = 1..T).", "",
+             f"{r['examples']} held-out expressions; accuracy read after each loop (t = 1..T). Per model: the best "
+             "run / the mean over seeds at the best learning rate / the mean over all runs (final step).", "",
              _row(["model", "params", "run", "accuracy by step", "train wall"]), _row(["---"] * 5)]
     for name, e in r["runs"].items():
         for key, run in e["runs"].items():
             lines.append(_row([name, f"{run['params']:,}", key, _steps(run["step_accuracy"]),
                                f"{run['wall_s']:.0f} s"]))
-        lines.append(_row([f"**{name}**", "", f"best ({e['best_run']}) / mean",
-                           f"**{e['best_step_accuracy'][-1]:.3f}** / {e['mean_step_accuracy'][-1]:.3f}", ""]))
+        at_best_lr = e["lr_mean_step_accuracy"][e["best_lr"]][-1]
+        lines.append(_row([f"**{name}**", "", f"best ({e['best_run']}) / mean at lr={e['best_lr']} / mean",
+                           f"**{e['best_step_accuracy'][-1]:.3f}** / {at_best_lr:.3f} / "
+                           f"{e['mean_step_accuracy'][-1]:.3f}", ""]))
     return "\n".join(lines)
 
 

@@ -38,16 +38,20 @@ def test_iso_mano_quick(tmp_path):
     assert len(looped["best_step_accuracy"]) == 4 and len(runs["iso-FLOP 4x1"]["mean_step_accuracy"]) == 1
     assert runs["iso-param 1x1"]["params"] < runs["iso-FLOP 4x1"]["params"]
     assert (tmp_path / "iso_mano.png").stat().st_size > 0
-    assert "best (lr=0.003,seed=0) / mean" in results_tables.iso_mano(result)
+    assert "best (lr=0.003,seed=0) / mean at lr=0.003 / mean" in results_tables.iso_mano(result)
 
 
 def test_iso_mano_reports_the_best_run_and_the_mean_beside_it():
     run = lambda lr, seed, acc: {"lr": lr, "seed": seed, "params": 10, "step_accuracy": acc}
     result = {"runs": {"looped 1x2": {"runs": {"a": run(1e-3, 0, [0.2, 0.5]), "b": run(3e-3, 0, [0.4, 0.7]),
-                                               "c": run(1e-2, 0, [0.1, 0.3])}}}}
+                                               "c": run(1e-2, 0, [0.1, 0.3]), "d": run(1e-3, 1, [0.3, 0.6]),
+                                               "e": run(3e-3, 1, [0.2, 0.3])}}}}
     entry = iso_mano.summarize(result)["runs"]["looped 1x2"]
     assert entry["best_run"] == "lr=0.003,seed=0" and entry["best_step_accuracy"] == [0.4, 0.7]
-    np.testing.assert_allclose(entry["mean_step_accuracy"], [0.7 / 3, 0.5])
+    # the best learning rate by the mean over seeds is 1e-3 (0.55), not the best run's 3e-3 (0.5)
+    assert entry["best_lr"] == "0.001" and set(entry["lr_mean_step_accuracy"]) == {"0.001", "0.003", "0.01"}
+    np.testing.assert_allclose(entry["lr_mean_step_accuracy"]["0.001"], [0.25, 0.55])
+    np.testing.assert_allclose(entry["mean_step_accuracy"], [1.2 / 5, 2.4 / 5])
 
 
 @pytest.mark.slow  # its training runs under make test-all; its tables render in test_results_md_tables_*
