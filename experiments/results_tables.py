@@ -3,9 +3,10 @@
     python -m experiments.results_tables runs/experiments      # rewrites the marked tables of docs/results.md
 
 Each table sits between `<!--numbers:NAME-->` and `<!--/numbers-->` in docs/results.md; NAME is a driver's
-table (iso_mano, iso_mano_f5, multihop_efficiency, capo_capacity, real_text). Its RUNS/<directory>/results.json
-(`SOURCES`) is copied to docs/results/NAME.json, and the table is rendered from that copy; a test re-renders
-every table from the copies and compares. A driver without results leaves its table as it was.
+table (iso_mano, iso_mano_f5, multihop_efficiency, multihop_efficiency_lr3e3, capo_capacity, real_text). Its
+RUNS/<directory>/results.json (`SOURCES`) is copied to docs/results/NAME.json, and the table is rendered from
+that copy; a test re-renders every table from the copies and compares. A driver without results leaves its
+table as it was.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from experiments import iso_mano as iso_mano_driver
 from experiments.refresh_numbers import REPO, replace_marked
 
 RESULTS_DIR = os.path.join(REPO, "docs", "results")
-SOURCES = {"iso_mano": "iso_f23", "iso_mano_f5": "iso_f5", "multihop_efficiency": "multihop", "capo_capacity": "capo",
-           "real_text": "text"}
+SOURCES = {"iso_mano": "iso_f23", "iso_mano_f5": "iso_f5", "multihop_efficiency": "multihop",
+           "multihop_efficiency_lr3e3": "multihop_lr3e-3", "capo_capacity": "capo", "real_text": "text"}
 
 
 def _row(cells) -> str:
@@ -94,7 +95,7 @@ def real_text(r: dict) -> str:
 
 
 RENDERERS = {"iso_mano": iso_mano, "iso_mano_f5": iso_mano, "multihop_efficiency": multihop_efficiency,
-             "capo_capacity": capo_capacity, "real_text": real_text}
+             "multihop_efficiency_lr3e3": multihop_efficiency, "capo_capacity": capo_capacity, "real_text": real_text}
 
 
 def render_docs(text: str) -> tuple[str, list[str]]:
